@@ -1,0 +1,232 @@
+"""The Llama-style decoder (Llama-2/3, SmolLM2, Mistral-style, Qwen2/2.5) as pure functions of weights and inputs.
+
+No device placement, no globals, no cache allocation: the runner owns those and passes buffers in. Families differ
+only by data (biases present or not, RoPE settings), never by code paths.
+
+Shapes: H hidden size, Hq query heads, Hkv key/value heads, D head dim, R = Hq // Hkv, I intermediate size,
+V vocabulary, T prompt tokens, M sequences in a decode batch, S max_seq_len of the cache, L attended length.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from tinyserve.config import ModelConfig, RopeConfig
+
+
+@dataclass
+class DenseLinear:
+    weight: torch.Tensor  # [N, K] (PyTorch orientation)
+    bias: torch.Tensor | None = None  # [N]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.weight, self.bias)
+
+
+@dataclass
+class Int4Linear:
+    w: kernels.Int4Weights  # packed AWQ GEMM layout, prepared for its device
+    bias: torch.Tensor | None = None  # [N]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_linear(x, self.w, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        # What one call reads: the packed file tensors (the kernel may hold them in another arrangement of equal size).
+        return _nbytes(self.w.qweight, self.w.qzeros, self.w.scales, self.bias)
+
+
+@dataclass
+class Int8Linear:
+    """Weight-only int8 with one symmetric scale per output row: W[n, :] = q[n, :] * scale[n]."""
+
+    qweight: torch.Tensor  # [N, K] int8
+    scales: torch.Tensor  # [N] in the activation dtype
+    bias: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scales)
+        y = y.view(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.qweight, self.scales, self.bias)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> "Int8Linear":
+        """[N, K] float -> int8 rows with scale max|w| / 127 (round to nearest)."""
+        w = weight.float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [N]
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q.contiguous(), scales.to(dtype))
+
+
+Linear = DenseLinear | Int4Linear | Int8Linear
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H]
+    qkv: Linear  # H -> (Hq + 2 Hkv) D, q then k then v along N
+    o: Linear  # Hq D -> H
+    mlp_norm: torch.Tensor  # [H]
+    gate_up: Linear  # H -> 2 I, gate then up along N
+    down: Linear  # I -> H
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [H]
+    lm_head: Linear  # H -> V
+
+    def decode_bytes(self) -> int:
+        """Weight bytes one decode step reads (every linear and norm, plus one embedding row)."""
+        total = self.embed[0].nbytes + _nbytes(self.norm) + self.lm_head.nbytes
+        for lw in self.layers:
+            total += _nbytes(lw.attn_norm, lw.mlp_norm) + sum(l.nbytes for l in (lw.qkv, lw.o, lw.gate_up, lw.down))
+        return total
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """[D / 2] fp32 inverse frequencies, computed like transformers does (so fp32 logits match to ~1e-6)."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "default":
+        return inv_freq
+    # llama3: wavelengths longer than the original context are stretched by `factor`, short ones kept, a smooth
+    # interpolation in between.
+    low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+    high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [length, D] fp32 for positions 0..length-1.
+
+    sin carries rotate-half's sign: rotate_half(x) * sin == roll(x, D/2) * sin_signed, with
+    sin_signed = cat(-sin_half, sin_half). That turns RoPE into one roll and one fused multiply-add.
+    """
+    inv_freq = rope_inv_freq(rope, head_dim)  # [D/2]
+    freqs = torch.arange(length, dtype=torch.int64).float()[:, None] * inv_freq[None, :]  # [length, D/2]
+    cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)
+    sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., D]; cos, sin broadcastable to x (sin with the rotate-half sign, see rope_tables)."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), sin)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def mlp(lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+    gate, up = lw.gate_up(h).chunk(2, dim=-1)
+    return lw.down(F.silu(gate) * up)
+
+
+def prefill(
+    cfg: ModelConfig,
+    w: ModelWeights,
+    k_cache: torch.Tensor,  # [layers, slots, Hkv, S, D]
+    v_cache: torch.Tensor,  # [layers, slots, Hkv, S, D]
+    slot: int,
+    tokens: torch.Tensor,  # [T] int64
+    start: int,  # position of tokens[0]; positions before it are already in the slot's cache
+    cos: torch.Tensor,  # [S, D] in the compute dtype
+    sin: torch.Tensor,  # [S, D]
+) -> torch.Tensor:
+    """Run T tokens of one sequence, append their keys/values to its slot, return the last position's logits [V]."""
+    T, Hq, Hkv, D = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    end = start + T
+    x = F.embedding(tokens, w.embed)[None]  # [1, T, H]
+    c, s = cos[start:end], sin[start:end]  # [T, D], broadcast over heads below
+    mask = None
+    if start:
+        # Query t (position start + t) sees cache positions 0..start + t.
+        mask = torch.arange(end, device=tokens.device)[None, :] <= torch.arange(start, end, device=tokens.device)[:, None]
+    for layer, lw in enumerate(w.layers):
+        h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+        qkv = lw.qkv(h).view(1, T, Hq + 2 * Hkv, D).transpose(1, 2)  # [1, Hq + 2 Hkv, T, D]
+        qk = apply_rope(qkv[:, : Hq + Hkv], c, s)
+        q, k, v = qk[:, :Hq], qk[:, Hq:], qkv[:, Hq + Hkv :]
+        k_cache[layer, slot, :, start:end] = k[0]
+        v_cache[layer, slot, :, start:end] = v[0]
+        if start:
+            k = k_cache[layer, slot : slot + 1, :, :end]  # [1, Hkv, end, D]
+            v = v_cache[layer, slot : slot + 1, :, :end]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not start, enable_gqa=Hq != Hkv)
+        x = x + lw.o(attn.transpose(1, 2).reshape(1, T, Hq * D))
+        x = x + mlp(lw, rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps))
+    # Only the last position goes through the final norm and lm_head.
+    return w.lm_head(rms_norm(x[0, -1], w.norm, cfg.rms_norm_eps))
+
+
+def decode(
+    cfg: ModelConfig,
+    w: ModelWeights,
+    k_cache: torch.Tensor,  # [layers, slots, Hkv, S, D]
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [M] int64, distinct
+    tokens: torch.Tensor,  # [M] int64
+    positions: torch.Tensor,  # [M] int64: where each token goes; row m attends to 0..positions[m]
+    length: int,  # L >= max(positions) + 1: how much of the cache the batch attends over
+    cos: torch.Tensor,  # [S, D]
+    sin: torch.Tensor,
+    first_slot: int | None = None,  # when slots == first_slot + arange(M): read the cache as a view (no gather)
+    masked: bool = True,  # False only when M == 1 and length == positions[0] + 1 (nothing to hide)
+) -> torch.Tensor:
+    """One token for each of M sequences in their own slots; returns logits [M, V].
+
+    Each row only attends to its own slot's positions 0..positions[m] (the rest is masked), so a row's result does
+    not depend on which other rows share the batch.
+    """
+    M, Hq, Hkv, D = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    R = Hq // Hkv
+    x = F.embedding(tokens, w.embed)  # [M, H]
+    c, s = cos[positions][:, None], sin[positions][:, None]  # [M, 1, D]
+    # [M, 1, 1, L] True where a row may attend. A lone sequence attending exactly 0..pos needs no mask.
+    mask = None
+    if masked:
+        mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+    for layer, lw in enumerate(w.layers):
+        h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+        qkv = lw.qkv(h).view(M, Hq + 2 * Hkv, D)
+        qk = apply_rope(qkv[:, : Hq + Hkv], c, s)  # [M, Hq + Hkv, D]
+        k_cache[layer][slots, :, positions] = qk[:, Hq:]  # [M, Hkv, D] into each row's slot and position
+        v_cache[layer][slots, :, positions] = qkv[:, Hq + Hkv :]
+        if first_slot is None:
+            k = k_cache[layer, :, :, :length][slots]  # [M, Hkv, L, D] (gathered copy)
+            v = v_cache[layer, :, :, :length][slots]
+        else:
+            k = k_cache[layer, first_slot : first_slot + M, :, :length]  # [M, Hkv, L, D] view
+            v = v_cache[layer, first_slot : first_slot + M, :, :length]
+        # Grouped-query attention without copying keys: the R query heads that share a key/value head become R
+        # query rows of that head. q head h uses kv head h // R, as in transformers' repeat_kv.
+        q = qk[:, :Hq].reshape(M, Hkv, R, D)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [M, Hkv, R, D]
+        x = x + lw.o(attn.reshape(M, Hq * D))
+        x = x + mlp(lw, rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps))
+    return w.lm_head(rms_norm(x, w.norm, cfg.rms_norm_eps))

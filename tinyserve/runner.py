@@ -1,0 +1,185 @@
+"""The model runner: owns the device, the weights, the static KV cache and the compiled/captured decode step.
+
+API (what a scheduler, the CLI or the HTTP server calls):
+
+    runner = ModelRunner(model_dir, RunnerConfig(num_slots=8, max_seq_len=2048))
+    slot = runner.alloc_slot()                         # O(1); NoFreeSlot when all are taken
+    logits = runner.prefill(slot, prompt_ids)          # [V] fp32 logits of the last prompt token
+    logits = runner.decode([slot_a, slot_b], [tok_a, tok_b])   # [M, V] fp32, one row per (slot, token)
+    runner.free_slot(slot)                             # O(1); the slot's cache rows are simply reused later
+
+- One slot holds one sequence. `prefill(slot, ids, start=0)` writes positions start..start+T-1 of that slot and
+  leaves every other slot untouched, so a new request can be prefilled while other slots hold live sequences.
+  `start` > 0 continues a sequence (chunked prefill, or reusing a cached prefix: chat turns re-send the history).
+- `decode(slots, tokens, positions=None)` runs one step for M sequences at once. Row m writes `tokens[m]` at
+  `positions[m]` of `slots[m]` (default: the slot's current length, i.e. append) and attends to positions
+  0..positions[m] of its own slot only, so a row's logits do not depend on the other rows.
+- `length(slot)` is how many positions of the slot are valid. Positions may only grow by appending (or restart
+  earlier, which truncates); reading positions never written is refused, never silent garbage.
+  A prefill or decode past `max_seq_len` raises `ContextOverflow` (callers turn that into a `length` finish).
+- Shapes: on CUDA, decode pads M up to a bucket (1, 2, 4, 8, ...) and the attended length up to a multiple of
+  `LENGTH_BUCKET`, and replays one CUDA graph per (batch bucket, length bucket); padding rows write into a scratch
+  slot that no sequence owns. On CPU there are no graphs: a lone sequence reads its cache rows as a view, several
+  rows gather theirs.
+- Sampling is separate (tinyserve.sampling): feed it the logits.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tinyserve import model
+from tinyserve.config import ConfigError, ModelConfig
+from tinyserve.kv_cache import KVCache, SlotPool
+from tinyserve.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CUDA graphs are captured per attended-length bucket: a multiple of this many positions.
+LENGTH_BUCKET = 256
+# Batch-size buckets for CUDA graphs (rows are padded up to the next one).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ContextOverflow(ValueError):
+    """A sequence would grow past the KV cache's max_seq_len."""
+
+
+@dataclass
+class RunnerConfig:
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # compute dtype; "auto": bfloat16 on CPU (fp16 matmul is unusable there), float16 on CUDA
+    max_seq_len: int = 2048  # per slot; capped by the model's max_position_embeddings
+    num_slots: int = 1  # concurrent sequences
+    compile: str = "auto"  # "auto" | "on" | "off": torch.compile / CUDA graphs for the decode step
+    lm_head: str = "auto"  # "auto" | "dense" | "int8"
+    threads: int = 0  # CPU threads; 0 = every core this process may use
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r} (choose from auto, {', '.join(DTYPES)})")
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.lm_head not in ("auto", "dense", "int8"):
+            raise ConfigError(f"lm_head must be auto, dense or int8, got {self.lm_head!r}")
+        if self.max_seq_len <= 0 or self.num_slots <= 0:
+            raise ConfigError("max_seq_len and num_slots must be positive")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but this torch build sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r} (cpu or cuda)")
+    return dev
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, config: RunnerConfig | None = None, model_config: ModelConfig | None = None):
+        rc = config or RunnerConfig()
+        self.config = rc
+        self.model_dir = Path(model_dir)
+        self.cfg = model_config or ModelConfig.load(self.model_dir)
+        self.device = resolve_device(rc.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(rc.threads or len(os.sched_getaffinity(0)))
+        self.dtype = DTYPES[rc.dtype] if rc.dtype != "auto" else (torch.bfloat16 if self.device.type == "cpu" else torch.float16)
+        if self.cfg.max_context < rc.max_seq_len:
+            self.max_seq_len = self.cfg.max_context
+        else:
+            self.max_seq_len = rc.max_seq_len
+
+        t0 = time.perf_counter()
+        lm_head = rc.lm_head if rc.lm_head != "auto" else "dense"
+        self.weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype, lm_head=lm_head)
+        self.load_s = time.perf_counter() - t0
+
+        cos, sin = model.rope_tables(self.cfg.rope, self.cfg.head_dim, self.max_seq_len)
+        self.cos, self.sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
+        self.num_slots = rc.num_slots
+        self.cache = KVCache(self.cfg, self.num_slots, self.max_seq_len, self.dtype, self.device)
+        self.pool = SlotPool(self.num_slots)
+        self._lengths = [0] * self.num_slots
+
+    # ---- slots -------------------------------------------------------------------------------------------------
+
+    def alloc_slot(self) -> int:
+        slot = self.pool.alloc()
+        self._lengths[slot] = 0
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        self.pool.free(slot)
+        self._lengths[slot] = 0
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens, start: int = 0) -> torch.Tensor:
+        """Write tokens at positions start.. of `slot`; returns the last token's logits [V] fp32."""
+        ids = torch.as_tensor(tokens, dtype=torch.long).to(self.device)
+        T = ids.shape[0]
+        self._check_slot(slot)
+        if T == 0:
+            raise ValueError("prefill needs at least one token")
+        if not 0 <= start <= self._lengths[slot]:
+            raise ValueError(f"prefill start {start} is past slot {slot}'s length {self._lengths[slot]}")
+        if start + T > self.max_seq_len:
+            raise ContextOverflow(f"{start + T} tokens do not fit the context of {self.max_seq_len} tokens")
+        logits = model.prefill(self.cfg, self.weights, self.cache.k, self.cache.v, slot, ids, start, self.cos, self.sin)
+        self._lengths[slot] = start + T
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, slots, tokens, positions=None) -> torch.Tensor:
+        """One step for M sequences: tokens[m] goes to positions[m] (default: append) of slots[m]. Returns [M, V] fp32."""
+        slots = [int(s) for s in slots]
+        M = len(slots)
+        if M == 0 or len(tokens) != M:
+            raise ValueError("decode needs one token per slot and at least one slot")
+        if len(set(slots)) != M:
+            raise ValueError("decode slots must be distinct")
+        pos = [self._lengths[s] for s in slots] if positions is None else [int(p) for p in positions]
+        for s, p in zip(slots, pos):
+            self._check_slot(s)
+            if not 0 <= p <= self._lengths[s]:
+                raise ValueError(f"decode position {p} is past slot {s}'s length {self._lengths[s]}")
+            if p >= self.max_seq_len:
+                raise ContextOverflow(f"slot {s} is full: the context holds {self.max_seq_len} tokens")
+        logits = self._decode(slots, torch.as_tensor(tokens, dtype=torch.long), pos)
+        for s, p in zip(slots, pos):
+            self._lengths[s] = p + 1
+        return logits
+
+    def _decode(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
+        M = len(slots)
+        length = max(pos) + 1
+        contiguous = slots == list(range(slots[0], slots[0] + M))
+        dev = self.device
+        logits = model.decode(
+            self.cfg,
+            self.weights,
+            self.cache.k,
+            self.cache.v,
+            torch.tensor(slots, device=dev),
+            tokens.to(dev),
+            torch.tensor(pos, device=dev),
+            length,
+            self.cos,
+            self.sin,
+            first_slot=slots[0] if contiguous else None,
+            masked=M > 1 or not contiguous,
+        )
+        return logits.float()
+
+    def _check_slot(self, slot: int) -> None:
+        if not (0 <= slot < self.num_slots and self.pool.in_use(slot)):
+            raise ValueError(f"slot {slot} is not allocated")
