@@ -1,41 +1,168 @@
-"""The one INT4 linear entry point. It picks the implementation by device and by M (rows of x).
+"""The one INT4 linear entry point. It picks the implementation by device and by M (rows of x) in choose_path.
 
     w = prepare(qweight, qzeros, scales, group_size)   # once, at load time, on the device the layer runs on
-    y = int4_linear(x, w, bias)                         # x: [..., K] -> y: [..., N]
+    y = int4_linear(x, w, bias)                         # x: [..., K] -> y: [..., N], in x's dtype
+
+Two entry points, one per way of holding the weight:
+- int4_linear(x, w): the runtime's call, with weights converted once by prepare (on CPU to torch's int4 layout).
+- torch.ops.tinyserve.int4_linear(x, qweight, qzeros, scales, group_size, bias): the raw file tensors, registered with
+  torch.library.custom_op and a fake implementation, so torch.compile and CUDA-graph capture see one opaque op with a
+  known output shape instead of tracing into Triton launches and autotuning. On CUDA int4_linear goes through it. On
+  CPU int4_linear calls aten ops directly (torch.compile traces them; inductor knows the int4 op), and the raw op
+  there is the slow-but-exact reference path (it dequantizes every call): CPU callers should prepare.
+
+Thresholds are rows of x (M = x.numel() // K). See BENCHMARKS.md, "INT4 kernels (issue 3)", for the runs behind them.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu
 from kernels.layout import PACK_FACTOR, check_shapes, dequantize, resolve_group_size
+
+# CPU, chosen with scripts/bench_kernels.py on the 2-core dev VM (BENCHMARKS.md):
+# up to this M torch's int4 op beats a bf16 matmul, even one on a dense weight cached at load time.
+CPU_INT4PACK_MAX_M = 8
+# From this M on, with no cached dense weight, dequantizing per call + a bf16 matmul beats the int4 op.
+CPU_DEQUANT_MIN_M = 192
+
+# CUDA: provisional, not yet measured (no GPU was lent to the session that wrote this). GEMV_MAX_M is the largest M
+# one padded 16-row tensor-core tile covers; DEQUANT_MIN_M follows vLLM's AWQ heuristic (dequantize + cuBLAS from
+# 256 rows). scripts/bench_kernels.py prints all three CUDA paths per M so a GPU run can set them.
+CUDA_GEMV_MAX_M = 16
+CUDA_DEQUANT_MIN_M = 256
+
+PATHS = ("int4pack", "cpu_dense_cached", "cpu_dequant", "gemv", "gemm", "dequant_matmul")
 
 
 @dataclass(frozen=True)
 class Int4Weights:
-    """One packed INT4 linear, in the file layout (see kernels/layout.py), prepared for its device."""
+    """One packed INT4 linear prepared for its device (see kernels/layout.py for the file layout)."""
 
-    qweight: torch.Tensor  # [K, N // 8] int32
-    qzeros: torch.Tensor  # [K // G, N // 8] int32
-    scales: torch.Tensor  # [K // G, N] fp16
+    qweight: torch.Tensor | None  # [K, N // 8] int32, file layout (kept on CUDA; released on CPU after conversion)
+    qzeros: torch.Tensor | None  # [K // G, N // 8] int32 (idem)
+    scales: torch.Tensor | None  # [K // G, N] fp16 (idem)
     group_size: int  # G (already resolved: never -1)
+    in_features: int  # K
+    out_features: int  # N
+    int4pack: cpu.CpuPacked | None = None  # CPU: torch's int4 layout (None when the op cannot take this group size)
+    dense: torch.Tensor | None = None  # CPU: [K, N'] bf16 (N' = N padded), when cached at load time or G unsupported
 
     @property
-    def in_features(self) -> int:
-        return self.qweight.shape[0]
+    def nbytes(self) -> int:
+        """Bytes this layer holds on its device (what a one-row call reads, plus any cached dense weight)."""
+        tensors = [self.qweight, self.qzeros, self.scales, self.dense]
+        if self.int4pack is not None:
+            tensors += [self.int4pack.packed, self.int4pack.scale_zero]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[1] * PACK_FACTOR
 
+def prepare(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, cpu_dense_cache: bool = False
+) -> Int4Weights:
+    """Check the packed tensors and convert them for their device (they must already be on it).
 
-def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weights:
-    G = resolve_group_size(group_size, qweight.shape[0])
+    cpu_dense_cache (CPU only): also keep a dense bf16 copy of the weight, 2 bytes per weight on top of ~0.5 for the
+    INT4 form, so that prompts of more than CPU_INT4PACK_MAX_M rows run a plain bf16 matmul instead of dequantizing
+    every call. Worth it for small models (SmolLM2-135M: ~0.2 GB); for 7B-class models it would add ~13 GB.
+    A group size torch's CPU op cannot take (not a multiple of 32) is always held as dense bf16.
+    """
+    K = qweight.shape[0]
+    G = resolve_group_size(group_size, K)
     check_shapes(qweight, qzeros, scales, G)
-    return Int4Weights(qweight, qzeros, scales, G)
+    N = qweight.shape[1] * PACK_FACTOR
+    if qweight.device.type != "cpu":
+        return Int4Weights(qweight, qzeros, scales, G, K, N)
+    if cpu.op_group_size(G) is None:
+        return Int4Weights(None, None, None, G, K, N, dense=dequantize(qweight, qzeros, scales, G).to(torch.bfloat16))
+    packed = cpu.pack_for_cpu(qweight, qzeros, scales, G)
+    dense = dequantize(qweight, qzeros, scales, G).to(torch.bfloat16) if cpu_dense_cache else None
+    return Int4Weights(None, None, None, G, K, N, int4pack=packed, dense=dense)
+
+
+def choose_path(device_type: str, M: int, *, group_size: int = 128, has_int4pack: bool = True, has_dense: bool = False) -> str:
+    """The kernel for M rows of x: the single place where the choice by device and M is made.
+
+    group_size matters on CUDA (the fused kernels need a multiple of 16), has_int4pack / has_dense on CPU (what
+    prepare built: no int4 form for group sizes the op cannot take; a dense copy when asked for).
+    """
+    if device_type == "cuda":
+        if group_size % 16:
+            return "dequant_matmul"
+        if M <= CUDA_GEMV_MAX_M:
+            return "gemv"
+        return "gemm" if M < CUDA_DEQUANT_MIN_M else "dequant_matmul"
+    if not has_int4pack:
+        return "cpu_dense_cached"
+    if M <= CPU_INT4PACK_MAX_M:
+        return "int4pack"
+    if has_dense:
+        return "cpu_dense_cached"
+    return "cpu_dequant" if M >= CPU_DEQUANT_MIN_M and cpu.packed_layout_is_known() else "int4pack"
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ dequantize(w) + bias, in x's dtype. x: [..., K] -> [..., N]."""
-    y = x @ dequantize(w.qweight, w.qzeros, w.scales, w.group_size).to(x.dtype)
+    """y = x @ dequantize(w) + bias, in x's dtype. x: [..., K] -> [..., N].
+
+    CPU: bf16 or fp32 activations (computed in bf16, see kernels/cpu.py); CUDA: fp16 or bf16.
+    """
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer expects {w.in_features}")
+    if w.qweight is not None:
+        return torch.ops.tinyserve.int4_linear(x, w.qweight, w.qzeros, w.scales, w.group_size, bias)
+    x2 = x.reshape(-1, w.in_features)
+    path = choose_path("cpu", x2.shape[0], has_int4pack=w.int4pack is not None, has_dense=w.dense is not None)
+    if path == "int4pack":
+        y = cpu.int4pack_linear(x2, w.int4pack)
+    elif path == "cpu_dense_cached":
+        y = cpu.dense_linear(x2, w.dense, w.out_features)
+    else:
+        y = cpu.dense_linear(x2, cpu.dequantize_packed(w.int4pack), w.out_features)
+    y = y.to(x.dtype).view(*x.shape[:-1], w.out_features)
     return y if bias is None else y + bias.to(x.dtype)
+
+
+@torch.library.custom_op("tinyserve::int4_linear", mutates_args=())
+def int4_linear_raw(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ dequantize(qweight, qzeros, scales, group_size) + bias on the raw file tensors. x: [..., K] -> [..., N]."""
+    K = qweight.shape[0]
+    N = qweight.shape[1] * PACK_FACTOR
+    G = resolve_group_size(group_size, K)
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if x.device.type != "cuda":
+        y = x2 @ dequantize(qweight, qzeros, scales, G).to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.view(*x.shape[:-1], N)
+    # Triton is imported only here: CPU-only platforms need not have it.
+    from kernels.dequant import dequantize_triton
+    from kernels.gemm import choose_split_k as gemm_split_k, int4_gemm
+    from kernels.gemv import choose_split_k as gemv_split_k, int4_gemv
+
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    b = bias.to(x.dtype) if bias is not None else None
+    path = choose_path("cuda", M, group_size=G)
+    if M == 0:
+        y = x2.new_empty((0, N))
+    elif path == "gemv":
+        y = int4_gemv(x2, qweight, qzeros, scales, G, b, split_k=gemv_split_k(N, K, G, sms))
+    elif path == "gemm":
+        y = int4_gemm(x2, qweight, qzeros, scales, G, b, split_k=gemm_split_k(M, N, K, 64, 128, min(G, 64), sms))
+    else:
+        W = dequantize_triton(qweight, qzeros, scales, G, x.dtype)  # [K, N]
+        y = torch.addmm(b, x2, W) if b is not None else x2 @ W
+    return y.view(*x.shape[:-1], N)
+
+
+@int4_linear_raw.register_fake
+def _(x, qweight, qzeros, scales, group_size, bias=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1] * PACK_FACTOR))

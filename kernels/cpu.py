@@ -1,0 +1,124 @@
+"""CPU INT4 linear: torch's int4 weight-only kernel for small M, dequantize + bf16 matmul (oneDNN) for large M.
+
+torch ships `aten._convert_weight_to_int4pack_for_cpu` / `aten._weight_int4pack_mm_for_cpu` (AVX-512/AVX2 kernels,
+bf16 activations, fp32 accumulation). Its convention differs from ours:
+
+    ours (kernels/layout.py):  W[k, n] = (q - z) * s                    q, z in 0..15, s fp16, per group of G rows of K
+    torch's int4pack op:       W[k, n] = (q - 8) * scale + zero         scale_and_zero [K // G, N, 2] in bf16
+
+Expanding ours, (q - z) * s = (q - 8) * s + (8 - z) * s, so scale = s and zero = (8 - z) * s, computed in fp32 and
+then rounded to bf16. Where bf16 rounding enters on this path (everything else is exact or fp32):
+  1. the scale: fp16 -> bf16 (relative error up to 2^-9), and zero = (8 - z) * s, rounded once to bf16;
+  2. the activations, rounded to bf16 when the caller passes fp32;
+  3. the output, rounded to bf16 (then cast back to the caller's dtype).
+The kernel forms each weight in fp32 as (q - 8) * scale + zero and accumulates in fp32.
+
+Constraints of the op and how they are met: N must be a multiple of 16 (we pad N to a multiple of 64 with zero
+columns, which also gives the op's 64-column blocks a single layout, and slice the output); the op's group size must
+be 32, 64, 128 or 256 (a larger G that one of them divides is expressed by repeating its scales; otherwise the layer
+is kept as a dense bf16 weight, see prepare in dispatch.py).
+
+Large M: the op dequantizes each weight block once per 4 rows of x, so its cost grows with M and a dense bf16 GEMM
+(AMX/AVX-512 through oneDNN) wins beyond a few rows. Two ways to get the dense weight are offered: dequantize per
+call (no memory cost, one pass over the weight) or a bf16 copy cached at load time (2 bytes per weight: an explicit
+option of prepare). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
+"""
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+
+from kernels.layout import unpack
+
+OP_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the int4pack op accepts, largest first
+N_BLOCK = 64  # the op packs N in blocks of 64 columns on AVX-512 builds; we pad N to a multiple of it
+INNER_K_TILES = 2  # ignored by the CPU conversion; the CUDA variant of the op takes the same argument
+
+
+@dataclass(frozen=True)
+class CpuPacked:
+    """One INT4 linear in the layout of torch's CPU int4 op."""
+
+    packed: torch.Tensor  # [Np, K // 2] uint8 (Np = N rounded up to a multiple of 64), op-specific nibble order
+    scale_zero: torch.Tensor  # [K // op_group, Np, 2] bf16: (scale, zero) with W = (q - 8) * scale + zero
+    op_group: int  # group size given to the op (divides the layer's group size)
+    out_features: int  # N, before padding
+
+
+def op_group_size(group_size: int) -> int | None:
+    """The largest group size the op accepts that divides ours (a scale repeated per sub-group is the same weight)."""
+    return next((g for g in OP_GROUP_SIZES if group_size % g == 0), None)
+
+
+def torch_scale_zero(qzeros: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our (integer zero point z, scale s) -> torch's (scale, zero), both [K // G, N] fp32: scale = s, zero = (8 - z) * s."""
+    z = unpack(qzeros).float()
+    s = scales.float()
+    return s, (8.0 - z) * s
+
+
+def pack_for_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> CpuPacked:
+    """Convert the file layout to the op's layout (once, at load time). The group size must have an op_group_size."""
+    K, N = qweight.shape[0], scales.shape[1]
+    op_group = op_group_size(group_size)
+    if op_group is None:
+        raise ValueError(f"group size {group_size} is not a multiple of 32: torch's CPU int4 op cannot take it")
+    Np = -(-N // N_BLOCK) * N_BLOCK
+    codes = unpack(qweight).t()  # [N, K] int32 in 0..15
+    scale, zero = torch_scale_zero(qzeros, scales)  # [K // G, N]
+    if Np != N:
+        codes = F.pad(codes, (0, 0, 0, Np - N))
+        scale, zero = F.pad(scale, (0, Np - N)), F.pad(zero, (0, Np - N))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
+    reps = group_size // op_group
+    scale_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(reps, dim=0).to(torch.bfloat16).contiguous()
+    return CpuPacked(packed, scale_zero, op_group, N)
+
+
+def int4pack_linear(x: torch.Tensor, w: CpuPacked) -> torch.Tensor:
+    """x [M, K] -> [M, N] bf16 through torch's int4 op (x is rounded to bf16 first)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), w.packed, w.op_group, w.scale_zero)
+    return y if y.shape[1] == w.out_features else y[:, : w.out_features]
+
+
+@cache
+def packed_layout_is_known() -> bool:
+    """Whether dequantize_packed can read this build's op layout: checked once on a probe, not assumed.
+
+    On AVX-512 builds each 64-column block stores, for every k, 32 bytes whose low nibbles are columns 0..31 and high
+    nibbles columns 32..63. AVX2 and generic builds use other arrangements; there dequantize_packed is not used and
+    large M falls back to the op itself (or to a cached dense weight).
+    """
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (2 * N_BLOCK, 64), dtype=torch.int32, generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
+    return tuple(packed.shape) == (2 * N_BLOCK, 32) and torch.equal(_decode_codes(packed).t().int(), codes)
+
+
+def _decode_codes(packed: torch.Tensor) -> torch.Tensor:
+    """[Np, K // 2] uint8 in the AVX-512 op layout -> codes [K, Np] uint8."""
+    Np, K = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(Np // N_BLOCK, K, N_BLOCK // 2).transpose(0, 1)  # [K, Np / 64, 32], strided
+    codes = torch.empty((K, Np // N_BLOCK, N_BLOCK), dtype=torch.uint8)
+    torch.bitwise_and(b, 15, out=codes[..., : N_BLOCK // 2])
+    torch.bitwise_right_shift(b, 4, out=codes[..., N_BLOCK // 2 :])
+    return codes.view(K, Np)
+
+
+def dequantize_packed(w: CpuPacked) -> torch.Tensor:
+    """The op's weight as dense bf16 [K, Np]: W = (q - 8) * scale + zero, the same numbers the op forms in fp32,
+    rounded once to bf16. One pass over the weight; only valid when packed_layout_is_known()."""
+    codes = _decode_codes(w.packed).view(torch.int8).sub_(8)  # [K, Np] q - 8 in -8..7, exact in bf16
+    K, Np = codes.shape
+    ng = w.scale_zero.shape[0]
+    # addcmul on bf16 tensors computes zero + (q - 8) * scale in fp32 and rounds once.
+    wq = codes.view(ng, K // ng, Np).to(torch.bfloat16)
+    return torch.addcmul(w.scale_zero[:, None, :, 1], wq, w.scale_zero[:, None, :, 0]).view(K, Np)
+
+
+def dense_linear(x: torch.Tensor, weight_kn: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] @ a dense bf16 weight [K, N'] (N' >= N, padded columns dropped) -> [M, N] bf16."""
+    y = x.to(torch.bfloat16) @ weight_kn
+    return y if y.shape[1] == out_features else y[:, :out_features]
