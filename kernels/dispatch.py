@@ -75,9 +75,9 @@ def prepare(
     if qweight.device.type != "cpu":
         return Int4Weights(qweight, qzeros, scales, G, K, N)
     if cpu.op_group_size(G) is None:
-        return Int4Weights(None, None, None, G, K, N, dense=dequantize(qweight, qzeros, scales, G).to(torch.bfloat16))
+        return Int4Weights(None, None, None, G, K, N, dense=dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))
     packed = cpu.pack_for_cpu(qweight, qzeros, scales, G)
-    dense = dequantize(qweight, qzeros, scales, G).to(torch.bfloat16) if cpu_dense_cache else None
+    dense = dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16) if cpu_dense_cache else None  # one rounding
     return Int4Weights(None, None, None, G, K, N, int4pack=packed, dense=dense)
 
 
@@ -139,7 +139,7 @@ def int4_linear_raw(
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if x.device.type != "cuda":
-        y = x2 @ dequantize(qweight, qzeros, scales, G).to(x.dtype)
+        y = x2 @ dequantize(qweight, qzeros, scales.float(), G).to(x.dtype)  # W in fp32, rounded once to x's dtype
         if bias is not None:
             y = y + bias.to(x.dtype)
         return y.view(*x.shape[:-1], N)

@@ -17,6 +17,7 @@ def interpreting() -> bool:
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Triton 3.9's interpreter computes tl.dot on bf16 operands from their raw bits (garbage results; fp16 is fine).
+    (It also truncates fp32 -> bf16 casts instead of rounding to nearest; the tests' reference models that.)
 
     Under the interpreter the kernels therefore upcast bf16 tiles to fp32 right before tl.dot. The weights are still
     rounded to bf16 first, so the numbers match what the compiled kernel computes on a GPU (fp32 accumulation).
