@@ -41,6 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LENGTH_BUCKET = 256
 # Batch-size buckets for CUDA graphs (rows are padded up to the next one).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Keep a dense bf16 copy of INT4 weights for CPU prefill when it costs at most this much memory.
+DENSE_PREFILL_MAX_BYTES = 1 << 30
 
 
 class ContextOverflow(ValueError):
@@ -80,31 +82,59 @@ def resolve_device(name: str) -> torch.device:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, config: RunnerConfig | None = None, model_config: ModelConfig | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path | None,
+        config: RunnerConfig | None = None,
+        *,
+        model_config: ModelConfig | None = None,
+        weights: model.ModelWeights | None = None,
+    ):
+        """Load model_dir (or use `model_config` + prebuilt `weights`, already on the device: the synthetic benchmark)."""
         rc = config or RunnerConfig()
         self.config = rc
-        self.model_dir = Path(model_dir)
-        self.cfg = model_config or ModelConfig.load(self.model_dir)
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        if model_config is None:
+            model_config = ModelConfig.load(self.model_dir)
+        self.cfg = model_config
         self.device = resolve_device(rc.device)
         if self.device.type == "cpu":
             torch.set_num_threads(rc.threads or len(os.sched_getaffinity(0)))
         self.dtype = DTYPES[rc.dtype] if rc.dtype != "auto" else (torch.bfloat16 if self.device.type == "cpu" else torch.float16)
-        if self.cfg.max_context < rc.max_seq_len:
-            self.max_seq_len = self.cfg.max_context
-        else:
-            self.max_seq_len = rc.max_seq_len
+        self.max_seq_len = min(rc.max_seq_len, self.cfg.max_context)
 
         t0 = time.perf_counter()
-        lm_head = rc.lm_head if rc.lm_head != "auto" else "dense"
-        self.weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype, lm_head=lm_head)
+        if weights is None:
+            weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype, lm_head=self.lm_head_mode(), dense_prefill=self.dense_prefill())
+        self.weights = weights
         self.load_s = time.perf_counter() - t0
 
         cos, sin = model.rope_tables(self.cfg.rope, self.cfg.head_dim, self.max_seq_len)
         self.cos, self.sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
         self.num_slots = rc.num_slots
-        self.cache = KVCache(self.cfg, self.num_slots, self.max_seq_len, self.dtype, self.device)
+        self.graphs = None
+        if self.device.type == "cuda" and rc.compile != "off":
+            self.graphs = CudaGraphDecoder(self)
+        # CUDA graphs pad batches with rows that write into one extra scratch slot no sequence ever owns.
+        cache_slots = self.num_slots + (1 if self.graphs is not None else 0)
+        self.cache = KVCache(self.cfg, cache_slots, self.max_seq_len, self.dtype, self.device)
         self.pool = SlotPool(self.num_slots)
         self._lengths = [0] * self.num_slots
+
+    def lm_head_mode(self) -> str:
+        """auto: int8 rows on CPU for INT4 checkpoints (the lm_head is ~40% of SmolLM2's decode bytes in bf16, and
+        torch's bf16 matmul reaches only a fraction of the bandwidth), the checkpoint's float weight otherwise."""
+        mode = self.config.lm_head
+        if mode == "auto":
+            return "int8" if self.device.type == "cpu" and self.cfg.quant is not None else "dense"
+        return mode
+
+    def dense_prefill(self) -> bool:
+        """On CPU, also keep a bf16 copy of each INT4 weight for prompts (a dense GEMM beats the INT4 op beyond a few
+        rows) when that copy is small: 2 bytes per weight on top of ~0.56."""
+        c = self.cfg
+        params = c.num_layers * c.hidden_size * (c.q_size + 2 * c.kv_size + c.q_size + 3 * c.intermediate_size)
+        return self.device.type == "cpu" and c.quant is not None and 2 * params <= DENSE_PREFILL_MAX_BYTES
 
     # ---- slots -------------------------------------------------------------------------------------------------
 
@@ -147,9 +177,10 @@ class ModelRunner:
             raise ValueError("decode needs one token per slot and at least one slot")
         if len(set(slots)) != M:
             raise ValueError("decode slots must be distinct")
+        for s in slots:
+            self._check_slot(s)
         pos = [self._lengths[s] for s in slots] if positions is None else [int(p) for p in positions]
         for s, p in zip(slots, pos):
-            self._check_slot(s)
             if not 0 <= p <= self._lengths[s]:
                 raise ValueError(f"decode position {p} is past slot {s}'s length {self._lengths[s]}")
             if p >= self.max_seq_len:
@@ -160,6 +191,8 @@ class ModelRunner:
         return logits
 
     def _decode(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs(slots, tokens.tolist(), pos)
         M = len(slots)
         length = max(pos) + 1
         contiguous = slots == list(range(slots[0], slots[0] + M))
@@ -183,3 +216,60 @@ class ModelRunner:
     def _check_slot(self, slot: int) -> None:
         if not (0 <= slot < self.num_slots and self.pool.in_use(slot)):
             raise ValueError(f"slot {slot} is not allocated")
+
+
+def batch_bucket(m: int, max_batch: int) -> int:
+    return next((b for b in BATCH_BUCKETS if b >= m), max_batch) if m <= max_batch else m
+
+
+class CudaGraphDecoder:
+    """Decode steps replayed from CUDA graphs, one per (batch bucket, attended-length bucket), captured on first use.
+
+    All graphs read their inputs from the same static device buffers and share one memory pool; the logits a replay
+    returns are copied out before the next replay, so graphs may reuse each other's output memory.
+    """
+
+    def __init__(self, runner: "ModelRunner"):
+        self.r = runner
+        self.max_batch = batch_bucket(runner.num_slots, runner.num_slots)
+        dev = runner.device
+        self.inputs = torch.zeros(3, self.max_batch, dtype=torch.long, device=dev)  # rows: tokens, slots, positions
+        self.host = torch.zeros(3, self.max_batch, dtype=torch.long).pin_memory()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def __call__(self, slots: list[int], tokens: list[int], pos: list[int]) -> torch.Tensor:
+        r, M = self.r, len(slots)
+        B = batch_bucket(M, self.max_batch)
+        L = min(-(-(max(pos) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET, r.max_seq_len)
+        scratch = r.num_slots
+        pad = B - M
+        # Padding rows: token 0 at position 0 of the scratch slot (they attend only to what they wrote themselves).
+        self.host[0, :B] = torch.tensor(tokens + [0] * pad)
+        self.host[1, :B] = torch.tensor(slots + [scratch] * pad)
+        self.host[2, :B] = torch.tensor(pos + [0] * pad)
+        self.inputs[:, :B].copy_(self.host[:, :B])  # blocking: the pinned buffer is rewritten next step
+        if (B, L) not in self.graphs:
+            self.graphs[(B, L)] = self._capture(B, L)
+        graph, logits = self.graphs[(B, L)]
+        graph.replay()
+        return logits[:M].float()
+
+    def _step(self, B: int, L: int) -> torch.Tensor:
+        r = self.r
+        tokens, slots, positions = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
+        return model.decode(r.cfg, r.weights, r.cache.k, r.cache.v, slots, tokens, positions, L, r.cos, r.sin)
+
+    def _capture(self, B: int, L: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # One eager run first, on a side stream: it autotunes Triton kernels and creates library handles, none of
+        # which may happen during capture. It writes exactly what the replay will write, so it changes nothing.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(B, L)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(B, L)
+        self.pool = graph.pool()
+        return graph, logits

@@ -93,9 +93,10 @@ class _Part:
 
 
 class Loader:
-    def __init__(self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    def __init__(self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, dense_prefill: bool = False):
         self.ck = Checkpoint(folder)
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.dense_prefill = dense_prefill  # CPU: keep a bf16 copy of INT4 weights for long prompts (kernels.prepare)
 
     def part(self, name: str, k: int, n: int, bias: bool) -> _Part:
         """Read linear `name` (K = in_features, N = out_features) in whichever form the checkpoint has it."""
@@ -133,7 +134,7 @@ class Loader:
             qweight = torch.cat([p.qweight for p in parts], dim=1).to(self.device)
             qzeros = torch.cat([p.qzeros for p in parts], dim=1).to(self.device)
             scales = torch.cat([p.scales for p in parts], dim=1).to(self.device)
-            return Int4Linear(kernels.prepare(qweight, qzeros, scales, parts[0].group_size), bias)
+            return Int4Linear(kernels.prepare(qweight, qzeros, scales, parts[0].group_size, cpu_dense_cache=self.dense_prefill), bias)
         if all(p.weight is not None for p in parts):
             weight = torch.cat([p.weight for p in parts], dim=0)
         else:
@@ -180,5 +181,7 @@ def p_n(p: _Part) -> int:
     return p.weight.shape[0] if p.weight is not None else p.scales.shape[1]
 
 
-def load_weights(folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, lm_head: str = "dense") -> ModelWeights:
-    return Loader(folder, cfg, device, dtype).load(lm_head)
+def load_weights(
+    folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, lm_head: str = "dense", dense_prefill: bool = False
+) -> ModelWeights:
+    return Loader(folder, cfg, device, dtype, dense_prefill).load(lm_head)

@@ -1,0 +1,420 @@
+"""Decode benchmark: tinyserve (INT4 and unquantized) against transformers `generate`, all in one run.
+
+    python -m tinyserve bench                      # the embedded default model, CPU rows
+    python -m tinyserve bench --synthetic llama2-7b --device cuda   # GPU: random weights with Llama-2-7B shapes
+
+Every row runs in its own subprocess (so its peak memory is its own and rows cannot warm each other's caches), on the
+same prompt token ids, greedy, batch 1, a fixed number of new tokens (EOS ignored). Decode tok/s counts the tokens
+after the first (the first comes from the prefill); detokenization is not timed (transformers' generate does not
+detokenize either). The memory read bandwidth of the machine is measured in the same run, and tinyserve rows break
+one decode step down into linear kernels, attention, and everything else.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+ROWS = ("int4", "fp", "hf-fp32", "hf-bf16")
+SYNTHETIC_ROWS = ("int4", "hf-fp16")
+# Shapes for --synthetic: random weights are enough to measure speed. "tiny" exists to test the code path on a CPU.
+SYNTHETIC = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+}
+SYNTHETIC_GROUP_SIZE = 128
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None  # INT4 folder; default: the embedded model, AWQ-quantized (cached)
+    fp_model: str | None = None  # unquantized folder; default: the embedded model's fp16 folder
+    rows: tuple[str, ...] = ROWS
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    repeat: int = 3
+    threads: int = 0
+    device: str = "auto"
+    lm_head: str = "auto"
+    compile: str = "auto"
+    synthetic: str | None = None
+    json_out: str | None = None
+    row: str | None = None  # internal: measure this one row in this process and print it as JSON
+
+    def __post_init__(self):
+        if self.synthetic is not None and self.synthetic not in SYNTHETIC:
+            raise ValueError(f"unknown --synthetic preset {self.synthetic!r} (choose from {', '.join(SYNTHETIC)})")
+        allowed = SYNTHETIC_ROWS if self.synthetic else ROWS
+        bad = [r for r in self.rows if r not in allowed]
+        if bad:
+            raise ValueError(f"unknown rows {bad} (choose from {', '.join(allowed)})")
+        if self.prompt_tokens <= 0 or self.new_tokens <= 1 or self.repeat <= 0:
+            raise ValueError("--prompt-tokens, --repeat must be positive and --new-tokens at least 2")
+
+
+@dataclass
+class RowResult:
+    name: str
+    decode_tok_s: float
+    prefill_tok_s: float
+    ttft_s: float
+    peak_mib: float
+    bytes_per_token: int  # weights (and KV cache at the mean context length) read by one decode step
+    device: str
+    breakdown_ms: dict = field(default_factory=dict)  # per decode token: where the time goes (tinyserve rows)
+    notes: str = ""
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="INT4 (AWQ) folder; default: the embedded SmolLM2-135M-Instruct, AWQ-quantized")
+    p.add_argument("--fp-model", help="unquantized folder for the float rows; default: the embedded model's fp16 folder")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)} (synthetic: {','.join(SYNTHETIC_ROWS)})")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3, help="runs per row; the median is reported")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for every row (default: all cores)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lm-head", choices=("auto", "dense", "int8"), default="auto", help="tinyserve INT4 row's output projection")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--synthetic", choices=tuple(SYNTHETIC), help="random weights with these shapes (GPU speed test)")
+    p.add_argument("--json-out", help="also write the results here as JSON")
+    p.add_argument("--row", help=argparse.SUPPRESS)
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    rows = tuple(a.rows.split(",")) if a.rows else (SYNTHETIC_ROWS if a.synthetic else ROWS)
+    return BenchConfig(
+        model=a.model, fp_model=a.fp_model, rows=rows, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens, repeat=a.repeat,
+        threads=a.threads, device=a.device, lm_head=a.lm_head, compile=a.compile, synthetic=a.synthetic, json_out=a.json_out, row=a.row,
+    )
+
+
+def to_argv(cfg: BenchConfig) -> list[str]:
+    argv = ["--prompt-tokens", str(cfg.prompt_tokens), "--new-tokens", str(cfg.new_tokens), "--repeat", str(cfg.repeat)]
+    argv += ["--threads", str(cfg.threads), "--device", cfg.device, "--lm-head", cfg.lm_head, "--compile", cfg.compile]
+    argv += ["--rows", ",".join(cfg.rows)]
+    for flag, value in (("--model", cfg.model), ("--fp-model", cfg.fp_model), ("--synthetic", cfg.synthetic)):
+        if value:
+            argv += [flag, value]
+    return argv
+
+
+# ---- the parent: run every row in a subprocess, print the table ----------------------------------------------------
+
+
+def main(cfg: BenchConfig) -> int:
+    if cfg.row:
+        result = run_row(cfg, cfg.row)
+        print(json.dumps(asdict(result) if isinstance(result, RowResult) else result))
+        return 0
+    if not cfg.synthetic:
+        resolve_folders(cfg)  # quantize / convert the defaults once, before the rows start
+    env = dict(os.environ)
+    results: list[RowResult] = []
+    bandwidth = _child(cfg, "bandwidth", env)["gb_s"]
+    for name in cfg.rows:
+        print(f"bench: running {name} ...", file=sys.stderr, flush=True)
+        results.append(RowResult(**_child(cfg, name, env)))
+    print(format_table(cfg, results, bandwidth))
+    if cfg.json_out:
+        with open(cfg.json_out, "w") as f:
+            json.dump({"config": asdict(cfg), "bandwidth_gb_s": bandwidth, "rows": [asdict(r) for r in results]}, f, indent=2)
+    return 0
+
+
+def resolve_folders(cfg: BenchConfig) -> None:
+    from tinyserve.__main__ import resolve_model
+
+    if "int4" in cfg.rows:
+        cfg.model = str(resolve_model(cfg.model))
+    if any(r != "int4" for r in cfg.rows) and not cfg.fp_model:
+        from quantize.default_model import ensure_fp16_default
+
+        cfg.fp_model = str(ensure_fp16_default())
+
+
+def _child(cfg: BenchConfig, row: str, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "tinyserve", "bench", *to_argv(cfg), "--row", row]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise RuntimeError(f"benchmark row {row} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(cfg: BenchConfig, rows: list[RowResult], bandwidth_gb_s: float) -> str:
+    base = next((r for r in rows if r.name in ("hf-fp32", "hf-fp16")), None)
+    lines = [
+        f"prompt {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens, greedy, batch 1, median of {cfg.repeat}; "
+        f"device {rows[0].device if rows else '?'}; measured read bandwidth {bandwidth_gb_s:.1f} GB/s",
+        "",
+        f"| row | decode tok/s | vs {base.name if base else 'baseline'} | prefill tok/s | TTFT ms | peak MiB | MB read/token | GB/s | % of bandwidth |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gbs = r.bytes_per_token * r.decode_tok_s / 1e9
+        ratio = f"{r.decode_tok_s / base.decode_tok_s:.2f}x" if base else "-"
+        lines.append(
+            f"| {label(r.name)} | {r.decode_tok_s:.1f} | {ratio} | {r.prefill_tok_s:.0f} | {r.ttft_s * 1e3:.1f} | {r.peak_mib:.0f} | "
+            f"{r.bytes_per_token / 1e6:.1f} | {gbs:.1f} | {100 * gbs / bandwidth_gb_s:.0f}% |"
+        )
+    for r in rows:
+        if r.breakdown_ms:
+            b = r.breakdown_ms
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in b.items())
+            lines.append(f"\n{label(r.name)}, ms per decode token: {parts}")
+        if r.notes:
+            lines.append(f"{label(r.name)}: {r.notes}")
+    return "\n".join(lines)
+
+
+def label(name: str) -> str:
+    return {
+        "int4": "tinyserve INT4",
+        "fp": "tinyserve unquantized",
+        "hf-fp32": "transformers fp32",
+        "hf-bf16": "transformers bf16",
+        "hf-fp16": "transformers fp16",
+    }.get(name, name)
+
+
+# ---- one row, in its own process ----------------------------------------------------------------------------------
+
+
+def run_row(cfg: BenchConfig, row: str):
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if row == "bandwidth":
+        return {"gb_s": measure_bandwidth(cfg)}
+    ids = prompt_ids(cfg)
+    if row in ("int4", "fp"):
+        return bench_tinyserve(cfg, row, ids)
+    return bench_transformers(cfg, row, ids)
+
+
+def _device(cfg: BenchConfig) -> torch.device:
+    from tinyserve.runner import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def measure_bandwidth(cfg: BenchConfig) -> float:
+    """Read bandwidth in GB/s: the best of several full passes over a 1 GiB buffer (a reduction reads every byte once)."""
+    dev = _device(cfg)
+    x = torch.ones(1 << 28, dtype=torch.float32, device=dev)
+    best = float("inf")
+    for _ in range(6):
+        _sync(dev)
+        t = time.perf_counter()
+        x.sum()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def prompt_ids(cfg: BenchConfig) -> list[int]:
+    """The first prompt_tokens tokens of Botchan's evaluation slice (random ids for synthetic models)."""
+    if cfg.synthetic:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(10, SYNTHETIC[cfg.synthetic]["vocab_size"], (cfg.prompt_tokens,), generator=g).tolist()
+    from quantize.text_data import eval_text
+    from tinyserve.tokenizer import Tokenizer
+
+    folder = cfg.model if cfg.model else cfg.fp_model
+    ids = Tokenizer(folder).encode(eval_text()[:20000])[: cfg.prompt_tokens]
+    if len(ids) < cfg.prompt_tokens:
+        raise ValueError(f"the benchmark text has only {len(ids)} tokens")
+    return ids
+
+
+def _peak_mib(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_tinyserve(cfg: BenchConfig, row: str, ids: list[int]) -> RowResult:
+    from tinyserve.runner import ModelRunner, RunnerConfig
+
+    dev = _device(cfg)
+    rc = RunnerConfig(
+        device=str(dev), max_seq_len=cfg.prompt_tokens + cfg.new_tokens + 8, threads=cfg.threads,
+        lm_head=cfg.lm_head if row == "int4" else "auto", compile=cfg.compile,
+    )
+    if cfg.synthetic:
+        mcfg, weights = synthetic_int4(cfg.synthetic, dev, torch.float16 if dev.type == "cuda" else torch.bfloat16)
+        runner = ModelRunner(None, rc, model_config=mcfg, weights=weights)
+    else:
+        runner = ModelRunner(cfg.model if row == "int4" else cfg.fp_model, rc)
+    slot = runner.alloc_slot()
+    t0 = time.perf_counter()
+    _greedy(runner, slot, ids[:16], 8)  # warm-up (and CUDA graph capture for the first buckets)
+    warmup_s = time.perf_counter() - t0
+    runs = [_greedy(runner, slot, ids, cfg.new_tokens) for _ in range(cfg.repeat)]
+    ttft, decode_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    decode_tok_s = (cfg.new_tokens - 1) / decode_s
+    mean_context = cfg.prompt_tokens + cfg.new_tokens // 2
+    bytes_per_token = runner.weights.decode_bytes() + mean_context * runner.cache.bytes_per_token()
+    breakdown = time_breakdown(runner, slot, mean_context, 1e3 / decode_tok_s)
+    return RowResult(
+        name=row, decode_tok_s=decode_tok_s, prefill_tok_s=len(ids) / ttft, ttft_s=ttft, peak_mib=_peak_mib(dev),
+        bytes_per_token=bytes_per_token, device=describe(dev), breakdown_ms=breakdown,
+        notes=f"dtype {str(runner.dtype).removeprefix('torch.')}, lm_head {runner.weights.lm_head.__class__.__name__}, warm-up {warmup_s:.1f} s",
+    )
+
+
+def _greedy(runner, slot: int, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """Prefill ids into a fresh sequence in `slot` and decode new_tokens greedily. Returns (ttft_s, decode_s)."""
+    dev = runner.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    tok = int(runner.prefill(slot, ids).argmax())
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        tok = int(runner.decode([slot], [tok]).argmax())
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def time_breakdown(runner, slot: int, context: int, token_ms: float, n: int = 30) -> dict:
+    """Where one decode token's time goes, in ms: the linear kernels alone (run back to back on inputs of the right
+    shapes), attention alone (the same SDPA calls), the rest of the step (norms, RoPE, cache writes, residuals,
+    dispatch and Python), and the generation loop around the step (argmax, bookkeeping)."""
+    import torch.nn.functional as F
+
+    w, c, dev = runner.weights, runner.cfg, runner.device
+    pos = min(context, runner.length(slot) - 1)
+    tok = 0
+
+    def timed(fn) -> float:
+        fn()
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(dev)
+        return (time.perf_counter() - t) / n * 1e3
+
+    step_ms = timed(lambda: runner.decode([slot], [tok], positions=[pos]))
+    x = torch.randn(1, c.hidden_size, dtype=runner.dtype, device=dev)
+    xa = torch.randn(1, c.q_size, dtype=runner.dtype, device=dev)
+    xi = torch.randn(1, c.intermediate_size, dtype=runner.dtype, device=dev)
+
+    def linears():
+        for lw in w.layers:
+            lw.qkv(x), lw.o(xa), lw.gate_up(x), lw.down(xi)
+        w.lm_head(x)
+
+    R = c.num_heads // c.num_kv_heads
+    q = torch.randn(1, c.num_kv_heads, R, c.head_dim, dtype=runner.dtype, device=dev)
+    k = runner.cache.k[0, slot : slot + 1, :, : pos + 1]
+    v = runner.cache.v[0, slot : slot + 1, :, : pos + 1]
+
+    def attention():
+        for _ in range(c.num_layers):
+            F.scaled_dot_product_attention(q, k, v)
+
+    lin_ms, attn_ms = timed(linears), timed(attention)
+    return {
+        "step": step_ms,
+        "linear kernels": lin_ms,
+        "attention": attn_ms,
+        "rest of step": max(step_ms - lin_ms - attn_ms, 0.0),
+        "loop": max(token_ms - step_ms, 0.0),
+    }
+
+
+def describe(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def bench_transformers(cfg: BenchConfig, row: str, ids: list[int]) -> RowResult:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    dev = _device(cfg)
+    dtype = {"hf-fp32": torch.float32, "hf-bf16": torch.bfloat16, "hf-fp16": torch.float16}[row]
+    if cfg.synthetic:
+        with torch.device(dev):
+            model = LlamaForCausalLM(LlamaConfig(**SYNTHETIC[cfg.synthetic], max_position_embeddings=4096)).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.fp_model, dtype=dtype).to(dev)
+    model.eval()
+    input_ids = torch.tensor([ids], device=dev)
+    gen = dict(do_sample=False, pad_token_id=0)
+
+    def run(n: int) -> float:
+        _sync(dev)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, **gen)
+        _sync(dev)
+        assert out.shape[1] == len(ids) + n
+        return time.perf_counter() - t
+
+    run(8)  # warm-up
+    ttfts, totals = [], []
+    for _ in range(cfg.repeat):
+        ttfts.append(run(1))
+        totals.append(run(cfg.new_tokens))
+    ttft, total = statistics.median(ttfts), statistics.median(totals)
+    decode_tok_s = (cfg.new_tokens - 1) / max(total - ttft, 1e-9)
+    mc = model.config
+    elem = torch.empty((), dtype=dtype).element_size()
+    params = sum(p.numel() for p in model.parameters())
+    # One decode step reads every weight once (the embedding only through the tied lm_head, or one row of it).
+    if not mc.tie_word_embeddings:
+        params -= model.get_input_embeddings().weight.numel()
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * head_dim * elem
+    bytes_per_token = params * elem + (cfg.prompt_tokens + cfg.new_tokens // 2) * kv_per_token
+    return RowResult(
+        name=row, decode_tok_s=decode_tok_s, prefill_tok_s=len(ids) / ttft, ttft_s=ttft, peak_mib=_peak_mib(dev),
+        bytes_per_token=bytes_per_token, device=describe(dev), notes="",
+    )
+
+
+def synthetic_int4(preset: str, dev: torch.device, dtype: torch.dtype):
+    """A ModelConfig and random INT4 (group 128) weights with the preset's shapes, built directly on the device."""
+    import kernels
+    from tinyserve.config import ModelConfig, QuantConfig
+    from tinyserve.model import DenseLinear, Int4Linear, LayerWeights, ModelWeights
+
+    shapes = SYNTHETIC[preset]
+    d = dict(shapes, model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=4096, rms_norm_eps=1e-5)
+    cfg = ModelConfig.from_dict(d, QuantConfig(bits=4, group_size=SYNTHETIC_GROUP_SIZE))
+    g = torch.Generator(device=dev).manual_seed(0)
+    G = SYNTHETIC_GROUP_SIZE
+
+    def int4(k: int, n: int) -> Int4Linear:
+        qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device=dev, generator=g)
+        qzeros = torch.randint(-(2**31), 2**31 - 1, (k // G, n // 8), dtype=torch.int32, device=dev, generator=g)
+        scales = (torch.rand(k // G, n, device=dev, generator=g) * 0.01).half()
+        return Int4Linear(kernels.prepare(qweight, qzeros, scales, G))
+
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    layers = [
+        LayerWeights(
+            attn_norm=torch.ones(H, dtype=dtype, device=dev), qkv=int4(H, cfg.q_size + 2 * cfg.kv_size), o=int4(cfg.q_size, H),
+            mlp_norm=torch.ones(H, dtype=dtype, device=dev), gate_up=int4(H, 2 * I), down=int4(I, H),
+        )
+        for _ in range(cfg.num_layers)
+    ]
+    embed = (torch.randn(cfg.vocab_size, H, device=dev, generator=g) * 0.02).to(dtype)
+    head = DenseLinear((torch.randn(cfg.vocab_size, H, device=dev, generator=g) * 0.02).to(dtype))
+    return cfg, ModelWeights(embed=embed, layers=layers, norm=torch.ones(H, dtype=dtype, device=dev), lm_head=head)

@@ -1,0 +1,293 @@
+"""Continuous batching: which sequences run in the next step, and what each step produced.
+
+One `step()`:
+  1. sequences cancelled since the last step give their KV slot back (the slot is free before anything else runs);
+  2. every running sequence decodes one token, all in one batched `runner.decode` call (M = running sequences);
+  3. waiting sequences take free slots (FIFO) and their prompts are prefilled, at most `prefill_chunk` prompt
+     tokens per step, so a long prompt delays the running sequences by one chunk per step, not by the whole prompt.
+     A sequence whose prompt is complete samples its first token and decodes with the others from the next step on.
+  4. sequences that hit EOS, a stop string, max_tokens or the end of the context finish and free their slot at once.
+
+Greedy output must not depend on the batch: a prompt is always cut into the same chunks (boundaries at multiples of
+`prefill_chunk`, whatever else is waiting), sampling is per row (tinyserve.sampling) and the runner's decode is
+built so a row's logits do not depend on the other rows.
+
+The scheduler is synchronous and owns the runner; `add` and `abort` may be called from any thread (the engine calls
+them from the event loop while its worker thread runs `step`).
+"""
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from tinyserve.kv_cache import NoFreeSlot
+from tinyserve.runner import ContextOverflow, ModelRunner
+from tinyserve.sampling import SampleResult, SamplingParams, SequenceSampler, sample
+from tinyserve.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds max_waiting sequences; the caller should retry later (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_waiting: int = 64  # sequences waiting for a slot; beyond this `add` raises QueueFull
+    prefill_chunk: int = 512  # most prompt tokens prefilled per step (and the fixed chunk size of every prompt)
+
+    def __post_init__(self):
+        if self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be at least 1, got {self.max_waiting}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """What to generate for one sequence (one choice of one request)."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Output:
+    """What one step produced for one sequence. `token` is None on the output that only finishes a sequence."""
+
+    seq_id: int
+    text: str
+    token: SampleResult | None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # finish_reason "error": why
+
+
+@dataclass
+class Sequence:
+    id: int
+    spec: SeqSpec
+    arrival: float  # time.perf_counter() at add
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the slot
+    completion_tokens: int = 0
+    last_token: int | None = None  # sampled, not yet fed to the model
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    sampler: SequenceSampler | None = None
+    detok: IncrementalDetokenizer | None = None
+    stops: StopStrings | None = None
+
+
+@dataclass
+class StepStats:
+    """Timings of finished work, for metrics: seconds from arrival to first token, and between tokens."""
+
+    ttft: list[float] = field(default_factory=list)
+    inter_token: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0  # prompt tokens prefilled this step
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig()):
+        self.runner, self.tok, self.config = runner, tokenizer, config
+        self.eos = tokenizer.eos_token_ids | frozenset(runner.cfg.eos_token_ids)
+        self._lock = threading.Lock()  # guards _waiting, _aborted and _ids (touched by other threads)
+        self._waiting: deque[Sequence] = deque()
+        self._aborted: dict[int, str] = {}  # seq id -> finish reason to report ("cancelled" or "error")
+        self._abort_all: str | None = None  # set by abort_all: the reason every sequence is stopped with
+        self._ids = itertools.count()
+        self.prefilling: list[Sequence] = []  # hold a slot, prompt not complete (worker thread only)
+        self.running: list[Sequence] = []  # hold a slot, decoding (worker thread only)
+        self.stats = StepStats()
+
+    # ---- any thread -------------------------------------------------------------------------------------------
+
+    def add(self, specs: Seq[SeqSpec]) -> list[int]:
+        """Queue sequences (all or none); returns their ids. QueueFull when they do not fit in the waiting queue."""
+        for spec in specs:
+            if not spec.prompt_ids or spec.max_tokens < 1:
+                raise ValueError("a sequence needs a prompt and max_tokens >= 1")
+            if len(spec.prompt_ids) + spec.max_tokens > self.runner.max_seq_len:
+                raise ContextOverflow(f"{len(spec.prompt_ids)} prompt tokens + {spec.max_tokens} new tokens exceed the context of {self.runner.max_seq_len}")
+        now = time.perf_counter()
+        with self._lock:
+            if len(self._waiting) + len(specs) > self.config.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} sequences are already waiting (limit {self.config.max_waiting})")
+            seqs = [Sequence(next(self._ids), spec, now) for spec in specs]
+            self._waiting.extend(seqs)
+        return [s.id for s in seqs]
+
+    def abort(self, seq_ids: Seq[int], reason: str = "cancelled") -> None:
+        """Stop these sequences at the start of the next step (their slots are freed then). Unknown ids are ignored."""
+        with self._lock:
+            for i in seq_ids:
+                self._aborted.setdefault(i, reason)
+
+    def abort_all(self, reason: str = "cancelled") -> None:
+        """Stop every sequence, queued or running, at the start of the next step."""
+        with self._lock:
+            self._abort_all = self._abort_all or reason
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued for a slot."""
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding a KV slot."""
+        return len(self.prefilling) + len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self.prefilling or self.running or self._aborted or self._abort_all)
+
+    # ---- the worker thread ------------------------------------------------------------------------------------
+
+    def step(self) -> list[Output]:
+        out: list[Output] = []
+        self._reap_aborted(out)
+        if self.running:
+            self._decode(out)
+        self._admit()
+        self._prefill(out)
+        return out
+
+    def _reap_aborted(self, out: list[Output]) -> None:
+        with self._lock:
+            aborted, self._aborted = self._aborted, {}
+            if self._abort_all:
+                for seq in itertools.chain(self._waiting, self.prefilling, self.running):
+                    aborted.setdefault(seq.id, self._abort_all)
+                self._abort_all = None
+            if not aborted:
+                return
+            kept = deque()
+            for s in self._waiting:
+                if s.id in aborted:
+                    out.append(Output(s.id, "", None, aborted[s.id]))
+                    self._count_finish(aborted[s.id])
+                else:
+                    kept.append(s)
+            self._waiting = kept
+        for group in (self.prefilling, self.running):
+            for s in [s for s in group if s.id in aborted]:
+                group.remove(s)
+                self._release(s)
+                out.append(Output(s.id, "", None, aborted[s.id]))
+                self._count_finish(aborted[s.id])
+
+    def _admit(self) -> None:
+        """Waiting sequences take free slots, first come first served."""
+        with self._lock:
+            while self._waiting and self.runner.pool.num_free:
+                s = self._waiting.popleft()
+                try:
+                    s.slot = self.runner.alloc_slot()
+                except NoFreeSlot:
+                    self._waiting.appendleft(s)
+                    break
+                self.prefilling.append(s)
+
+    def _prefill(self, out: list[Output]) -> None:
+        budget = self.config.prefill_chunk
+        C = self.config.prefill_chunk
+        for s in list(self.prefilling):
+            prompt = s.spec.prompt_ids
+            # The chunk always ends at the next multiple of C (or the prompt's end): the same cuts whatever the load.
+            end = min(len(prompt), (s.prefilled // C + 1) * C)
+            if end - s.prefilled > budget and budget < C:
+                break  # an earlier sequence used this step's budget; continue next step
+            try:
+                logits = self.runner.prefill(s.slot, prompt[s.prefilled : end], start=s.prefilled)
+            except Exception as e:  # noqa: BLE001 - one bad sequence must not take the server down
+                self.prefilling.remove(s)
+                self._fail(s, e, out)
+                continue
+            self.stats.prompt_tokens += end - s.prefilled
+            budget -= end - s.prefilled
+            s.prefilled = end
+            if end == len(prompt):
+                self.prefilling.remove(s)
+                s.sampler = SequenceSampler(s.spec.sampling, prompt, self.runner.cfg.vocab_size, self.runner.device)
+                s.detok = IncrementalDetokenizer(self.tok, prompt)
+                s.stops = StopStrings(s.spec.stop)
+                self._accept(s, sample(logits, [s.sampler])[0], out)
+            if budget <= 0:
+                break
+
+    def _decode(self, out: list[Output]) -> None:
+        rows = self.running
+        try:
+            logits = self.runner.decode([s.slot for s in rows], [s.last_token for s in rows])  # [M, V]
+        except Exception as e:  # noqa: BLE001 - fail these sequences, keep serving
+            self.running = []
+            for s in rows:
+                self._fail(s, e, out)
+            return
+        results = sample(logits, [s.sampler for s in rows])
+        self.running = []
+        for s, res in zip(rows, results):
+            self._accept(s, res, out)
+
+    def _accept(self, s: Sequence, res: SampleResult, out: list[Output]) -> None:
+        """Handle one sampled token: emit text, decide whether the sequence goes on (then it joins `running`)."""
+        now = time.perf_counter()
+        if s.first_token_at is None:
+            s.first_token_at = now
+            self.stats.ttft.append(now - s.arrival)
+        else:
+            self.stats.inter_token.append(now - s.last_token_at)
+        s.last_token_at = now
+        if res.token in self.eos:
+            self._finish(s, "stop", out, "")
+            return
+        s.completion_tokens += 1
+        text = s.stops.push(s.detok.push(res.token))
+        if s.stops.stopped:
+            out.append(Output(s.id, text, res, "stop"))
+            self._release(s)
+            self._count_finish("stop")
+            return
+        if s.completion_tokens >= s.spec.max_tokens or self.runner.length(s.slot) >= self.runner.max_seq_len:
+            self._finish(s, "length", out, text, res)
+            return
+        out.append(Output(s.id, text, res))
+        s.last_token = res.token
+        self.running.append(s)
+
+    def _finish(self, s: Sequence, reason: str, out: list[Output], text: str, res: SampleResult | None = None) -> None:
+        """End a sequence: release the text held back by the detokenizer and the stop-string matcher."""
+        tail = s.stops.push(s.detok.flush())
+        if s.stops.stopped:
+            reason = "stop"
+        else:
+            tail += s.stops.flush()
+        if res is not None:
+            out.append(Output(s.id, text + tail, res, reason))
+        else:
+            out.append(Output(s.id, text + tail, None, reason))
+        self._release(s)
+        self._count_finish(reason)
+
+    def _fail(self, s: Sequence, e: Exception, out: list[Output]) -> None:
+        self._release(s)
+        out.append(Output(s.id, "", None, "error", f"{type(e).__name__}: {e}"))
+        self._count_finish("error")
+
+    def _release(self, s: Sequence) -> None:
+        if s.slot is not None:
+            self.runner.free_slot(s.slot)
+            s.slot = None
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def take_stats(self) -> StepStats:
+        """The timings gathered since the last call (the engine feeds them to the metrics)."""
+        stats, self.stats = self.stats, StepStats()
+        return stats

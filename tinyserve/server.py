@@ -1,0 +1,552 @@
+"""The OpenAI-compatible HTTP server (aiohttp): `python -m tinyserve serve`.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 until the model is
+loaded and while shutting down), GET /metrics (Prometheus), GET / (the chat page, tinyserve/web/).
+
+The HTTP side only validates (tinyserve.protocol), tokenizes, submits sequences to the engine and writes what comes
+back; model compute runs in the engine's worker thread. Handlers run with aiohttp's handler cancellation, so a client
+that goes away cancels its handler, whose `finally` aborts its sequences (their slots are free at the next step).
+
+Hardening: bodies over --max-body-bytes get 413; every error (including 404/405 and internal failures) has OpenAI's
+shape and never a stack trace; the optional API key guards /v1/* and /metrics with a constant-time compare; CORS
+only for the origins given; SIGTERM stops accepting connections, lets running requests finish for
+--shutdown-timeout seconds, cancels the rest and exits 0.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from tinyserve import protocol as P
+from tinyserve.engine import Engine, RequestStream
+from tinyserve.metrics import Metrics
+from tinyserve.protocol import APIError
+from tinyserve.scheduler import Output, QueueFull, SchedulerConfig, SeqSpec
+
+log = logging.getLogger("tinyserve.server")
+WEB_DIR = Path(__file__).parent / "web"
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the model folder's name
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()  # "*" allows any origin
+    max_body_bytes: int = 4 << 20
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    ping_interval: float = 5.0  # seconds of silence on a stream (a long prefill, a queue) before a ": ping" comment
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
+    retry_after: int = 1  # seconds, in the Retry-After header of 429 answers
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.ping_interval <= 0 or self.shutdown_timeout < 0:
+            raise ValueError("--ping-interval must be positive and --shutdown-timeout not negative")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("--api-key must not be empty")
+
+
+class State:
+    """What the handlers share: the config, the engine once the model is loaded, the metrics."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.model_name: str | None = None
+        self.created = P.now()
+        self.draining = False
+
+
+STATE = web.AppKey("state", State)
+
+
+# ---- middlewares ----------------------------------------------------------------------------------------------
+
+
+def _error_response(e: APIError) -> web.Response:
+    return web.json_response(e.body(), status=e.status, headers=e.headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    """Every error leaves as OpenAI's {"error": {...}}; internal failures are logged, never shown."""
+    state = request.app[STATE]
+    try:
+        resp = await handler(request)
+    except APIError as e:
+        resp = _error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        limit = state.config.max_body_bytes
+        resp = _error_response(APIError(413, f"request body is larger than the limit of {limit} bytes", code="request_too_large"))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        resp = _error_response(APIError(e.status, e.reason or "error", code=e.reason.lower().replace(" ", "_") if e.reason else None))
+        if e.status == 405 and "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        resp = _error_response(APIError(500, "internal server error", code="internal_error"))
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    state.metrics.http.labels(endpoint=route, status=str(resp.status)).inc()
+    return resp
+
+
+def _auth_middleware(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.method != "OPTIONS" and (request.path.startswith("/v1/") or request.path == "/metrics"):
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+        return await handler(request)
+
+    return auth
+
+
+def _cors_middleware(origins: tuple[str, ...]):
+    any_origin = "*" in origins
+
+    @web.middleware
+    async def cors_preflight(request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+            if not (any_origin or origin in origins):
+                raise APIError(403, f"origin {origin} is not allowed", code="cors_origin_not_allowed")
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": "*" if any_origin else origin,
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+            })
+        return await handler(request)
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin and (any_origin or origin in origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if any_origin else origin
+            response.headers["Vary"] = "Origin"
+
+    return cors_preflight, add_headers
+
+
+# ---- small endpoints ------------------------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    e = state.engine
+    if state.draining:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    if e is None:
+        return web.json_response({"status": "loading"}, status=503)
+    s = e.scheduler
+    return web.json_response({"status": "ok", "model": state.model_name, "slots": e.runner.num_slots,
+                              "slots_free": e.runner.pool.num_free, "running": s.num_running, "waiting": s.num_waiting})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine = _engine(state)
+    return web.json_response(P.model_list(state.model_name, state.created, engine.max_seq_len))
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def _engine(state: State) -> Engine:
+    if state.draining:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    if state.engine is None:
+        raise APIError(503, "the model is still loading; retry shortly", code="model_loading", headers={"Retry-After": "5"})
+    return state.engine
+
+
+# ---- completions ----------------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "completion")
+
+
+async def _read_json(request: web.Request, limit: int) -> dict:
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(413, f"request body is larger than the limit of {limit} bytes", code="request_too_large")
+    return P.parse_body(await request.read())
+
+
+def _prompt_ids(engine: Engine, req: P.Request) -> list[list[int]]:
+    tok = engine.tok
+    if req.kind == "chat":
+        if not tok.has_chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            return [tok.chat_ids(req.messages)]
+        except Exception as e:  # jinja raises for conversations a template refuses (e.g. roles not alternating)
+            raise APIError(400, f"messages: the chat template refused them: {e}", param="messages", code="invalid_value") from None
+    vocab = engine.runner.cfg.vocab_size
+    out = []
+    for i, p in enumerate(req.prompts):
+        if isinstance(p, str):
+            ids = tok.encode(p)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+            out.append(ids)
+        else:
+            if max(p) >= vocab:
+                raise APIError(400, f"prompt[{i}]: token ids must be below the vocabulary size {vocab}", param="prompt", code="invalid_value")
+            out.append(p)
+    return out
+
+
+def _max_tokens(req: P.Request, prompt_len: int, context: int) -> int:
+    prompt_param = "messages" if req.kind == "chat" else "prompt"
+    if prompt_len >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your {prompt_param} "
+                            f"resulted in {prompt_len} tokens. Please reduce the length of the {prompt_param}.",
+                       param=prompt_param, code="context_length_exceeded")
+    if req.max_tokens is None:
+        return context - prompt_len
+    if prompt_len + req.max_tokens > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_len + req.max_tokens} tokens ({prompt_len} in the {prompt_param}, {req.max_tokens} "
+                            f"in the completion). Please reduce the length of the {prompt_param} or {req.max_tokens_param}.",
+                       param=req.max_tokens_param, code="context_length_exceeded")
+    return req.max_tokens
+
+
+def _specs(req: P.Request, prompts: list[list[int]], context: int) -> list[SeqSpec]:
+    from tinyserve.sampling import SamplingError, SamplingParams
+
+    s = req.sampling
+    specs = []
+    for ids in prompts:
+        max_tokens = _max_tokens(req, len(ids), context)
+        for j in range(req.n):
+            try:
+                params = SamplingParams(
+                    temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                    repetition_penalty=s.repetition_penalty, presence_penalty=s.presence_penalty,
+                    frequency_penalty=s.frequency_penalty, seed=None if s.seed is None else s.seed + j,
+                    logprobs=req.logprobs, top_logprobs=req.top_logprobs,
+                )
+            except SamplingError as e:
+                raise APIError(400, str(e), code="invalid_value") from None
+            specs.append(SeqSpec(tuple(ids), max_tokens, params, tuple(req.stop)))
+    return specs
+
+
+async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await _read_json(request, state.config.max_body_bytes)
+    req = P.parse_chat(body) if kind == "chat" else P.parse_completion(body, vocab_size=2**31)
+    if req.ignored:
+        log.info("ignoring unknown fields in %s: %s", request.path, ", ".join(req.ignored))
+    engine = _engine(state)
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist (this server runs '{state.model_name}')",
+                       param="model", code="model_not_found")
+    prompts = _prompt_ids(engine, req)
+    specs = _specs(req, prompts, engine.max_seq_len)
+    try:
+        stream = engine.submit(specs)
+    except QueueFull:
+        state.metrics.rejected.inc()
+        raise APIError(429, "the server is at capacity (waiting queue full); retry shortly", code="queue_full",
+                       headers={"Retry-After": str(state.config.retry_after)}) from None
+    reply = Reply(req, state.model_name, engine, [len(p) for p in prompts])
+    try:
+        if req.stream:
+            return await _stream(request, state, stream, reply)
+        return await _collect(stream, reply)
+    finally:
+        stream.cancel()
+
+
+class Reply:
+    """Accumulates one request's choices and formats them (whole response, or chunks)."""
+
+    def __init__(self, req: P.Request, model: str, engine: Engine, prompt_lens: list[int]):
+        self.req, self.model, self.engine = req, model, engine
+        self.id, self.created = P.new_id(req.kind), P.now()
+        self.prompt_tokens = sum(prompt_lens)
+        n = len(prompt_lens) * req.n
+        self.text = [""] * n
+        self.logprobs: list[list[P.TokenLogprob]] = [[] for _ in range(n)]
+        self.sent_logprobs = [0] * n  # streaming: entries of self.logprobs[i] already sent
+        self.sent_chars = [0] * n  # streaming completions: text_offset of the next chunk
+        self.finish: list[str | None] = [None] * n
+        self.completion_tokens = 0
+
+    def add(self, i: int, out: Output) -> None:
+        self.text[i] += out.text
+        if out.token is not None:
+            self.completion_tokens += 1
+            if self.req.logprobs:
+                self.logprobs[i].append(self._logprob(out))
+        self.finish[i] = out.finish_reason
+
+    def _logprob(self, out: Output) -> P.TokenLogprob:
+        pieces, t = self.engine.pieces, out.token
+        top = [(*pieces(tid), lp) for tid, lp in (t.top_logprobs or [])]
+        return P.TokenLogprob(*pieces(t.token), t.logprob, top)
+
+    def usage(self) -> dict:
+        return P.usage(self.prompt_tokens, self.completion_tokens)
+
+    def _lp(self, i: int, entries: list[P.TokenLogprob], text_offset: int) -> dict | None:
+        if not self.req.logprobs:
+            return None
+        if self.req.kind == "chat":
+            return P.chat_logprobs(entries)
+        return P.completion_logprobs(entries, text_offset, with_top=self.req.top_logprobs > 0)
+
+    def whole(self) -> dict:
+        n = len(self.text)
+        if self.req.kind == "chat":
+            choices = [P.chat_choice(i, self.text[i], self.finish[i], self._lp(i, self.logprobs[i], 0)) for i in range(n)]
+            return P.chat_completion(self.id, self.created, self.model, choices, self.usage())
+        choices = [P.text_choice(i, self.text[i], self.finish[i], self._lp(i, self.logprobs[i], 0)) for i in range(n)]
+        return P.text_completion(self.id, self.created, self.model, choices, self.usage())
+
+    def chunk(self, choices: list[dict]) -> bytes:
+        usage_field = self.req.include_usage
+        if self.req.kind == "chat":
+            return P.sse(P.chat_chunk(self.id, self.created, self.model, choices, None, usage_field))
+        return P.sse(P.text_completion(self.id, self.created, self.model, choices, None, chunk=True, with_usage_field=usage_field))
+
+    def delta_chunks(self, i: int, out: Output, first: bool) -> list[bytes]:
+        """SSE events for one output of choice i (the role chunk first for a chat choice's first output)."""
+        chunks = []
+        pending = self.logprobs[i][self.sent_logprobs[i]:]
+        has_logprobs = self.req.logprobs and pending
+        chat = self.req.kind == "chat"
+        if chat and first:
+            chunks.append(self.chunk([P.chat_delta(i, {"role": "assistant", "content": ""})]))
+        if out.text:
+            # Logprobs travel with text; tokens that produced no text yet (held back) are sent with the next text.
+            lp = self._lp(i, pending, self.sent_chars[i]) if has_logprobs else None
+            self.sent_logprobs[i] = len(self.logprobs[i])
+            if chat:
+                chunks.append(self.chunk([P.chat_delta(i, {"content": out.text}, None, lp)]))
+            else:
+                chunks.append(self.chunk([P.text_choice(i, out.text, None, lp)]))
+            self.sent_chars[i] += len(out.text)
+        if out.finish_reason is not None:
+            rest = self.logprobs[i][self.sent_logprobs[i]:]
+            lp = self._lp(i, rest, self.sent_chars[i]) if self.req.logprobs and rest else None
+            self.sent_logprobs[i] = len(self.logprobs[i])
+            if chat:
+                chunks.append(self.chunk([P.chat_delta(i, {}, out.finish_reason, lp)]))
+            else:
+                chunks.append(self.chunk([P.text_choice(i, "", out.finish_reason, lp)]))
+        return chunks
+
+    def usage_chunk(self) -> bytes:
+        if self.req.kind == "chat":
+            return P.sse(P.chat_chunk(self.id, self.created, self.model, [], self.usage(), True))
+        return P.sse(P.text_completion(self.id, self.created, self.model, [], self.usage(), chunk=True))
+
+
+def _failure(out: Output) -> APIError | None:
+    """An output that ends a sequence abnormally -> the error to report."""
+    if out.finish_reason == "error":
+        log.error("generation failed: %s", out.error)
+        return APIError(500, "internal error during generation", code="internal_error")
+    if out.finish_reason == "shutdown":
+        return APIError(503, "the server is shutting down", code="shutting_down")
+    if out.finish_reason == "cancelled":
+        return APIError(503, "the request was cancelled", code="cancelled")
+    return None
+
+
+async def _collect(stream: RequestStream, reply: Reply) -> web.Response:
+    async for i, out in stream:
+        err = _failure(out)
+        if err is not None:
+            raise err
+        reply.add(i, out)
+    return web.json_response(reply.whole(), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def _stream(request: web.Request, state: State, stream: RequestStream, reply: Reply) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    started = [False] * len(reply.text)
+    try:
+        while True:
+            try:
+                item = await stream.next(state.config.ping_interval)
+            except StopAsyncIteration:
+                break
+            if item is None:
+                await resp.write(P.SSE_PING)  # keeps proxies and clients from timing out during a long prefill
+                continue
+            i, out = item
+            err = _failure(out)
+            if err is not None:
+                await resp.write(P.sse(err.body()) + P.SSE_DONE)
+                return resp
+            reply.add(i, out)
+            events = reply.delta_chunks(i, out, not started[i])
+            started[i] = True
+            await resp.write(b"".join(events))
+        if reply.req.include_usage:
+            await resp.write(reply.usage_chunk())
+        await resp.write(P.SSE_DONE)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError) as e:  # the client went away mid-stream (RuntimeError: transport closed)
+        log.info("stream %s ended early: %s", reply.id, e)
+    return resp
+
+
+# ---- app and process ------------------------------------------------------------------------------------------
+
+
+def build_app(state: State) -> web.Application:
+    cfg = state.config
+    middlewares = [errors_middleware]
+    cors_hook = None
+    if cfg.cors_origins:
+        preflight, cors_hook = _cors_middleware(cfg.cors_origins)
+        middlewares.append(preflight)
+    if cfg.api_key:
+        middlewares.append(_auth_middleware(cfg.api_key))
+    # aiohttp's own limit is a backstop (it also covers bodies sent without Content-Length).
+    app = web.Application(middlewares=middlewares, client_max_size=cfg.max_body_bytes)
+    app[STATE] = state
+    if cors_hook is not None:
+        app.on_response_prepare.append(cors_hook)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    app.router.add_static("/static", WEB_DIR, append_version=False)
+    return app
+
+
+def attach_engine(state: State, runner, tokenizer, name: str | None = None) -> Engine:
+    """Start an engine on a loaded model and make the server ready (in the running event loop)."""
+    engine = Engine(runner, tokenizer, state.config.scheduler, state.metrics)
+    engine.start()
+    state.model_name = name or state.config.served_model_name or Path(runner.model_dir).name
+    state.engine = engine
+    return engine
+
+
+def _load_in_thread(load: Callable[[], tuple]) -> asyncio.Future:
+    """Run `load` in a daemon thread (a SIGTERM during a long load must not wait for it)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def run():
+        try:
+            result = load()
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+        else:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+    threading.Thread(target=run, name="tinyserve-load", daemon=True).start()
+    return fut
+
+
+async def serve(config: ServeConfig, load: Callable[[], tuple], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Listen at once (GET /health answers 503 while loading), load the model with `load() -> (runner, tokenizer)`,
+    serve until SIGTERM or SIGINT, then shut down gracefully. Returns the exit status."""
+    state = State(config)
+    app = build_app(state)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0,
+                           access_log_format='%a "%r" %s %b %Tfs')
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        print(f"tinyserve: error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", flush=True)
+        return EXIT_USAGE
+    log.info("listening on http://%s:%d (loading the model; /health answers 503 until it is ready)", config.host, config.port)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = _load_in_thread(load)
+    stopper = asyncio.ensure_future(stop.wait())
+    t0 = time.perf_counter()
+    await asyncio.wait([loading, stopper], return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if loading.done():
+        try:
+            model_runner, tokenizer = loading.result()
+        except user_errors as e:
+            print(f"tinyserve: error: {e}", flush=True)
+            status = EXIT_USAGE
+        except Exception:
+            log.exception("loading the model failed")
+            status = 1
+        else:
+            attach_engine(state, model_runner, tokenizer)
+            log.info("model %s ready in %.1f s: %d slots x %d tokens; serving on http://%s:%d", state.model_name,
+                     time.perf_counter() - t0, model_runner.num_slots, model_runner.max_seq_len, config.host, config.port)
+            await stopper
+    stopper.cancel()
+    await _shutdown(state, runner, site)
+    return status
+
+
+async def _shutdown(state: State, runner: web.AppRunner, site: web.TCPSite) -> None:
+    """Stop accepting, let running requests finish for shutdown_timeout seconds, cancel the rest, stop the engine."""
+    log.info("shutting down: no new connections; waiting up to %.0f s for running requests", state.config.shutdown_timeout)
+    state.draining = True
+    await site.stop()
+    engine = state.engine
+    if engine is not None:
+        if not await engine.drain(state.config.shutdown_timeout):
+            log.warning("cancelling the requests still running")
+            engine.abort_all("shutdown")
+            await engine.drain(5.0)
+    await runner.cleanup()
+    if engine is not None:
+        await asyncio.to_thread(engine.stop)
+    log.info("stopped")
+
+
+def main(config: ServeConfig, load: Callable[[], tuple], user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(config, load, user_errors))
