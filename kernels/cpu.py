@@ -20,8 +20,8 @@ is kept as a dense bf16 weight, see prepare in dispatch.py).
 
 Large M: the op dequantizes each weight block once per 4 rows of x, so its cost grows with M and a dense bf16 GEMM
 (AMX/AVX-512 through oneDNN) wins beyond a few rows. Two ways to get the dense weight are offered: dequantize per
-call (no memory cost, one pass over the weight) or a bf16 copy cached at load time (2 bytes per weight: an explicit
-option of prepare). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
+call in cache-sized column chunks (no memory cost) or a bf16 copy cached at load time (2 bytes per weight: an
+explicit option of prepare). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
 """
 
 from dataclasses import dataclass
@@ -85,37 +85,59 @@ def int4pack_linear(x: torch.Tensor, w: CpuPacked) -> torch.Tensor:
 
 @cache
 def packed_layout_is_known() -> bool:
-    """Whether dequantize_packed can read this build's op layout: checked once on a probe, not assumed.
+    """Whether dequant_matmul can read this build's op layout: checked once on a probe, not assumed.
 
     On AVX-512 builds each 64-column block stores, for every k, 32 bytes whose low nibbles are columns 0..31 and high
-    nibbles columns 32..63. AVX2 and generic builds use other arrangements; there dequantize_packed is not used and
+    nibbles columns 32..63. AVX2 and generic builds use other arrangements; there dequant_matmul is not used and
     large M falls back to the op itself (or to a cached dense weight).
     """
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (2 * N_BLOCK, 64), dtype=torch.int32, generator=g)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
-    return tuple(packed.shape) == (2 * N_BLOCK, 32) and torch.equal(_decode_codes(packed).t().int(), codes)
+    if tuple(packed.shape) != (2 * N_BLOCK, 32):
+        return False
+    decoded = _decode_codes(packed.view(2, 64, 32), torch.empty((64, 2, N_BLOCK), dtype=torch.uint8))  # [K, 2, 64]
+    return torch.equal(decoded.reshape(64, 2 * N_BLOCK).t().int(), codes)
 
 
-def _decode_codes(packed: torch.Tensor) -> torch.Tensor:
-    """[Np, K // 2] uint8 in the AVX-512 op layout -> codes [K, Np] uint8."""
-    Np, K = packed.shape[0], packed.shape[1] * 2
-    b = packed.view(Np // N_BLOCK, K, N_BLOCK // 2).transpose(0, 1)  # [K, Np / 64, 32], strided
-    codes = torch.empty((K, Np // N_BLOCK, N_BLOCK), dtype=torch.uint8)
-    torch.bitwise_and(b, 15, out=codes[..., : N_BLOCK // 2])
-    torch.bitwise_right_shift(b, 4, out=codes[..., N_BLOCK // 2 :])
-    return codes.view(K, Np)
+def _decode_codes(blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """blocks [B, K, 32] uint8 (B 64-column blocks in the AVX-512 op layout) -> out [K, B, 64] uint8 codes."""
+    b = blocks.transpose(0, 1)  # [K, B, 32]
+    torch.bitwise_and(b, 15, out=out[..., : N_BLOCK // 2])
+    torch.bitwise_right_shift(b, 4, out=out[..., N_BLOCK // 2 :])
+    return out
 
 
-def dequantize_packed(w: CpuPacked) -> torch.Tensor:
-    """The op's weight as dense bf16 [K, Np]: W = (q - 8) * scale + zero, the same numbers the op forms in fp32,
-    rounded once to bf16. One pass over the weight; only valid when packed_layout_is_known()."""
-    codes = _decode_codes(w.packed).view(torch.int8).sub_(8)  # [K, Np] q - 8 in -8..7, exact in bf16
-    K, Np = codes.shape
+CHUNK_WEIGHTS = 2**21  # weights dequantized per step of dequant_matmul: a few MB, so the passes stay in cache
+
+
+def dequant_matmul(x: torch.Tensor, w: CpuPacked) -> torch.Tensor:
+    """x [M, K] @ W -> [M, N] bf16, dequantizing W per call in column chunks (only when packed_layout_is_known()).
+
+    Each chunk is decoded from the op's layout to W = (q - 8) * scale + zero (the op's own numbers, computed in fp32
+    by addcmul on bf16 operands and rounded once to bf16) into a reused cache-sized buffer, then multiplied by a bf16
+    GEMM. Nothing the size of the whole weight is ever allocated, and each elementwise pass runs out of cache.
+    """
+    Np, K = w.packed.shape[0], w.packed.shape[1] * 2
     ng = w.scale_zero.shape[0]
-    # addcmul on bf16 tensors computes zero + (q - 8) * scale in fp32 and rounds once.
-    wq = codes.view(ng, K // ng, Np).to(torch.bfloat16)
-    return torch.addcmul(w.scale_zero[:, None, :, 1], wq, w.scale_zero[:, None, :, 0]).view(K, Np)
+    blocks = w.packed.view(Np // N_BLOCK, K, N_BLOCK // 2)
+    scale = w.scale_zero[..., 0].contiguous()  # [K // g, Np]; contiguous operands keep addcmul vectorized
+    zero = w.scale_zero[..., 1].contiguous()
+    x = x.to(torch.bfloat16)
+    out = torch.empty((x.shape[0], Np), dtype=torch.bfloat16)
+    step = max(1, CHUNK_WEIGHTS // (K * N_BLOCK))  # 64-column blocks per chunk
+    codes = torch.empty((K, step, N_BLOCK), dtype=torch.uint8)
+    wbuf = torch.empty((K, step * N_BLOCK), dtype=torch.bfloat16)
+    for b0 in range(0, Np // N_BLOCK, step):
+        nb = min(step, Np // N_BLOCK - b0)
+        cols = slice(b0 * N_BLOCK, (b0 + nb) * N_BLOCK)
+        c, wc = codes[:, :nb], wbuf[:, : nb * N_BLOCK]
+        _decode_codes(blocks[b0 : b0 + nb], c)
+        wc.copy_(c.view(torch.int8).sub_(8).view(K, nb * N_BLOCK))  # q - 8 in -8..7, exact in bf16
+        wg = wc.view(ng, K // ng, nb * N_BLOCK)
+        torch.addcmul(zero[:, None, cols], wg, scale[:, None, cols], out=wg)
+        out[:, cols] = x @ wc
+    return out if Np == w.out_features else out[:, : w.out_features]
 
 
 def dense_linear(x: torch.Tensor, weight_kn: torch.Tensor, out_features: int) -> torch.Tensor:

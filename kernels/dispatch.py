@@ -47,7 +47,7 @@ class Int4Weights:
     in_features: int  # K
     out_features: int  # N
     int4pack: cpu.CpuPacked | None = None  # CPU: torch's int4 layout (None when the op cannot take this group size)
-    dense: torch.Tensor | None = None  # CPU: [K, N'] bf16 (N' = N padded), when cached at load time or G unsupported
+    dense: torch.Tensor | None = None  # CPU: [K, N] bf16, when cached at load time or G unsupported
 
     @property
     def nbytes(self) -> int:
@@ -118,7 +118,7 @@ def int4_linear(x: torch.Tensor, w: Int4Weights, bias: torch.Tensor | None = Non
     elif path == "cpu_dense_cached":
         y = cpu.dense_linear(x2, w.dense, w.out_features)
     else:
-        y = cpu.dense_linear(x2, cpu.dequantize_packed(w.int4pack), w.out_features)
+        y = cpu.dequant_matmul(x2, w.int4pack)
     y = y.to(x.dtype).view(*x.shape[:-1], w.out_features)
     return y if bias is None else y + bias.to(x.dtype)
 

@@ -76,9 +76,20 @@ def test_every_cpu_path_gives_the_same_answer(K, N, G):
     assert_matches(cpu.int4pack_linear(x, w.int4pack), ref, torch.bfloat16)
     assert_matches(cpu.dense_linear(x, w.dense, N), ref, torch.bfloat16)
     assert cpu.packed_layout_is_known()  # AVX-512 builds; dispatch falls back to the op elsewhere
-    Wd = cpu.dequantize_packed(w.int4pack)  # the op's own numbers: (q - 8) * scale + zero, rounded once
-    assert Wd.shape == (K, w.int4pack.packed.shape[0]) and not Wd[:, N:].any()
-    assert_matches(cpu.dense_linear(x, Wd, N), ref, torch.bfloat16)
+    assert_matches(cpu.dequant_matmul(x, w.int4pack), ref, torch.bfloat16)
+
+
+def test_dequant_matmul_reproduces_the_ops_weights_across_chunks(monkeypatch):
+    # Several column chunks and a padded tail (N = 200 -> 256): W is the op's own (q - 8) * scale + zero.
+    monkeypatch.setattr(cpu, "CHUNK_WEIGHTS", 64 * 64)
+    K, N, G = 64, 200, 32
+    qw, qz, s, W = random_layer(K, N, G, seed=11)
+    w = cpu.pack_for_cpu(qw, qz, s, G)
+    x = torch.eye(K)  # x = I returns W itself, rounded to bf16
+    op_scale, op_zero = w.scale_zero[..., 0].float(), w.scale_zero[..., 1].float()  # [K // G, Np]
+    q = unpack(qw).float()
+    expected = (q - 8) * op_scale[:, :N].repeat_interleave(G, 0) + op_zero[:, :N].repeat_interleave(G, 0)
+    assert torch.equal(cpu.dequant_matmul(x, w).float(), expected.to(torch.bfloat16).float())
 
 
 def test_group_sizes_the_op_cannot_take():
@@ -120,14 +131,19 @@ def test_dispatch_picks_path_by_device_and_m():
 
 def test_int4_linear_runs_the_chosen_cpu_path(monkeypatch):
     calls = []
-    for name in ("int4pack_linear", "dense_linear"):
+    for name in ("int4pack_linear", "dequant_matmul", "dense_linear"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
     qw, qz, s, _ = random_layer(64, 72, 32)
     w = kernels.prepare(qw, qz, s, 32)
+    cached = kernels.prepare(qw, qz, s, 32, cpu_dense_cache=True)
     for M in (1, CPU_INT4PACK_MAX_M + 1, CPU_DEQUANT_MIN_M):
         kernels.int4_linear(torch.randn(M, 64), w)
-    assert calls == ["int4pack_linear", "int4pack_linear", "dense_linear"]
+    assert calls == ["int4pack_linear", "int4pack_linear", "dequant_matmul"]
+    calls.clear()
+    for M in (1, CPU_INT4PACK_MAX_M + 1, CPU_DEQUANT_MIN_M):
+        kernels.int4_linear(torch.randn(M, 64), cached)
+    assert calls == ["int4pack_linear", "dense_linear", "dense_linear"]
 
 
 def test_bad_input_is_rejected_with_a_message():

@@ -1,0 +1,226 @@
+"""Benchmark the INT4 linear kernels against dense matmuls of the same shape, measured in the same run.
+
+    python scripts/bench_kernels.py                  # every shape and M of issue 3, on CUDA if present, else CPU
+    python scripts/bench_kernels.py --quick          # SmolLM2 + one 7B shape, M up to 256
+    python scripts/bench_kernels.py --shapes smollm2 --m 1 2 4 8 16
+
+Per shape and M it prints the time of every path the dispatcher can choose (CPU: torch's int4 op, dequantize per
+call + bf16 matmul, a cached dense bf16 weight; CUDA: Triton GEMV, Triton GEMM, Triton dequant + cuBLAS), the path
+int4_linear picks, its effective bandwidth (packed weight + scales + zeros + activations, divided by its time) and
+that bandwidth's share of the machine's copy bandwidth measured at the start of the same run, and its speedup over
+dense bf16 and fp32 matmuls (CPU) or an fp16 matmul (CUDA) of the same shape.
+
+Weights are cold as in a real decode step, which streams every layer once: each path cycles through enough copies of
+its weights to exceed --working-set-mib, so they are not served from cache (CPU); do_bench flushes L2 (CUDA).
+CPU timings are the best of several interleaved rounds (every path of one case in turn, each round a batch of calls):
+the 2-core dev VM is shared, and when another process takes a core torch's 2-thread kernels stall for a scheduler tick
+(~8 ms), so medians measure the neighbours. The load average is printed with the results; compare the ratios of one
+run, not absolute numbers across runs.
+"""
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import cpu
+from kernels.dispatch import choose_path, prepare
+from kernels.layout import pack
+
+SHAPES = {  # name: [(K, N, G)], K = in_features, N = out_features
+    "llama2-7b": [(4096, 4096, 128), (4096, 11008, 128), (11008, 4096, 128)],
+    "llama3-8b": [(4096, 14336, 128), (14336, 4096, 128), (4096, 1024, 128)],
+    "smollm2": [(576, 576, 64), (576, 1536, 64), (1536, 576, 64)],
+}
+M_LIST = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]
+
+
+@dataclass
+class Config:
+    shapes: list[str] = field(default_factory=lambda: list(SHAPES))
+    m: list[int] = field(default_factory=lambda: list(M_LIST))
+    device: str = "auto"
+    threads: int = 0  # 0: torch's default
+    rounds: int = 7
+    working_set_mib: int = 512
+    quick: bool = False
+
+
+def random_packed(K: int, N: int, G: int, device: str):
+    q = torch.randint(0, 16, (K, N), dtype=torch.int32)
+    z = torch.randint(0, 16, (K // G, N), dtype=torch.int32)
+    s = (torch.rand(K // G, N) * 0.01 + 0.001).half()
+    return pack(q).to(device), pack(z).to(device), s.to(device)
+
+
+def int4_bytes(K: int, N: int, G: int) -> int:
+    """What one call must read of the weight in the file layout: nibbles + fp16 scales + packed zero points."""
+    return K * N // 2 + (K // G) * N * 2 + (K // G) * N // 2
+
+
+def copies_for(nbytes: int, working_set: int) -> int:
+    return max(1, -(-working_set // max(nbytes, 1)))
+
+
+def cycling(fn, items):
+    """A no-argument callable that applies fn to the next item each call (cold weights)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn(items[state["i"]])
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------------- CPU
+
+def cpu_time(fns: dict, rounds: int, batch_s: float = 0.01) -> dict:
+    """Best-of-rounds seconds per call of each fn; rounds interleave the fns so that load on the machine hits all alike."""
+    counts = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        counts[name] = max(1, int(batch_s / max(time.perf_counter() - t0, 1e-7)))
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(counts[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / counts[name])
+    return {name: min(v) for name, v in samples.items()}
+
+
+def cpu_bandwidth(rounds: int) -> tuple[float, float]:
+    """(copy, read) GB/s on 512 MiB buffers: copy counts bytes read + written, read is a sum over the buffer."""
+    a = torch.rand(128 * 2**20)
+    b = torch.empty_like(a)
+    t = cpu_time({"copy": lambda: b.copy_(a), "read": lambda: a.sum()}, rounds, batch_s=0.0)
+    return 2 * a.nbytes / t["copy"] / 1e9, a.nbytes / t["read"] / 1e9
+
+
+def bench_cpu(cfg: Config) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    copy_bw, read_bw = cpu_bandwidth(cfg.rounds)
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"measured: copy {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
+    print("times in ms (best of interleaved rounds); GB/s and % of copy bandwidth for the dispatched path")
+    hdr = f"{'shape KxN':>12} {'G':>4} {'M':>5} | {'int4op':>8} {'deq+mm':>8} {'cached':>8} | {'chosen':>16} {'GB/s':>6} {'%copy':>6} | {'bf16':>8} {'fp32':>8} {'x bf16':>7} {'x fp32':>7}"
+    print(hdr)
+    ws = cfg.working_set_mib * 2**20
+    best_small, best_large = {}, {}
+    for shape in cfg.shapes:
+        for K, N, G in SHAPES[shape]:
+            n_int4 = copies_for(int4_bytes(K, N, G), ws)
+            prepared = [prepare(*random_packed(K, N, G, "cpu"), G) for _ in range(n_int4)]
+            wb = torch.randn(N, K).bfloat16()
+            dense_bf16 = [wb] + [wb.clone() for _ in range(copies_for(wb.nbytes, ws) - 1)]
+            dense_kn = [t.t().contiguous() for t in dense_bf16]  # the cached weight as prepare keeps it: [K, N]
+            dense_fp32 = [wb.float() for _ in range(copies_for(4 * K * N, ws))]
+            for M in cfg.m:
+                if cfg.quick and M > 256:
+                    continue
+                x = torch.randn(M, K).bfloat16()
+                x32 = x.float()
+                fns = {
+                    "int4op": cycling(lambda w: cpu.int4pack_linear(x, w.int4pack), prepared),
+                    "cached": cycling(lambda w: cpu.dense_linear(x, w, N), dense_kn),
+                    "bf16": cycling(lambda w: F.linear(x, w), dense_bf16),
+                    "fp32": cycling(lambda w: F.linear(x32, w), dense_fp32),
+                }
+                if cpu.packed_layout_is_known():
+                    fns["deq+mm"] = cycling(lambda w: cpu.dequant_matmul(x, w.int4pack), prepared)
+                rounds = cfg.rounds if M * K * N < 2**33 else max(3, cfg.rounds // 2)
+                t = cpu_time(fns, rounds)
+                chosen = choose_path("cpu", M)
+                t_chosen = t["int4op"] if chosen == "int4pack" else t["deq+mm"]
+                gbs = (int4_bytes(K, N, G) + M * K * 2) / t_chosen / 1e9
+                print(
+                    f"{K:>5}x{N:<6} {G:>4} {M:>5} | {t['int4op'] * 1e3:8.3f} {t.get('deq+mm', float('nan')) * 1e3:8.3f} "
+                    f"{t['cached'] * 1e3:8.3f} | {chosen:>16} {gbs:6.1f} {100 * gbs / copy_bw:5.0f}% | "
+                    f"{t['bf16'] * 1e3:8.3f} {t['fp32'] * 1e3:8.3f} {t['bf16'] / t_chosen:7.2f} {t['fp32'] / t_chosen:7.2f}",
+                    flush=True,
+                )
+                best_small.setdefault((K, N), []).append((M, t["int4op"] <= t["cached"]))
+                if "deq+mm" in t:
+                    best_large.setdefault((K, N), []).append((M, t["deq+mm"] < t["int4op"]))
+    print("\nthreshold evidence (per shape):")
+    for key, rows in best_small.items():
+        op_wins = [m for m, win in rows if win]
+        deq_wins = [m for m, win in best_large.get(key, []) if win]
+        print(f"  {key[0]}x{key[1]}: int4 op beats a cached bf16 weight at M in {op_wins}; "
+              f"dequantize+matmul beats the int4 op at M in {deq_wins}")
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA
+
+def bench_cuda(cfg: Config) -> None:
+    import triton.testing
+
+    from kernels.dequant import dequantize_triton
+    from kernels.gemm import choose_split_k as gemm_split_k, int4_gemm
+    from kernels.gemv import GEMV_MAX_M, choose_split_k as gemv_split_k, int4_gemv
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    a = torch.empty(2**30 // 2, dtype=torch.float16, device=dev)
+    b = torch.empty_like(a)
+    copy_bw = 2 * a.nbytes / (triton.testing.do_bench(lambda: b.copy_(a)) * 1e-3) / 1e9
+    del a, b
+    print(f"CUDA {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; measured copy {copy_bw:.0f} GB/s (read + write)")
+    print(f"{'shape KxN':>12} {'G':>4} {'M':>5} | {'gemv':>8} {'gemm':>8} {'deq+mm':>8} | {'chosen':>14} {'GB/s':>6} {'%copy':>6} | {'fp16':>8} {'x fp16':>7}")
+    for shape in cfg.shapes:
+        for K, N, G in SHAPES[shape]:
+            qw, qz, s = random_packed(K, N, G, "cuda")
+            w16 = torch.randn(K, N, dtype=torch.float16, device=dev)
+            w = kernels.prepare(qw, qz, s, G)
+            for M in cfg.m:
+                if cfg.quick and M > 256:
+                    continue
+                x = torch.randn(M, K, dtype=torch.float16, device=dev)
+                sms = props.multi_processor_count
+                t = {
+                    "gemm": triton.testing.do_bench(lambda: int4_gemm(x, qw, qz, s, G, split_k=gemm_split_k(M, N, K, 64, 128, min(G, 64), sms))),
+                    "deq+mm": triton.testing.do_bench(lambda: x @ dequantize_triton(qw, qz, s, G, x.dtype)),
+                    "fp16": triton.testing.do_bench(lambda: x @ w16),
+                    "chosen": triton.testing.do_bench(lambda: kernels.int4_linear(x, w)),
+                }
+                if M <= GEMV_MAX_M:
+                    t["gemv"] = triton.testing.do_bench(lambda: int4_gemv(x, qw, qz, s, G, split_k=gemv_split_k(N, K, G, sms)))
+                gbs = (int4_bytes(K, N, G) + M * K * 2) / (t["chosen"] * 1e-3) / 1e9
+                print(
+                    f"{K:>5}x{N:<6} {G:>4} {M:>5} | {t.get('gemv', float('nan')):8.4f} {t['gemm']:8.4f} {t['deq+mm']:8.4f} | "
+                    f"{choose_path('cuda', M, group_size=G):>14} {gbs:6.0f} {100 * gbs / copy_bw:5.0f}% | {t['fp16']:8.4f} {t['fp16'] / t['chosen']:7.2f}",
+                    flush=True,
+                )
+
+
+def main(cfg: Config) -> None:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.quick:
+        cfg.shapes = [s for s in cfg.shapes if s == "smollm2"] + [s for s in cfg.shapes if s != "smollm2"][:1]
+    bench_cuda(cfg) if device == "cuda" else bench_cpu(cfg)
+
+
+def parse_args() -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--m", nargs="+", type=int, default=M_LIST)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (CPU)")
+    p.add_argument("--working-set-mib", type=int, default=512, help="weight copies cycled per path to defeat caches (CPU)")
+    p.add_argument("--quick", action="store_true", help="SmolLM2 and one 7B shape, M <= 256")
+    a = p.parse_args()
+    return Config(a.shapes, a.m, a.device, a.threads, a.rounds, a.working_set_mib, a.quick)
+
+
+if __name__ == "__main__":
+    main(parse_args())
