@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -545,6 +546,36 @@ async def _shutdown(state: State, runner: web.AppRunner, site: web.TCPSite) -> N
     if engine is not None:
         await asyncio.to_thread(engine.stop)
     log.info("stopped")
+
+
+def add_args(p) -> None:
+    """The serve subcommand's own flags (the runtime flags, --model included, come from tinyserve.__main__)."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="the model id clients send and /v1/models lists (default: the folder name)")
+    g.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* and /metrics (default: $TINYSERVE_API_KEY if set)")
+    g.add_argument("--cors-origin", action="append", default=[], help="allow browser requests from this origin (repeatable; * for any)")
+    g.add_argument("--num-slots", type=int, default=16, help="concurrent sequences (KV cache slots, default 16)")
+    g.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before requests get 429 (default 64)")
+    g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, so long prompts do not stall running streams")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    g.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before a ': ping' comment on a stream")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish after SIGTERM")
+
+
+def config_from_args(a) -> ServeConfig:
+    return ServeConfig(
+        host=a.host,
+        port=a.port,
+        served_model_name=a.served_model_name,
+        api_key=a.api_key if a.api_key is not None else (os.environ.get("TINYSERVE_API_KEY") or None),
+        cors_origins=tuple(a.cors_origin),
+        max_body_bytes=a.max_body_bytes,
+        scheduler=SchedulerConfig(max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk),
+        ping_interval=a.ping_interval,
+        shutdown_timeout=a.shutdown_timeout,
+    )
 
 
 def main(config: ServeConfig, load: Callable[[], tuple], user_errors: tuple[type[BaseException], ...] = ()) -> int:
