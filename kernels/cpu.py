@@ -45,6 +45,7 @@ class CpuPacked:
     scale_zero: torch.Tensor  # [K // op_group, Np, 2] bf16: (scale, zero) with W = (q - 8) * scale + zero
     op_group: int  # group size given to the op (divides the layer's group size)
     out_features: int  # N, before padding
+    decodable: bool  # whether dequant_matmul can read this build's packed layout (packed_layout_is_known)
 
 
 def op_group_size(group_size: int) -> int | None:
@@ -74,7 +75,7 @@ def pack_for_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
     reps = group_size // op_group
     scale_zero = torch.stack([scale, zero], dim=-1).repeat_interleave(reps, dim=0).to(torch.bfloat16).contiguous()
-    return CpuPacked(packed, scale_zero, op_group, N)
+    return CpuPacked(packed, scale_zero, op_group, N, packed_layout_is_known())
 
 
 def int4pack_linear(x: torch.Tensor, w: CpuPacked) -> torch.Tensor:
@@ -112,17 +113,23 @@ CHUNK_WEIGHTS = 2**21  # weights dequantized per step of dequant_matmul: a few M
 
 
 def dequant_matmul(x: torch.Tensor, w: CpuPacked) -> torch.Tensor:
-    """x [M, K] @ W -> [M, N] bf16, dequantizing W per call in column chunks (only when packed_layout_is_known()).
+    """x [M, K] @ W -> [M, N] bf16, dequantizing W per call in column chunks (only when w.decodable).
 
     Each chunk is decoded from the op's layout to W = (q - 8) * scale + zero (the op's own numbers, computed in fp32
     by addcmul on bf16 operands and rounded once to bf16) into a reused cache-sized buffer, then multiplied by a bf16
     GEMM. Nothing the size of the whole weight is ever allocated, and each elementwise pass runs out of cache.
+    A custom op, so that torch.compile sees one call (dynamo cannot trace the strided out= writes inside).
     """
-    Np, K = w.packed.shape[0], w.packed.shape[1] * 2
-    ng = w.scale_zero.shape[0]
-    blocks = w.packed.view(Np // N_BLOCK, K, N_BLOCK // 2)
-    scale = w.scale_zero[..., 0].contiguous()  # [K // g, Np]; contiguous operands keep addcmul vectorized
-    zero = w.scale_zero[..., 1].contiguous()
+    return torch.ops.tinyserve.cpu_dequant_matmul(x, w.packed, w.scale_zero, w.out_features)
+
+
+@torch.library.custom_op("tinyserve::cpu_dequant_matmul", mutates_args=())
+def _dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, out_features: int) -> torch.Tensor:
+    Np, K = packed.shape[0], packed.shape[1] * 2
+    ng = scale_zero.shape[0]
+    blocks = packed.view(Np // N_BLOCK, K, N_BLOCK // 2)
+    scale = scale_zero[..., 0].contiguous()  # [K // g, Np]; contiguous operands keep addcmul vectorized
+    zero = scale_zero[..., 1].contiguous()
     x = x.to(torch.bfloat16)
     out = torch.empty((x.shape[0], Np), dtype=torch.bfloat16)
     step = max(1, CHUNK_WEIGHTS // (K * N_BLOCK))  # 64-column blocks per chunk
@@ -137,7 +144,12 @@ def dequant_matmul(x: torch.Tensor, w: CpuPacked) -> torch.Tensor:
         wg = wc.view(ng, K // ng, nb * N_BLOCK)
         torch.addcmul(zero[:, None, cols], wg, scale[:, None, cols], out=wg)
         out[:, cols] = x @ wc
-    return out if Np == w.out_features else out[:, : w.out_features]
+    return out[:, :out_features].contiguous() if Np != out_features else out
+
+
+@_dequant_matmul.register_fake
+def _(x, packed, scale_zero, out_features):
+    return x.new_empty((x.shape[0], out_features), dtype=torch.bfloat16)
 
 
 def dense_linear(x: torch.Tensor, weight_kn: torch.Tensor, out_features: int) -> torch.Tensor:

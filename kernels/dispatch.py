@@ -81,11 +81,14 @@ def prepare(
     return Int4Weights(None, None, None, G, K, N, int4pack=packed, dense=dense)
 
 
-def choose_path(device_type: str, M: int, *, group_size: int = 128, has_int4pack: bool = True, has_dense: bool = False) -> str:
+def choose_path(
+    device_type: str, M: int, *, group_size: int = 128, has_int4pack: bool = True, has_dense: bool = False, can_dequant: bool = True
+) -> str:
     """The kernel for M rows of x: the single place where the choice by device and M is made.
 
-    group_size matters on CUDA (the fused kernels need a multiple of 16), has_int4pack / has_dense on CPU (what
-    prepare built: no int4 form for group sizes the op cannot take; a dense copy when asked for).
+    group_size matters on CUDA (the fused kernels need a multiple of 16); on CPU, what prepare built: has_int4pack
+    (no int4 form for group sizes the op cannot take), has_dense (a cached dense copy), can_dequant (this torch
+    build's int4 layout is one dequant_matmul can read).
     """
     if device_type == "cuda":
         if group_size % 16:
@@ -99,7 +102,7 @@ def choose_path(device_type: str, M: int, *, group_size: int = 128, has_int4pack
         return "int4pack"
     if has_dense:
         return "cpu_dense_cached"
-    return "cpu_dequant" if M >= CPU_DEQUANT_MIN_M and cpu.packed_layout_is_known() else "int4pack"
+    return "cpu_dequant" if M >= CPU_DEQUANT_MIN_M and can_dequant else "int4pack"
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,13 +115,17 @@ def int4_linear(x: torch.Tensor, w: Int4Weights, bias: torch.Tensor | None = Non
     if w.qweight is not None:
         return torch.ops.tinyserve.int4_linear(x, w.qweight, w.qzeros, w.scales, w.group_size, bias)
     x2 = x.reshape(-1, w.in_features)
-    path = choose_path("cpu", x2.shape[0], has_int4pack=w.int4pack is not None, has_dense=w.dense is not None)
+    packed = w.int4pack
+    path = choose_path(
+        "cpu", x2.shape[0], has_int4pack=packed is not None, has_dense=w.dense is not None,
+        can_dequant=packed is not None and packed.decodable,
+    )
     if path == "int4pack":
-        y = cpu.int4pack_linear(x2, w.int4pack)
+        y = cpu.int4pack_linear(x2, packed)
     elif path == "cpu_dense_cached":
         y = cpu.dense_linear(x2, w.dense, w.out_features)
     else:
-        y = cpu.dequant_matmul(x2, w.int4pack)
+        y = cpu.dequant_matmul(x2, packed)
     y = y.to(x.dtype).view(*x.shape[:-1], w.out_features)
     return y if bias is None else y + bias.to(x.dtype)
 

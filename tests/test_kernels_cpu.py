@@ -122,6 +122,7 @@ def test_dispatch_picks_path_by_device_and_m():
     assert choose_path("cpu", CPU_INT4PACK_MAX_M + 1) == "int4pack"  # no cache: the op until dequantizing pays
     assert choose_path("cpu", CPU_INT4PACK_MAX_M + 1, has_dense=True) == "cpu_dense_cached"
     assert choose_path("cpu", CPU_DEQUANT_MIN_M) == "cpu_dequant"
+    assert choose_path("cpu", CPU_DEQUANT_MIN_M, can_dequant=False) == "int4pack"
     assert choose_path("cpu", 1, has_int4pack=False) == "cpu_dense_cached"
     assert [choose_path("cuda", m) for m in (1, 3, CUDA_GEMV_MAX_M)] == ["gemv"] * 3
     assert choose_path("cuda", CUDA_GEMV_MAX_M + 1) == "gemm"
@@ -161,13 +162,16 @@ def test_raw_custom_op_and_its_fake_impl():
     y = torch.ops.tinyserve.int4_linear(x, qw, qz, s, 32, b)
     assert_matches(y, x @ W + b, torch.float32)
     torch.library.opcheck(dispatch.int4_linear_raw, (x, qw, qz, s, 32, b))
+    w = cpu.pack_for_cpu(qw, qz, s, 32)
+    torch.library.opcheck(cpu._dequant_matmul, (x[0].bfloat16(), w.packed, w.scale_zero, 72))
 
 
-def test_entry_point_traces_under_torch_compile():
+@pytest.mark.parametrize("M", [1, CPU_DEQUANT_MIN_M])
+def test_entry_point_traces_under_torch_compile(M):
     qw, qz, s, W = random_layer(64, 72, 32)
     w = kernels.prepare(qw, qz, s, 32)
     f = torch.compile(lambda t: kernels.int4_linear(t, w), backend="eager", fullgraph=True)
-    x = torch.randn(1, 64).bfloat16()
+    x = torch.randn(M, 64).bfloat16()
     assert_matches(f(x), x.float() @ W, torch.bfloat16)
     g = torch.compile(lambda t: torch.ops.tinyserve.int4_linear(t, qw, qz, s, 32, None), backend="eager", fullgraph=True)
     assert_matches(g(x.float()), x.float() @ W, torch.float32)
