@@ -1,0 +1,68 @@
+"""python -m quantize: AWQ (or RTN) INT4 quantization of a Hugging Face model folder into the AutoAWQ GEMM layout.
+
+    python -m quantize --model DIR --out DIR [--method awq|rtn] [--w-bit 4] [--group-size 64]
+                       [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
+
+Writes to a temporary folder and renames it into place at the end; refuses to replace an existing --out without
+--overwrite. Mistakes (missing or malformed folder, unsupported architecture or dtype, bad settings) are reported in
+one line, without a traceback. 3-bit codes are stored in the same 4-bit containers, with "bits": 3 in config.json.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from quantize.awq import SearchConfig
+from quantize.clip_search import CLIP_MODES
+from quantize.pipeline import USER_ERRORS, QuantizeConfig, run
+from quantize.quantizer import SUPPORTED_GROUP_SIZES
+
+
+def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
+    p = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="source model folder (fp16/bf16/fp32 safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--method", default="awq", help="awq (default) or rtn (plain round-to-nearest baseline)")
+    p.add_argument("--w-bit", type=int, default=4, help="weight bits: 4 (default) or 3")
+    p.add_argument("--group-size", type=int, default=64,
+                   help=f"input channels per quantization group: {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (-1: per output channel); default 64")
+    p.add_argument("--calib-text", type=Path, help="UTF-8 calibration text (default: built-in Botchan chapters V-XI)")
+    p.add_argument("--n-samples", type=int, default=128,
+                   help="calibration windows (default 128; a shorter text gives fewer, all of which are used)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--fake", action="store_true", help="write quantize-dequantized fp16 weights instead of packed INT4")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g = p.add_argument_group("search (AWQ; defaults are what measured best, see BENCHMARKS.md)")
+    g.add_argument("--duo-scaling", action="store_true", help="scales x_mean^a / w_mean^(1-a) (AutoAWQ's default)")
+    g.add_argument("--no-scale", action="store_true", help="skip the scale search (clip only)")
+    g.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    g.add_argument("--clip-mode", default="range", help=f"how a ratio shrinks a group's range: {' or '.join(CLIP_MODES)}")
+    g.add_argument("--no-holdout-gate", action="store_true",
+                   help="keep every chosen scale/clip even where it loses to none on the held-out windows")
+    g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
+    g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
+    a = p.parse_args(argv)
+    search = SearchConfig(
+        duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, clip_mode=a.clip_mode,
+        holdout_gate=not a.no_holdout_gate, token_stride=a.token_stride,
+        compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
+    )
+    return QuantizeConfig(a.model, a.out, a.method, a.w_bit, a.group_size, a.calib_text, a.n_samples, a.seqlen,
+                          a.fake, a.overwrite, search)
+
+
+def main(cfg: QuantizeConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        main(parse_args())
+    except USER_ERRORS as e:
+        sys.exit(f"quantize: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("quantize: interrupted; nothing was written")

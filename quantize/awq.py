@@ -1,0 +1,211 @@
+"""The quantization loop: block by block, search scales and clips (AWQ) or round to nearest (RTN), and return every
+decoder linear as packed tensors plus one report row per linear.
+
+Per block (AWQ):
+1. run a copy of the unquantized block (in `compute_dtype`) on its captured inputs, collecting input statistics
+   (calibration.run_block); its outputs are the next block's inputs;
+2. per scaling group, search alpha on the fit tokens, keep it only if it beats no scaling on held-out tokens, and
+   fold the scales into the fp32 block (scale_search);
+3. per linear (except q/k), search a clip ratio per group the same way (clip_search);
+4. quantize with the chosen bounds and pack (kernels.layout.pack_linear).
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kernels.layout import dequantize, pack_linear
+from quantize.calibration import SiteStats, capture_block_inputs, run_block
+from quantize.clip_search import CLIP_MODES, clip_ratios, search_clip
+from quantize.model_families import Family, ScalingGroup
+from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
+from quantize.scale_search import fold_scales, search_scales, weighted_error
+
+METHODS = ("awq", "rtn")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_grid: int = 20  # alphas 0, 1/20, ..., 19/20
+    duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) instead of x_mean^a
+    scale: bool = True  # False: skip the scale search (clip only; an ablation)
+    clip: bool = True
+    clip_mode: str = "range"
+    clip_grid: int = 20  # ratios 1 - i / clip_grid ...
+    max_shrink: float = 0.5  # ... for i < max_shrink * clip_grid: 1.00 down to 0.55 in 10 steps
+    holdout_every: int = 4  # every 4th calibration window is held out to check each choice; 0: no held-out set
+    holdout_gate: bool = True  # keep a scale / clip only where it beats none on the held-out windows
+    token_stride: int = 1  # use every n-th token for the Gram matrices
+    compute_dtype: torch.dtype = torch.bfloat16  # of the calibration forward passes and the error products
+
+    def __post_init__(self):
+        if self.clip_mode not in CLIP_MODES:
+            raise QuantizationError(f"clip mode {self.clip_mode!r}; choose one of {list(CLIP_MODES)}")
+        if self.holdout_every == 1 or self.holdout_every < 0:
+            raise QuantizationError("holdout_every must be 0 (no held-out windows) or at least 2")
+        if self.token_stride < 1 or self.n_grid < 1:
+            raise QuantizationError("token_stride and n_grid must be positive")
+
+
+@dataclass
+class PackedLinear:
+    qweight: torch.Tensor  # [K, N // 8] int32
+    qzeros: torch.Tensor  # [K // G, N // 8] int32
+    scales: torch.Tensor  # [K // G, N] fp16
+    bias: torch.Tensor | None  # [N]
+
+
+@dataclass
+class QuantResult:
+    linears: dict[str, PackedLinear]  # full module name -> packed weights
+    report: list[dict] = field(default_factory=list)  # one row per linear
+
+
+def check_model(model: nn.Module, family: Family, spec: QuantSpec) -> None:
+    """Fail before any work when a linear cannot be stored: a group size that does not divide K, or N % 8 != 0."""
+    for i, block in enumerate(model.get_submodule(family.layers)):
+        for name in family.linears:
+            lin = block.get_submodule(name)
+            full = f"{family.layers}.{i}.{name}"
+            spec.group(lin.in_features, full)
+            if lin.out_features % 8:
+                raise QuantizationError(f"{full}: out_features {lin.out_features} is not a multiple of 8, which the packed layout needs")
+
+
+def _pack(W: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, name: str, lo=None, hi=None) -> PackedLinear:
+    codes, zeros, scales = quantize_weight(W, spec, lo, hi, name)
+    qweight, qzeros, scales = pack_linear(codes, zeros, scales)
+    return PackedLinear(qweight, qzeros, scales, None if bias is None else bias.detach().half())
+
+
+def _row(name: str, lin: nn.Linear, spec: QuantSpec, **extra) -> dict:
+    N, K = lin.out_features, lin.in_features
+    ng = K // spec.group(K)
+    bytes_fp16 = 2 * N * K
+    bytes_packed = N * K // 2 + 4 * ng * N // 8 + 2 * ng * N  # qweight + qzeros + fp16 scales (4-bit containers)
+    return {"name": name, "shape": [N, K], "bytes_fp16": bytes_fp16, "bytes_packed": bytes_packed, **extra}
+
+
+def rtn_quantize(model: nn.Module, family: Family, spec: QuantSpec, progress: bool = True) -> QuantResult:
+    """Plain round-to-nearest of every decoder linear (min/max per group); no calibration."""
+    result = QuantResult({})
+    layers = model.get_submodule(family.layers)
+    for i, block in enumerate(tqdm(layers, desc="RTN", unit="block", disable=not progress)):
+        for name in family.linears:
+            lin, full = block.get_submodule(name), f"{family.layers}.{i}.{name}"
+            result.linears[full] = _pack(lin.weight.detach().float(), lin.bias, spec, full)
+            result.report.append(_row(full, lin, spec, layer=i))
+    return result
+
+
+def _top1_share(x_mean: torch.Tensor) -> float:
+    """Share of the activation mass (sum of mean |x|) carried by the top 1% of input channels."""
+    k = max(1, round(0.01 * x_mean.numel()))
+    return float(x_mean.topk(k).values.sum() / x_mean.sum().clamp(min=1e-12))
+
+
+def _scalable(block: nn.Module, group: ScalingGroup) -> bool:
+    if group.prev is None:
+        return False
+    if not group.needs_matching_shapes:
+        return True
+    prev = block.get_submodule(group.prev)
+    return all(prev.out_features == block.get_submodule(n).in_features for n in group.linears)
+
+
+@torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    i: int,
+    family: Family,
+    spec: QuantSpec,
+    search: SearchConfig,
+    stats: dict[str, SiteStats],
+    result: QuantResult,
+) -> None:
+    """Scale (all groups first: a fold into a linear prev rescales that linear's rows, so nothing may be packed
+    before every fold is done), then clip and pack every linear of one fp32 block (block i of the model) into
+    result. stats: run_block's statistics, keyed by the first linear of each scaling group."""
+    ratios = clip_ratios(search.clip_grid, search.max_shrink)
+    names = family.linears
+    W0 = {n: block.get_submodule(n).weight.detach().clone() for n in names}  # [N, K] before any fold
+    in_scale = {n: torch.ones(W0[n].shape[1]) for n in names}  # the linear's input is now x / in_scale
+    out_scale = {n: torch.ones(W0[n].shape[0]) for n in names}  # its output is now y / out_scale
+    site = {n: g.linears[0] for g in family.groups for n in g.linears}
+    alphas = {}
+    for group in family.groups:
+        lins = [block.get_submodule(n) for n in group.linears]
+        alpha = None
+        if search.scale and _scalable(block, group):
+            choice = search_scales([lin.weight for lin in lins], stats[group.linears[0]], spec, search.n_grid,
+                                   search.duo_scaling, search.holdout_gate, search.compute_dtype)
+            if choice.alpha is not None:
+                alpha = choice.alpha
+                fold_scales(block.get_submodule(group.prev), lins, choice.scales)
+                for n in group.linears:
+                    in_scale[n] = choice.scales
+                if group.prev in out_scale:
+                    out_scale[group.prev] = choice.scales
+        for n in group.linears:
+            alphas[n] = alpha
+
+    for name in names:
+        lin, full, st = block.get_submodule(name), f"{family.layers}.{i}.{name}", stats[site[name]]
+        W, s = lin.weight.detach(), in_scale[name]
+        inv = 1 / s
+        lo = hi = None
+        clip_mean, clipped = 1.0, 0.0
+        if search.clip and name not in family.no_clip:
+            # The Gram matrices of the scaled input x / s.
+            H_fit, H_val = st.H_fit * inv[:, None] * inv[None, :], st.H_val * inv[:, None] * inv[None, :]
+            clip = search_clip(W, H_fit, H_val, spec, ratios, search.clip_mode, search.holdout_gate)
+            lo, hi = clip.lo, clip.hi
+            clip_mean, clipped = float(clip.ratio.mean()), float((clip.ratio < 1).float().mean())
+        result.linears[full] = _pack(W, lin.bias, spec, full, lo, hi)
+        # Held-out output error per output element, mapped back to the original input and output spaces.
+        W_q = fake_quantize(W, spec, lo, hi) * out_scale[name][:, None] * inv[None, :]
+        err_awq = float(weighted_error(W_q - W0[name], st.H_val)) / W.shape[0]
+        err_rtn = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
+        result.report.append(
+            _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped,
+                 mse_rtn=err_rtn, mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
+        )
+
+
+@torch.no_grad()
+def awq_quantize(
+    model: nn.Module,
+    family: Family,
+    spec: QuantSpec,
+    windows: torch.Tensor,
+    search: SearchConfig = SearchConfig(),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> QuantResult:
+    """model: the fp32 *ForCausalLM, modified in place (scales folded into norms and linears). windows [B, S] ids."""
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("awq_quantize needs the model in fp32 (folding and searching are done in fp32)")
+    result = QuantResult({})
+    layers = model.get_submodule(family.layers)
+    inputs, block_kwargs = capture_block_inputs(model, layers, windows)  # [B, S, H] fp32
+    for i, block in enumerate(tqdm(layers, desc="AWQ", unit="block", disable=not progress)):
+        runner = copy.deepcopy(block).to(search.compute_dtype)
+        sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
+        inputs, stats = run_block(runner, inputs, block_kwargs, sites, search.holdout_every, search.token_stride)
+        del runner
+
+        quantize_block(block, i, family, spec, search, stats, result)
+    return result
+
+
+@torch.no_grad()
+def dequantize_into(model: nn.Module, result: QuantResult, group_size: int) -> None:
+    """Replace every quantized linear's weight by its dequantized packed weights (the fake-quantized model)."""
+    for name, p in result.linears.items():
+        lin = model.get_submodule(name)
+        W = dequantize(p.qweight, p.qzeros, p.scales, group_size)  # [K, N] fp16
+        lin.weight.data = W.t().to(lin.weight.dtype).contiguous()

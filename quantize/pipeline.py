@@ -1,0 +1,125 @@
+"""One quantization run: validate the folders, load, calibrate, quantize (AWQ or RTN), write the folder and report.
+
+Used by `python -m quantize` and by default_model.ensure_awq_default(). Every user mistake raises one of
+QuantizationError, CalibrationError, ModelFolderError (all ValueErrors) with a one-line message, before any long work
+where it can be known in advance.
+"""
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantize.awq import METHODS, SearchConfig, awq_quantize, check_model, rtn_quantize
+from quantize.calibration import CalibrationError, calibration_windows
+from quantize.export import output_config, state_dict, write_folder
+from quantize.model_families import family_for
+from quantize.model_io import ModelFolderError, awq_config, config_dtype, load_model, load_tokenizer, read_config, weight_files
+from quantize.quantizer import QuantizationError, QuantSpec
+from quantize.report import write_report
+from quantize.text_data import calib_text
+
+USER_ERRORS = (QuantizationError, CalibrationError, ModelFolderError)
+
+
+@dataclass
+class QuantizeConfig:
+    model: Path
+    out: Path
+    method: str = "awq"
+    w_bit: int = 4
+    group_size: int = 64
+    calib_text: Path | None = None  # default: the built-in calibration slice (Botchan chapters V-XI)
+    n_samples: int = 128
+    seqlen: int = 512
+    fake: bool = False  # write quantize-dequantized fp16 weights instead of packed ones
+    overwrite: bool = False
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self):
+        self.model, self.out = Path(self.model), Path(self.out)
+        if self.method not in METHODS:
+            raise QuantizationError(f"method {self.method!r}; choose one of {list(METHODS)}")
+        if self.n_samples < 1 or self.seqlen < 2:
+            raise QuantizationError("--n-samples must be at least 1 and --seqlen at least 2")
+        self.spec = QuantSpec(self.w_bit, self.group_size)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: str | None = None) -> dict:
+    """Quantize cfg.model into cfg.out. Returns the run's summary (also saved in the report)."""
+    t_start = time.perf_counter()
+    src_config = read_config(cfg.model)
+    family = family_for(src_config)
+    if awq_config(src_config) is not None:
+        raise ModelFolderError(f"{cfg.model} is already quantized; quantize an fp16, bf16 or fp32 model")
+    dtype = config_dtype(src_config)
+    weight_files(cfg.model)
+    if cfg.out.resolve() == cfg.model.resolve():
+        raise QuantizationError("--out must differ from --model")
+    if_exists = if_exists or ("replace" if cfg.overwrite else "error")
+    if cfg.out.exists() and if_exists == "error":
+        raise QuantizationError(f"{cfg.out} already exists; pass --overwrite to replace it")
+    texts = None
+    if cfg.method == "awq" and cfg.calib_text is not None:
+        if not cfg.calib_text.is_file():
+            raise CalibrationError(f"calibration text {cfg.calib_text} does not exist")
+        texts = cfg.calib_text.read_text(encoding="utf-8", errors="replace")
+
+    model = load_model(cfg.model)
+    check_model(model, family, cfg.spec)
+    t_quant = time.perf_counter()
+    if cfg.method == "rtn":
+        result = rtn_quantize(model, family, cfg.spec, progress)
+        calib = None
+    else:
+        tokenizer = load_tokenizer(cfg.model)
+        windows = calibration_windows(tokenizer, calib_text() if texts is None else texts, cfg.n_samples, cfg.seqlen, log)
+        calib = {"windows": len(windows), "seqlen": cfg.seqlen, "tokens": windows.numel(),
+                 "text": str(cfg.calib_text) if cfg.calib_text else "built-in Botchan chapters V-XI"}
+        result = awq_quantize(model, family, cfg.spec, windows, cfg.search, progress, log)
+    quant_seconds = time.perf_counter() - t_quant
+
+    tied = bool(src_config.get("tie_word_embeddings", False))
+    tensors = state_dict(model, result, cfg.spec, cfg.fake, tied)
+    search = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(cfg.search).items()}
+    summary = {
+        "title": f"{cfg.model.name}: {cfg.method.upper()} w{cfg.w_bit} g{cfg.group_size}",
+        "source": str(cfg.model),
+        "source_dtype": dtype,
+        "method": cfg.method,
+        "bits": cfg.w_bit,
+        "group_size": cfg.group_size,
+        "fake": cfg.fake,
+        "calibration": calib,
+        "search": search if cfg.method == "awq" else None,
+        "linears": len(result.linears),
+        "quantize_seconds": round(quant_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "threads": torch.get_num_threads(),
+    }
+    if result.report and "mse_awq" in result.report[0]:
+        summary["sum_mse_rtn"] = sum(r["mse_rtn"] for r in result.report)
+        summary["sum_mse_awq"] = sum(r["mse_awq"] for r in result.report)
+    written = write_folder(cfg.out, cfg.model, tensors, output_config(src_config, cfg.spec, cfg.fake),
+                           lambda tmp: write_report(tmp, summary, result.report), if_exists)
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    what = "fake-quantized fp16" if cfg.fake else "packed"
+    if written:
+        log(f"quantize: wrote {what} {cfg.method.upper()} w{cfg.w_bit} g{cfg.group_size} model to {cfg.out} "
+            f"({len(result.linears)} linears; quantization {quant_seconds:.1f} s, total {summary['wall_seconds']:.1f} s, "
+            f"peak RSS {summary['peak_rss_gib']:.2f} GiB)")
+    else:
+        log(f"quantize: {cfg.out} was written meanwhile by another process; keeping it")
+    return summary
