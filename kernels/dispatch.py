@@ -8,8 +8,9 @@ Two entry points, one per way of holding the weight:
 - torch.ops.tinyserve.int4_linear(x, qweight, qzeros, scales, group_size, bias): the raw file tensors, registered with
   torch.library.custom_op and a fake implementation, so torch.compile and CUDA-graph capture see one opaque op with a
   known output shape instead of tracing into Triton launches and autotuning. On CUDA int4_linear goes through it. On
-  CPU int4_linear calls aten ops directly (torch.compile traces them; inductor knows the int4 op), and the raw op
-  there is the slow-but-exact reference path (it dequantizes every call): CPU callers should prepare.
+  CPU int4_linear calls torch's int4 op and matmuls directly (torch.compile traces them), its per-call dequant path
+  is its own custom op (tinyserve::cpu_dequant_matmul), and the raw op there is the slow-but-exact reference path
+  (it dequantizes the whole weight every call): CPU callers should prepare.
 
 Thresholds are rows of x (M = x.numel() // K). See BENCHMARKS.md, "INT4 kernels (issue 3)", for the runs behind them.
 """
@@ -32,9 +33,6 @@ CPU_DEQUANT_MIN_M = 192
 # 256 rows). scripts/bench_kernels.py prints all three CUDA paths per M so a GPU run can set them.
 CUDA_GEMV_MAX_M = 16
 CUDA_DEQUANT_MIN_M = 256
-
-PATHS = ("int4pack", "cpu_dense_cached", "cpu_dequant", "gemv", "gemm", "dequant_matmul")
-
 
 @dataclass(frozen=True)
 class Int4Weights:

@@ -78,6 +78,9 @@ def _int4_gemv_kernel(
     kt_end = min(kt_start + per_split, k_tiles)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # M = 1: products are accumulated elementwise and summed over K once after the loop, so the K loop does no
+    # cross-thread reductions.
+    acc_k = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for kt in range(kt_start, kt_end):
         offs_k = kt * BLOCK_K + rk
         words = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + offs_w[None, :], mask=mask_w[None, :], other=0)
@@ -90,12 +93,14 @@ def _int4_gemv_kernel(
         # Round the weight to the activation dtype like the GEMM and the reference, then accumulate in fp32.
         w = ((q - z).to(tl.float32) * scale[None, :]).to(x.dtype)
         if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32), axis=0)[None, :]
+            acc_k += x.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32)
         elif DOT_FP32:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(x, w, acc)
 
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_k, axis=0)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:

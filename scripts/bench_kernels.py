@@ -48,6 +48,7 @@ class Config:
     rounds: int = 7
     working_set_mib: int = 512
     quick: bool = False
+    try_inductor_gemv: bool = False
 
 
 def random_packed(K: int, N: int, G: int, device: str):
@@ -159,6 +160,40 @@ def bench_cpu(cfg: Config) -> None:
               f"dequantize+matmul beats the int4 op at M in {deq_wins}")
 
 
+def bench_inductor_gemv(cfg: Config) -> None:
+    """Can a torch.compile-generated kernel beat torch's int4 op at M = 1 (the op reaches about half the bandwidth)?
+
+    Weight layout chosen for the compiler: bytes [K // G, G // 2, N], low nibble row j of the group, high nibble row
+    j + G / 2, so unpacking needs no cross-lane shuffles and the reduction over K vectorizes along N. Four partial sums
+    over quarter groups give the generated loop four independent accumulators. Same math as the op, fp32 throughout.
+    """
+    print("\nM = 1: inductor-generated GEMV (fp32) vs torch's int4 op (bf16), ms and GB/s of packed weight")
+    for shape in cfg.shapes:
+        for K, N, G in SHAPES[shape]:
+            H, C = G // 2, 4
+            q = torch.randint(0, 16, (K // G, G, N), dtype=torch.uint8)
+            wq = (q[:, :H] | (q[:, H:] << 4)).contiguous()  # [K // G, G // 2, N]
+            scale, zero = torch.rand(K // G, N), torch.rand(K // G, N)  # W = q * scale + zero per group
+
+            def gemv(x, wq, scale, zero):
+                xg = x.view(K // G, G)
+                w4 = wq.view(K // G, C, H // C, N)
+                xl, xh = xg[:, :H].reshape(K // G, C, H // C, 1), xg[:, H:].reshape(K // G, C, H // C, 1)
+                lo, hi = (w4 & 15).float(), (w4 >> 4).float()
+                parts = [(lo[:, c] * xl[:, c] + hi[:, c] * xh[:, c]).sum(1) for c in range(C)]
+                t = parts[0] + parts[1] + parts[2] + parts[3]  # [K // G, N]
+                return (t * scale + zero * xg.sum(-1, keepdim=True)).sum(0)
+
+            compiled = torch.compile(gemv, dynamic=False)
+            x = torch.randn(1, K)
+            w = prepare(*random_packed(K, N, G, "cpu"), G)
+            xb = x.bfloat16()
+            t = cpu_time({"inductor": lambda: compiled(x, wq, scale, zero), "op": lambda: cpu.int4pack_linear(xb, w.int4pack)}, cfg.rounds)
+            nbytes = K * N // 2
+            print(f"  {K:>5}x{N:<6} inductor {t['inductor'] * 1e3:7.3f} ms {nbytes / t['inductor'] / 1e9:5.1f} GB/s | "
+                  f"int4 op {t['op'] * 1e3:7.3f} ms {nbytes / t['op'] / 1e9:5.1f} GB/s", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------- CUDA
 
 def bench_cuda(cfg: Config) -> None:
@@ -206,7 +241,12 @@ def main(cfg: Config) -> None:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.quick:
         cfg.shapes = [s for s in cfg.shapes if s == "smollm2"] + [s for s in cfg.shapes if s != "smollm2"][:1]
-    bench_cuda(cfg) if device == "cuda" else bench_cpu(cfg)
+    if device == "cuda":
+        bench_cuda(cfg)
+        return
+    bench_cpu(cfg)
+    if cfg.try_inductor_gemv:
+        bench_inductor_gemv(cfg)
 
 
 def parse_args() -> Config:
@@ -218,8 +258,9 @@ def parse_args() -> Config:
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (CPU)")
     p.add_argument("--working-set-mib", type=int, default=512, help="weight copies cycled per path to defeat caches (CPU)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 and one 7B shape, M <= 256")
+    p.add_argument("--try-inductor-gemv", action="store_true", help="CPU M=1: also time an inductor-generated INT4 GEMV")
     a = p.parse_args()
-    return Config(a.shapes, a.m, a.device, a.threads, a.rounds, a.working_set_mib, a.quick)
+    return Config(a.shapes, a.m, a.device, a.threads, a.rounds, a.working_set_mib, a.quick, a.try_inductor_gemv)
 
 
 if __name__ == "__main__":
