@@ -39,6 +39,10 @@ from tinyserve.weights import load_weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CUDA graphs are captured per attended-length bucket: a multiple of this many positions.
 LENGTH_BUCKET = 256
+# batch_invariant decode attends over a length rounded up to a multiple of this: CPU SDPA then gives a row the same
+# result whatever the padded length (measured bit-identical for padded lengths that are multiples of 32; other
+# lengths change the kernel's blocking of the key axis and the last bits of the output).
+INVARIANT_LENGTH_ALIGN = 32
 # Batch-size buckets for CUDA graphs (rows are padded up to the next one).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Keep a dense bf16 copy of INT4 weights for CPU prefill when it costs at most this much memory.
@@ -58,6 +62,9 @@ class RunnerConfig:
     compile: str = "auto"  # "auto" | "on" | "off": torch.compile / CUDA graphs for the decode step
     lm_head: str = "auto"  # "auto" | "dense" | "int8"
     threads: int = 0  # CPU threads; 0 = every core this process may use
+    # Make a row's decode logits bit-identical whatever else is in the batch (the server's continuous batching needs
+    # this: greedy output must not depend on the load). See ModelRunner._decode_invariant for what it changes.
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -117,7 +124,10 @@ class ModelRunner:
             self.graphs = CudaGraphDecoder(self)
         # CUDA graphs pad batches with rows that write into one extra scratch slot no sequence ever owns.
         cache_slots = self.num_slots + (1 if self.graphs is not None else 0)
-        self.cache = KVCache(self.cfg, cache_slots, self.max_seq_len, self.dtype, self.device)
+        cache_len = self.max_seq_len
+        if rc.batch_invariant:
+            cache_len = -(-cache_len // INVARIANT_LENGTH_ALIGN) * INVARIANT_LENGTH_ALIGN  # room for the aligned length
+        self.cache = KVCache(self.cfg, cache_slots, cache_len, self.dtype, self.device)
         self.pool = SlotPool(self.num_slots)
         self._lengths = [0] * self.num_slots
 
@@ -193,6 +203,8 @@ class ModelRunner:
     def _decode(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
         if self.graphs is not None:
             return self.graphs(slots, tokens.tolist(), pos)
+        if self.config.batch_invariant:
+            return self._decode_invariant(slots, tokens, pos)
         M = len(slots)
         length = max(pos) + 1
         contiguous = slots == list(range(slots[0], slots[0] + M))
@@ -212,6 +224,28 @@ class ModelRunner:
             masked=M > 1 or not contiguous,
         )
         return logits.float()
+
+    def _decode_invariant(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
+        """Eager decode whose row m depends only on (slots[m], tokens[m], pos[m]), bit for bit. Two things in the
+        plain path depend on the batch: the attended length (max over rows; CPU SDPA's result moves in the last bits
+        with the padded length) and, on CPU, the INT4 kernel (picked by M: beyond kernels.dispatch.CPU_INT4PACK_MAX_M
+        rows a dense GEMM with another summation order). So every row is masked over a length aligned to
+        INVARIANT_LENGTH_ALIGN, and rows go through in groups of at most CPU_INT4PACK_MAX_M."""
+        from kernels.dispatch import CPU_INT4PACK_MAX_M
+
+        group = CPU_INT4PACK_MAX_M if self.device.type == "cpu" else len(slots)
+        dev, A = self.device, INVARIANT_LENGTH_ALIGN
+        out = []
+        for a in range(0, len(slots), group):
+            s, p = slots[a : a + group], pos[a : a + group]
+            length = -(-(max(p) + 1) // A) * A  # the cache holds max_seq_len rounded up to A positions
+            contiguous = s == list(range(s[0], s[0] + len(s)))
+            logits = model.decode(
+                self.cfg, self.weights, self.cache.k, self.cache.v, torch.tensor(s, device=dev), tokens[a : a + group].to(dev),
+                torch.tensor(p, device=dev), length, self.cos, self.sin, first_slot=s[0] if contiguous else None, masked=True,
+            )
+            out.append(logits.float())
+        return torch.cat(out) if len(out) > 1 else out[0]
 
     def _check_slot(self, slot: int) -> None:
         if not (0 <= slot < self.num_slots and self.pool.in_use(slot)):
