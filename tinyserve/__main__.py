@@ -179,7 +179,7 @@ def chat_main(cfg: ChatMainConfig) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tinyserve", description="INT4 LLM inference: generate, chat, benchmark")
+    parser = argparse.ArgumentParser(prog="python -m tinyserve", description="INT4 LLM inference: generate, chat, benchmark, serve")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete a raw prompt (no chat template)")
@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tinyserve import bench
 
     bench.add_args(b)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
+    from tinyserve import server
+
+    server.add_args(s)
+    add_runner_args(s)
     return parser
 
 
@@ -235,6 +241,17 @@ def make_command(a: argparse.Namespace):
         chat = ChatConfig(max_tokens=a.max_tokens or 512, system=a.system, stats=a.stats, sampling=sampling_params(a))
         cfg = ChatMainConfig(a.model, runner_config(a), chat)
         return lambda: chat_main(cfg)
+    if a.command == "serve":
+        from dataclasses import replace
+
+        from tinyserve import server
+
+        scfg = server.config_from_args(a)
+        # Continuous batching: greedy output must not depend on what else is in the batch.
+        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True)
+        if a.model:
+            resolve_model(a.model)  # a wrong path fails now, before the port opens
+        return lambda: server.main(scfg, lambda: load(a.model, rcfg), user_errors())
     from tinyserve import bench
 
     bcfg = bench.config_from_args(a)
