@@ -34,6 +34,7 @@ class SearchConfig:
     duo_scaling: bool = False  # s = x_mean^a / w_mean^(1-a) instead of x_mean^a
     scale: bool = True  # False: skip the scale search (clip only; an ablation)
     clip: bool = True
+    clip_qk: bool = False  # also clip q/k (AutoAWQ never does)
     clip_mode: str = "range"
     clip_grid: int = 20  # ratios 1 - i / clip_grid ...
     max_shrink: float = 0.5  # ... for i < max_shrink * clip_grid: 1.00 down to 0.55 in 10 steps
@@ -159,7 +160,7 @@ def quantize_block(
         inv = 1 / s
         lo = hi = None
         clip_mean, clipped = 1.0, 0.0
-        if search.clip and name not in family.no_clip:
+        if search.clip and (search.clip_qk or name not in family.no_clip):
             # The Gram matrices of the scaled input x / s.
             H_fit, H_val = st.H_fit * inv[:, None] * inv[None, :], st.H_val * inv[:, None] * inv[None, :]
             clip = search_clip(W, H_fit, H_val, spec, ratios, search.clip_mode, search.holdout_gate)

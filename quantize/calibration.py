@@ -122,7 +122,7 @@ def run_block(
             x = args[0].flatten(0, -2)  # [T, K]
             a = acc[name]
             if split["now"] == "fit":
-                a["abs"] = a["abs"] + x.abs().float().sum(0)
+                a["abs"] = a["abs"] + x.abs().sum(0, dtype=torch.float32)
                 a["n_abs"] += x.shape[0]
             xs = x[::token_stride]
             # bf16 x bf16 products accumulate in fp32 inside the GEMM; the per-chunk result is summed in fp32.

@@ -4,9 +4,10 @@ A group's share of the output error is d^T H_gg d, with d [G] its weight error a
 of the input Gram matrix for its channels (cross-group terms are ignored, as in AutoAWQ's per-group search). So all
 ratios for all groups are scored on every calibration token with one batched [G, G] product per group column.
 
-Two ways to shrink a group's range by a ratio r (1.00 down to 0.55 in 10 steps by default):
+Three ways to shrink a group's range by a ratio r (1.00 down to 0.55 in 10 steps by default):
 - "range": lo = r * min, hi = r * max (both ends move toward 0; the zero point stays where it was);
-- "sym":   AutoAWQ's clamp of the weights to [-r * max|w|, r * max|w|] (only the longer side moves at first).
+- "sym":   AutoAWQ's clamp of the weights to [-r * max|w|, r * max|w|] (only the longer side moves at first);
+- "range2d": lo = r1 * min, hi = r2 * max for every pair of ratios (R^2 candidates; the zero point moves too).
 """
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 
 from quantize.quantizer import QuantSpec, fake_quantize_grouped, grouped
 
-CLIP_MODES = ("range", "sym")
+CLIP_MODES = ("range", "sym", "range2d")
 CANDIDATE_ELEMENTS = 1 << 24
 
 
@@ -25,9 +26,12 @@ def clip_ratios(n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
 
 
 def candidate_bounds(wg: torch.Tensor, ratios: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grouped weights [N, ng, G] -> (lo, hi) [R, N, ng] for each ratio."""
+    """Grouped weights [N, ng, G] -> (lo, hi) [C, N, ng] for each candidate; candidate 0 is always unclipped."""
     mn, mx = wg.amin(-1), wg.amax(-1)
     r = ratios[:, None, None]
+    if mode == "range2d":
+        r_lo, r_hi = (t.reshape(-1, 1, 1) for t in torch.meshgrid(ratios, ratios, indexing="ij"))
+        return torch.where(mn < 0, mn * r_lo, mn), torch.where(mx > 0, mx * r_hi, mx)
     if mode == "range":
         lo = torch.where(mn < 0, mn * r, mn)
         hi = torch.where(mx > 0, mx * r, mx)
@@ -78,7 +82,7 @@ def search_clip(
     wg = grouped(W, G)
     Hb_fit, Hb_val = diagonal_blocks(H_fit, G), diagonal_blocks(H_val, G)
     lo_all, hi_all = candidate_bounds(wg, ratios, mode)  # [R, N, ng]
-    R = len(ratios)
+    R = lo_all.shape[0]
     best = torch.empty(N, K // G, dtype=torch.long)
     rows = max(1, CANDIDATE_ELEMENTS // (R * K))
     for i in range(0, N, rows):
@@ -90,7 +94,11 @@ def search_clip(
             val = group_errors(wg[sl], torch.stack([lo_c, lo_all[0, sl]]), torch.stack([hi_c, hi_all[0, sl]]), Hb_val, spec.qmax)
             choice = torch.where(val[0] < val[1], choice, torch.zeros_like(choice))
         best[sl] = choice
-    return ClipChoice(_at(lo_all, best), _at(hi_all, best), ratios[best])
+    if mode == "range2d":  # report the ratio of the range kept
+        ratio = (_at(hi_all, best) - _at(lo_all, best)) / (hi_all[0] - lo_all[0]).clamp(min=1e-12)
+    else:
+        ratio = ratios[best]
+    return ClipChoice(_at(lo_all, best), _at(hi_all, best), ratio)
 
 
 def _at(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,9 @@ def codes_for(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: i
 def fake_quantize_grouped(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> torch.Tensor:
     """Quantize-dequantize grouped weights [..., G] with bounds lo, hi [...]."""
     scale, zero = params_from_bounds(lo, hi, qmax)
-    return (codes_for(wg, scale, zero, qmax) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    # The ops of codes_for, then (q - z) * s, in place on one buffer: the searches call this on [A, N, K] batches.
+    return wg.div(s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,7 +72,7 @@ def search_scales(
     step = max(1, CANDIDATE_ELEMENTS // (N * K))
     for i in range(0, len(alphas), step):
         s = S[i : i + step, None, :]  # [A, 1, K]
-        dW = fake_quantize(W * s, spec) / s - W
+        dW = fake_quantize(W * s, spec).div_(s).sub_(W)
         fit[i : i + step] = weighted_error(dW, stats.H_fit, dtype)
     best = int(fit.argmin())
 
