@@ -1,0 +1,131 @@
+"""Continuous batching in-process (no HTTP): batch-independent greedy and seeded output, chunked prefill, slots freed
+on abort, the bounded waiting queue. Runs on a tiny random-weight Llama packed as INT4, so the CPU kernel that the
+dispatcher picks by M is exercised with more than CPU_INT4PACK_MAX_M rows."""
+
+import pytest
+import torch
+
+from kernels.dispatch import CPU_INT4PACK_MAX_M
+from runtime_helpers import write_rtn_folder
+from tinyserve.runner import ModelRunner, RunnerConfig
+from tinyserve.sampling import SamplingParams
+from tinyserve.scheduler import QueueFull, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.tokenizer import Tokenizer
+
+NUM_SLOTS = CPU_INT4PACK_MAX_M + 4  # a full batch takes the grouped path of the batch-invariant decode
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_int4(tmp_path_factory, tiny_llama_dir):
+    return write_rtn_folder(tiny_llama_dir, tmp_path_factory.mktemp("tiny-int4"), group_size=64)
+
+
+@pytest.fixture(scope="module")
+def runner_tok(tiny_int4):
+    # One thread: a tiny model gains nothing from two, and on a busy 2-core machine two OpenMP threads that wait for
+    # each other make each step tens of times slower. The setting is process-wide, so it is restored afterwards.
+    threads = torch.get_num_threads()
+    runner = ModelRunner(tiny_int4, RunnerConfig(device="cpu", num_slots=NUM_SLOTS, max_seq_len=256, batch_invariant=True, threads=1))
+    yield runner, Tokenizer(tiny_int4, runner.cfg.eos_token_ids)
+    torch.set_num_threads(threads)
+
+
+def make_specs(tok: Tokenizer, count: int, max_tokens: int = 24, sampling: SamplingParams = GREEDY) -> list[SeqSpec]:
+    # Prompt lengths from ~5 to ~70 tokens: several prefill chunks of 16, and different positions in one batch.
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    specs = []
+    for i in range(count):
+        text = " ".join(words[(i + j) % len(words)] for j in range(3 + 5 * i))
+        specs.append(SeqSpec(tuple(tok.encode(text)), max_tokens, sampling))
+    return specs
+
+
+def run(sched: Scheduler, specs: list[SeqSpec], late: list[SeqSpec] = (), late_after: int = 3) -> dict[int, tuple[list[int], str, str]]:
+    """Step until every sequence finishes; `late` ones are added after `late_after` steps. -> id: (tokens, text, reason)."""
+    ids = sched.add(specs)
+    tokens, text, reason = {}, {}, {}
+    steps = 0
+    while sched.has_work() or (late and steps <= late_after):
+        if late and steps == late_after:
+            ids += sched.add(late)
+        for out in sched.step():
+            tokens.setdefault(out.seq_id, [])
+            text[out.seq_id] = text.get(out.seq_id, "") + out.text
+            if out.token is not None:
+                tokens[out.seq_id].append(out.token.token)
+            if out.finish_reason is not None:
+                reason[out.seq_id] = out.finish_reason
+        steps += 1
+        assert steps < 10_000
+    return {i: (tokens.get(i, []), text.get(i, ""), reason[i]) for i in ids}
+
+
+def test_greedy_and_seeded_output_do_not_depend_on_the_batch(runner_tok):
+    runner, tok = runner_tok
+    sched = Scheduler(runner, tok, SchedulerConfig(max_waiting=64, prefill_chunk=16))
+    greedy = make_specs(tok, NUM_SLOTS)
+    seeded = [SeqSpec(s.prompt_ids, s.max_tokens, SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i)) for i, s in enumerate(make_specs(tok, 4))]
+    everything = greedy + seeded
+    alone = [next(iter(run(sched, [s]).values())) for s in everything]
+    assert all(reason == "length" for _, _, reason in alone)
+    assert len({tuple(t) for t, _, _ in alone}) == len(everything), "prompts should give distinct continuations"
+    assert runner.pool.num_free == NUM_SLOTS
+
+    # All at once: more sequences than slots, so some wait, and the batch size changes as they come and go.
+    together = list(run(sched, everything).values())
+    assert together == alone
+    # Staggered: half arrive while the others are mid-decode (prefill chunks interleave with decode steps).
+    half = len(everything) // 2
+    staggered = list(run(sched, everything[:half], late=everything[half:]).values())
+    assert staggered == alone
+    assert runner.pool.num_free == NUM_SLOTS
+
+
+def test_abort_frees_the_slot_at_the_next_step(runner_tok):
+    runner, tok = runner_tok
+    sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16))
+    waiting_too = make_specs(tok, NUM_SLOTS + 2, max_tokens=150)  # two of them cannot get a slot yet
+    ids = sched.add(waiting_too)
+    for _ in range(8):
+        sched.step()
+    assert runner.pool.num_free == 0 and sched.num_waiting == 2
+    sched.abort(ids)
+    outs = sched.step()
+    assert runner.pool.num_free == NUM_SLOTS
+    assert sorted(o.seq_id for o in outs if o.finish_reason == "cancelled") == sorted(ids)
+    assert not sched.has_work()
+
+
+def test_waiting_queue_is_bounded_and_all_or_nothing(runner_tok):
+    runner, tok = runner_tok
+    sched = Scheduler(runner, tok, SchedulerConfig(max_waiting=3))
+    specs = make_specs(tok, 4, max_tokens=2)
+    with pytest.raises(QueueFull):
+        sched.add(specs)
+    assert sched.num_waiting == 0
+    sched.add(specs[:3])
+    with pytest.raises(QueueFull):
+        sched.add(specs[3:])
+    results = run(sched, [])
+    assert results == {}
+    assert runner.pool.num_free == NUM_SLOTS
+
+
+def test_finish_reasons_eos_and_stop_string(runner_tok):
+    runner, tok = runner_tok
+    sched = Scheduler(runner, tok)
+    spec = make_specs(tok, 1, max_tokens=30)[0]
+    (tokens, text, reason), = run(sched, [spec]).values()
+    assert reason == "length" and len(tokens) == 30 and text == tok.decode(tokens)
+    # A stop string taken from the middle of the greedy text cuts it there and is never part of the output.
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = text[: text.index(stop)]
+    (tokens2, text2, reason2), = run(sched, [SeqSpec(spec.prompt_ids, 30, GREEDY, (stop,))]).values()
+    assert reason2 == "stop" and text2 == cut and tokens2 == tokens[: len(tokens2)]
+    # EOS: make the model's 5th greedy token an end-of-sequence id; it is not counted and not shown.
+    eos_sched = Scheduler(runner, tok)
+    eos_sched.eos = frozenset({tokens[4]})
+    (tokens3, text3, reason3), = run(eos_sched, [spec]).values()
+    first_eos = tokens.index(tokens[4])
+    assert reason3 == "stop" and tokens3 == tokens[:first_eos] and text3 == tok.decode(tokens[:first_eos])
