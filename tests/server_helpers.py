@@ -41,12 +41,12 @@ class ServerProcess:
             try:
                 code = requests.get(self.url + "/health", timeout=5).status_code
             except requests.ConnectionError:
-                time.sleep(0.1)
+                time.sleep(0.05)
                 continue
             self.health_codes.append(code)
             if code == 200:
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)
         self.proc.kill()
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()[-3000:]}")
 

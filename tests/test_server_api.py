@@ -340,7 +340,7 @@ def test_disconnect_frees_the_slot_within_a_second(server, stream):
         resp = conn.getresponse()
         chunks = 0
         while chunks < 2:
-            if resp.fp.readline().startswith(b"data: "):
+            if resp.readline().startswith(b"data: "):
                 chunks += 1
     else:
         deadline = time.monotonic() + 30
