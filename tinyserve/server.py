@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from jinja2 import TemplateError
 
 from tinyserve import protocol as P
 from tinyserve.engine import Engine, RequestStream
@@ -214,7 +215,7 @@ def _prompt_ids(engine: Engine, req: P.Request) -> list[list[int]]:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         try:
             return [tok.chat_ids(req.messages)]
-        except Exception as e:  # jinja raises for conversations a template refuses (e.g. roles not alternating)
+        except (TemplateError, ValueError) as e:  # a template may refuse a conversation (e.g. roles not alternating)
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages", code="invalid_value") from None
     vocab = engine.runner.cfg.vocab_size
     out = []
