@@ -54,17 +54,20 @@ def write_rtn_folder(src: Path, dst: Path, group_size: int = 64, skip: tuple[str
 
 
 def dequantized_reference(quant_dir: Path, fp16_dir: Path, dtype=torch.float32):
-    """The transformers model of fp16_dir with every packed linear of quant_dir replaced by its dequantized weight."""
+    """A transformers model (architecture from fp16_dir) holding every tensor of quant_dir, packed linears
+    dequantized with the pure-torch reference: exactly the function our INT4 decoder should compute."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fp16_dir, dtype=dtype)
     group_size = json.loads((quant_dir / "config.json").read_text())["quantization_config"]["group_size"]
-    packed = load_file(quant_dir / "model.safetensors")
+    tensors = load_file(quant_dir / "model.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name in packed:
+        for name, t in tensors.items():
             if name.endswith(".qweight"):
                 module = name.removesuffix(".qweight")
-                W = dequantize(packed[name], packed[f"{module}.qzeros"], packed[f"{module}.scales"], group_size)  # [K, N]
+                W = dequantize(t, tensors[f"{module}.qzeros"], tensors[f"{module}.scales"], group_size)  # [K, N]
                 params[f"{module}.weight"].copy_(W.t().to(dtype))
+            elif name in params:  # norms and embeddings (AWQ may have folded scales into the norms)
+                params[name].copy_(t.to(dtype))
     return model

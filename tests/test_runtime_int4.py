@@ -1,0 +1,199 @@
+"""The INT4 path: against transformers models whose linears hold our dequantized INT4 weights, plus the loader's
+formats (sharded index, legacy quant_config.json, modules_to_not_convert) and its one-line errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinyserve.config import ConfigError, ModelConfig
+from tinyserve.model import DenseLinear, Int4Linear, Int8Linear
+from tinyserve.runner import ModelRunner, RunnerConfig
+from tinyserve.weights import WeightsError
+from runtime_helpers import dequantized_reference, write_rtn_folder
+
+
+def runner_for(folder, dtype="float32", lm_head="dense", **kw) -> ModelRunner:
+    return ModelRunner(folder, RunnerConfig(device="cpu", dtype=dtype, lm_head=lm_head, max_seq_len=128, **kw))
+
+
+def last_logits(runner: ModelRunner, ids: torch.Tensor) -> torch.Tensor:
+    slot = runner.alloc_slot()
+    try:
+        return runner.prefill(slot, ids)
+    finally:
+        runner.free_slot(slot)
+
+
+IDS = torch.randint(0, 49152, (24,), generator=torch.Generator().manual_seed(7))
+
+
+@torch.inference_mode()
+def test_int4_logits_track_the_dequantized_reference(tiny_int4_dir, tiny_model_dir):
+    """Our INT4 decoder is much closer to transformers-with-our-dequantized-weights than that model is to the
+    original float one: the kernels compute in bf16 (small error), a loader or packing bug would be large."""
+    runner = runner_for(tiny_int4_dir)
+    assert all(isinstance(lw.qkv, Int4Linear) and isinstance(lw.down, Int4Linear) for lw in runner.weights.layers)
+    ref = dequantized_reference(tiny_int4_dir, tiny_model_dir)(IDS[None]).logits[0, -1]
+    from transformers import AutoModelForCausalLM
+
+    orig = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(IDS[None]).logits[0, -1]
+    got = last_logits(runner, IDS)
+    err, quant_effect = (got - ref).abs().max(), (orig - ref).abs().max()
+    assert err < 0.03 * ref.abs().max(), (err, ref.abs().max())
+    assert err < 0.25 * quant_effect, (err, quant_effect)
+
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):\n    "]
+
+
+@pytest.fixture(scope="module")
+def int4_reference(default_rtn_dir, default_fp16_dir):
+    """For each prompt: (prompt length, the reference's 32-token greedy sequence, its logits at each choice)."""
+    from tinyserve.tokenizer import Tokenizer
+
+    ref = dequantized_reference(default_rtn_dir, default_fp16_dir)
+    tok = Tokenizer(default_rtn_dir)
+    out = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt, add_special_tokens=False)
+            seq = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=2)[0]
+            out.append((len(ids), seq, ref(seq[None]).logits[0, len(ids) - 1 : -1]))  # logits [32, V]
+    return out
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype,max_err,min_margin", [("float32", 1.0, 0.1), ("bfloat16", 3.0, 0.3)])
+def test_int4_greedy_choices_match_the_dequantized_reference(default_rtn_dir, int4_reference, dtype, max_err, min_margin):
+    """Real model, RTN INT4 g64. Teacher-forced on the reference's 32-token greedy continuation of three prompts:
+    logits within max_err everywhere (the quantization itself moves them by 10+), and the same greedy choice at
+    every position where the reference's top-2 margin exceeds min_margin (below that, bf16 rounding may flip ties)."""
+    runner = runner_for(default_rtn_dir, dtype=dtype)
+    slot = runner.alloc_slot()
+    checked = 0
+    for n, seq, expected in int4_reference:
+        got = [runner.prefill(slot, seq[:n])]
+        got += [runner.decode([slot], [int(seq[t])])[0] for t in range(n, len(seq) - 1)]
+        got = torch.stack(got)
+        assert (got - expected).abs().max() < max_err
+        top2 = expected.topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > min_margin
+        assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
+        checked += int(clear.sum())
+    assert checked >= 80  # most of the 96 positions are clear choices
+
+
+def _reshard(src, dst, n_shards: int = 3):
+    """Split src's model.safetensors into n shards with a model.safetensors.index.json."""
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(n_shards):
+        file = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = names[i::n_shards]
+        save_file({k: tensors[k] for k in part}, dst / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@torch.inference_mode()
+def test_sharded_checkpoint_and_legacy_quant_config(tiny_int4_dir, tmp_path):
+    expected = last_logits(runner_for(tiny_int4_dir), IDS)
+    sharded = _reshard(tiny_int4_dir, tmp_path / "sharded")
+    torch.testing.assert_close(last_logits(runner_for(sharded), IDS), expected, atol=0, rtol=0)
+    # AutoAWQ's legacy layout: no quantization_config in config.json, a quant_config.json beside it.
+    config = json.loads((sharded / "config.json").read_text())
+    del config["quantization_config"]
+    (sharded / "config.json").write_text(json.dumps(config))
+    (sharded / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}))
+    assert ModelConfig.load(sharded).quant.group_size == 32
+    torch.testing.assert_close(last_logits(runner_for(sharded), IDS), expected, atol=0, rtol=0)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("skip", [("down_proj",), ("k_proj",)])
+def test_modules_to_not_convert(tiny_llama_dir, tmp_path, skip):
+    """Linears listed in modules_to_not_convert stay float. When only some of q/k/v are packed, the fused linear is
+    served as float (dequantized) so it still matches."""
+    folder = write_rtn_folder(tiny_llama_dir, tmp_path / "mixed", group_size=64, skip=skip)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["modules_to_not_convert"] == list(skip)
+    runner = runner_for(folder)
+    lw = runner.weights.layers[0]
+    if skip == ("down_proj",):
+        assert isinstance(lw.down, DenseLinear) and isinstance(lw.qkv, Int4Linear)
+    else:
+        assert isinstance(lw.qkv, DenseLinear) and isinstance(lw.down, Int4Linear)
+    ref = dequantized_reference(folder, tiny_llama_dir)(IDS[None]).logits[0, -1]
+    got = last_logits(runner, IDS)
+    assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+
+
+@torch.inference_mode()
+def test_int8_lm_head_is_close_to_dense(tiny_int4_dir):
+    dense, int8 = runner_for(tiny_int4_dir, dtype="bfloat16"), runner_for(tiny_int4_dir, dtype="bfloat16", lm_head="int8")
+    assert isinstance(int8.weights.lm_head, Int8Linear)
+    a, b = last_logits(dense, IDS), last_logits(int8, IDS)
+    assert (a - b).abs().max() < 0.02 * a.abs().max()
+    # auto: int8 for INT4 checkpoints on CPU, the checkpoint's float weight for float checkpoints.
+    assert isinstance(runner_for(tiny_int4_dir, lm_head="auto").weights.lm_head, Int8Linear)
+
+
+# ---- one-line errors -------------------------------------------------------------------------------------------
+
+
+def _edit(folder, tmp_path, tensors_fn=None, config_fn=None):
+    dst = tmp_path / "edited"
+    shutil.copytree(folder, dst)
+    if tensors_fn:
+        t = load_file(dst / "model.safetensors")
+        tensors_fn(t)
+        save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    if config_fn:
+        c = json.loads((dst / "config.json").read_text())
+        config_fn(c)
+        (dst / "config.json").write_text(json.dumps(c))
+    return dst
+
+
+def _bad_shape(t):
+    t["model.layers.1.mlp.up_proj.scales"] = t["model.layers.1.mlp.up_proj.scales"][:, :-8].contiguous()
+
+
+CASES = {
+    "missing tensor": (lambda t: t.pop("model.layers.1.self_attn.o_proj.qzeros"), None, WeightsError, "model.layers.1.self_attn.o_proj.qzeros"),
+    "missing norm": (lambda t: t.pop("model.norm.weight"), None, WeightsError, "model.norm.weight"),
+    "shape mismatch": (_bad_shape, None, WeightsError, "model.layers.1.mlp.up_proj.scales has shape"),
+    "architecture": (None, lambda c: c.update(model_type="gpt2"), ConfigError, "unsupported model_type 'gpt2'"),
+    "rope type": (None, lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), ConfigError, "unsupported RoPE scaling type 'yarn'"),
+    "bits": (None, lambda c: c["quantization_config"].update(bits=8), ConfigError, "unsupported quantization bits 8"),
+    "packing": (None, lambda c: c["quantization_config"].update(version="gemv"), ConfigError, "unsupported AWQ packing version 'gemv'"),
+    "method": (None, lambda c: c["quantization_config"].update(quant_method="gptq"), ConfigError, "unsupported quantization method 'gptq'"),
+    "group size": (None, lambda c: c["quantization_config"].update(group_size=40), WeightsError, "group size 40 does not divide"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_checkpoints_give_one_line_errors(tiny_llama_dir, tmp_path, case):
+    tensors_fn, config_fn, error, message = CASES[case]
+    src = write_rtn_folder(tiny_llama_dir, tmp_path / "src", group_size=32)
+    folder = _edit(src, tmp_path, tensors_fn, config_fn)
+    with pytest.raises(error) as info:
+        runner_for(folder)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pickle_only_folder_is_refused(tiny_llama_dir, tmp_path):
+    dst = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, dst)
+    (dst / "model.safetensors").rename(dst / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="pickle checkpoints are not loaded"):
+        runner_for(dst)
+    with pytest.raises(ConfigError, match="no config.json"):
+        runner_for(tmp_path)
