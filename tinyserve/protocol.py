@@ -419,11 +419,12 @@ def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None
             "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_chunk(id_: str, created: int, model: str, choices: list[dict], use: dict | None = None,
-               with_usage_field: bool = False) -> dict:
+def chat_chunk(id_: str, created: int, model: str, choices: list[dict], usage_field: bool, use: dict | None = None) -> dict:
+    """One streamed chunk. With stream_options.include_usage every chunk has a `usage` key: null, except in the
+    last one (choices: [])."""
     chunk = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
              "system_fingerprint": None}
-    if with_usage_field:
+    if usage_field:
         chunk["usage"] = use
     return chunk
 
@@ -432,11 +433,11 @@ def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logpro
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def text_completion(id_: str, created: int, model: str, choices: list[dict], use: dict | None,
-                    chunk: bool = False, with_usage_field: bool = True) -> dict:
+def text_completion(id_: str, created: int, model: str, choices: list[dict], usage_field: bool, use: dict | None) -> dict:
+    """A whole /v1/completions response (usage_field True) or one streamed chunk (usage_field as for chat_chunk)."""
     out = {"id": id_, "object": "text_completion", "created": created, "model": model, "choices": choices,
            "system_fingerprint": None}
-    if not chunk or with_usage_field:
+    if usage_field:
         out["usage"] = use
     return out
 

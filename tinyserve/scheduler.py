@@ -267,10 +267,7 @@ class Scheduler:
             reason = "stop"
         else:
             tail += s.stops.flush()
-        if res is not None:
-            out.append(Output(s.id, text + tail, res, reason))
-        else:
-            out.append(Output(s.id, text + tail, None, reason))
+        out.append(Output(s.id, text + tail, res, reason))
         self._release(s)
         self._count_finish(reason)
 

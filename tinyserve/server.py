@@ -340,13 +340,12 @@ class Reply:
             choices = [P.chat_choice(i, self.text[i], self.finish[i], self._lp(i, self.logprobs[i], 0)) for i in range(n)]
             return P.chat_completion(self.id, self.created, self.model, choices, self.usage())
         choices = [P.text_choice(i, self.text[i], self.finish[i], self._lp(i, self.logprobs[i], 0)) for i in range(n)]
-        return P.text_completion(self.id, self.created, self.model, choices, self.usage())
+        return P.text_completion(self.id, self.created, self.model, choices, True, self.usage())
 
     def chunk(self, choices: list[dict]) -> bytes:
-        usage_field = self.req.include_usage
         if self.req.kind == "chat":
-            return P.sse(P.chat_chunk(self.id, self.created, self.model, choices, None, usage_field))
-        return P.sse(P.text_completion(self.id, self.created, self.model, choices, None, chunk=True, with_usage_field=usage_field))
+            return P.sse(P.chat_chunk(self.id, self.created, self.model, choices, self.req.include_usage))
+        return P.sse(P.text_completion(self.id, self.created, self.model, choices, self.req.include_usage, None))
 
     def delta_chunks(self, i: int, out: Output, first: bool) -> list[bytes]:
         """SSE events for one output of choice i (the role chunk first for a chat choice's first output)."""
@@ -377,8 +376,8 @@ class Reply:
 
     def usage_chunk(self) -> bytes:
         if self.req.kind == "chat":
-            return P.sse(P.chat_chunk(self.id, self.created, self.model, [], self.usage(), True))
-        return P.sse(P.text_completion(self.id, self.created, self.model, [], self.usage(), chunk=True))
+            return P.sse(P.chat_chunk(self.id, self.created, self.model, [], True, self.usage()))
+        return P.sse(P.text_completion(self.id, self.created, self.model, [], True, self.usage()))
 
 
 def _failure(out: Output) -> APIError | None:
