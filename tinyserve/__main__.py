@@ -232,13 +232,13 @@ def make_command(a: argparse.Namespace):
     if a.command == "generate":
         from tinyserve.generate import GenerationParams
 
-        params = GenerationParams(max_tokens=a.max_tokens or 256, stop=tuple(a.stop), ignore_eos=a.ignore_eos, sampling=sampling_params(a))
+        params = GenerationParams(max_tokens=256 if a.max_tokens is None else a.max_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, sampling=sampling_params(a))
         cfg = GenerateConfig(a.model, a.prompt, runner_config(a), params, a.json)
         return lambda: generate_main(cfg)
     if a.command == "chat":
         from tinyserve.chat import ChatConfig
 
-        chat = ChatConfig(max_tokens=a.max_tokens or 512, system=a.system, stats=a.stats, sampling=sampling_params(a))
+        chat = ChatConfig(max_tokens=512 if a.max_tokens is None else a.max_tokens, system=a.system, stats=a.stats, sampling=sampling_params(a))
         cfg = ChatMainConfig(a.model, runner_config(a), chat)
         return lambda: chat_main(cfg)
     if a.command == "serve":
