@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from kernels.layout import dequantize, pack_linear
 from quantize.calibration import SiteStats, capture_block_inputs, run_block
-from quantize.clip_search import CLIP_MODES, clip_ratios, search_clip
+from quantize.clip_search import CLIP_MODES, clip_ratios, refit_bounds, search_clip
 from quantize.model_families import Family, ScalingGroup
 from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
-from quantize.scale_search import fold_scales, search_scales, weighted_error
+from quantize.scale_search import fold_scales, gqa_tie, search_scales, weighted_error
 
 METHODS = ("awq", "rtn")
 
@@ -35,6 +35,8 @@ class SearchConfig:
     scale: bool = True  # False: skip the scale search (clip only; an ablation)
     clip: bool = True
     clip_qk: bool = False  # also clip q/k (AutoAWQ never does)
+    gqa_vo: bool = False  # scale v_proj -> o_proj under grouped-query attention too, one scale per v channel
+    refit: bool = False  # after clipping, refit each group's step by least squares (clip_search.refit_bounds)
     clip_mode: str = "range"
     clip_grid: int = 20  # ratios 1 - i / clip_grid ...
     max_shrink: float = 0.5  # ... for i < max_shrink * clip_grid: 1.00 down to 0.55 in 10 steps
@@ -109,13 +111,24 @@ def _top1_share(x_mean: torch.Tensor) -> float:
     return float(x_mean.topk(k).values.sum() / x_mean.sum().clamp(min=1e-12))
 
 
-def _scalable(block: nn.Module, group: ScalingGroup) -> bool:
+def _scaling_tie(block: nn.Module, group: ScalingGroup, gqa: bool) -> tuple[bool, torch.Tensor | None]:
+    """(can the group be scaled, channel tie for search_scales / fold_scales)."""
     if group.prev is None:
-        return False
+        return False, None
     if not group.needs_matching_shapes:
-        return True
+        return True, None
     prev = block.get_submodule(group.prev)
-    return all(prev.out_features == block.get_submodule(n).in_features for n in group.linears)
+    K = block.get_submodule(group.linears[0]).in_features
+    if prev.out_features == K:
+        return True, None
+    attn = block.get_submodule(group.prev.rsplit(".", 1)[0])
+    head_dim = getattr(attn, "head_dim", None)
+    if not gqa or not head_dim or K % head_dim or prev.out_features % head_dim:
+        return False, None
+    n_heads, n_kv = K // head_dim, prev.out_features // head_dim
+    if n_heads % n_kv:
+        return False, None
+    return True, gqa_tie(n_heads, n_kv, head_dim)
 
 
 @torch.no_grad()
@@ -141,16 +154,17 @@ def quantize_block(
     for group in family.groups:
         lins = [block.get_submodule(n) for n in group.linears]
         alpha = None
-        if search.scale and _scalable(block, group):
+        scalable, tie = _scaling_tie(block, group, search.gqa_vo)
+        if search.scale and scalable:
             choice = search_scales([lin.weight for lin in lins], stats[group.linears[0]], spec, search.n_grid,
-                                   search.duo_scaling, search.holdout_gate, search.compute_dtype)
+                                   search.duo_scaling, search.holdout_gate, search.compute_dtype, tie)
             if choice.alpha is not None:
                 alpha = choice.alpha
-                fold_scales(block.get_submodule(group.prev), lins, choice.scales)
+                fold_scales(block.get_submodule(group.prev), lins, choice.scales, tie)
                 for n in group.linears:
                     in_scale[n] = choice.scales
                 if group.prev in out_scale:
-                    out_scale[group.prev] = choice.scales
+                    out_scale[group.prev] = choice.scales if tie is None else torch.zeros(len(out_scale[group.prev])).index_copy_(0, tie, choice.scales)
         for n in group.linears:
             alphas[n] = alpha
 
@@ -159,20 +173,22 @@ def quantize_block(
         W, s = lin.weight.detach(), in_scale[name]
         inv = 1 / s
         lo = hi = None
-        clip_mean, clipped = 1.0, 0.0
+        clip_mean, clipped, refitted = 1.0, 0.0, 0.0
         if search.clip and (search.clip_qk or name not in family.no_clip):
             # The Gram matrices of the scaled input x / s.
             H_fit, H_val = st.H_fit * inv[:, None] * inv[None, :], st.H_val * inv[:, None] * inv[None, :]
             clip = search_clip(W, H_fit, H_val, spec, ratios, search.clip_mode, search.holdout_gate)
             lo, hi = clip.lo, clip.hi
             clip_mean, clipped = float(clip.ratio.mean()), float((clip.ratio < 1).float().mean())
+            if search.refit:
+                lo, hi, refitted = refit_bounds(W, lo, hi, H_fit, H_val, spec, search.holdout_gate)
         result.linears[full] = _pack(W, lin.bias, spec, full, lo, hi)
         # Held-out output error per output element, mapped back to the original input and output spaces.
         W_q = fake_quantize(W, spec, lo, hi) * out_scale[name][:, None] * inv[None, :]
         err_awq = float(weighted_error(W_q - W0[name], st.H_val)) / W.shape[0]
         err_rtn = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
         result.report.append(
-            _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped,
+            _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped, refit_share=refitted,
                  mse_rtn=err_rtn, mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
         )
 

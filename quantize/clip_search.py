@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantize.quantizer import QuantSpec, fake_quantize_grouped, grouped
+from quantize.quantizer import QuantSpec, codes_for, fake_quantize_grouped, grouped, params_from_bounds
 
 CLIP_MODES = ("range", "sym", "range2d")
 CANDIDATE_ELEMENTS = 1 << 24
@@ -51,7 +51,7 @@ def diagonal_blocks(H: torch.Tensor, G: int) -> torch.Tensor:
 
 def group_errors(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, Hb: torch.Tensor, qmax: int) -> torch.Tensor:
     """wg [N, ng, G], lo/hi [R, N, ng], Hb [ng, G, G] -> [R, N, ng] per-group output error d^T H_gg d."""
-    d = fake_quantize_grouped(wg[None], lo, hi, qmax) - wg[None]  # [R, N, ng, G]
+    d = fake_quantize_grouped(wg[None], lo, hi, qmax).sub_(wg)  # [R, N, ng, G]
     R, N, ng, G = d.shape
     dg = d.permute(2, 0, 1, 3).reshape(ng, R * N, G)
     err = (torch.bmm(dg, Hb) * dg).sum(-1)  # [ng, R * N]
@@ -104,3 +104,38 @@ def search_clip(
 def _at(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[R, N, ng] candidates, idx [N, ng] -> [N, ng] the chosen candidate of each group."""
     return t.gather(0, idx[None])[0]
+
+
+def refit_bounds(
+    W: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    H_fit: torch.Tensor,
+    H_val: torch.Tensor,
+    spec: QuantSpec,
+    holdout_gate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One least-squares refinement of each group's step after the clip search.
+
+    With the codes c = q - z that (lo, hi) give a group, the step minimising its output error d^T H_gg d, d = s c - w,
+    is s* = (c^T H_gg w) / (c^T H_gg c) in closed form; the zero point z is kept. The new bounds -z s*, (qmax - z) s*
+    re-round the codes with s*, and a group takes them only where that lowers its fit error (and, with the gate, its
+    held-out error). W [N, K] (scaled), lo/hi [N, K // G]. Returns (lo, hi, share of groups changed)."""
+    N, K = W.shape
+    G = spec.group(K)
+    wg = grouped(W, G)  # [N, ng, G]
+    Hb_fit, Hb_val = diagonal_blocks(H_fit, G), diagonal_blocks(H_val, G)
+    scale, zero = params_from_bounds(lo, hi, spec.qmax)
+    c = (codes_for(wg, scale, zero, spec.qmax) - zero.unsqueeze(-1)).transpose(0, 1)  # [ng, N, G]
+    Hc = torch.bmm(c, Hb_fit)
+    num, den = (Hc * wg.transpose(0, 1)).sum(-1).t(), (Hc * c).sum(-1).t()  # [N, ng]
+    step = num / den.clamp(min=1e-30)
+    step = torch.where((den > 0) & (step > 0), step, scale)
+    lo_new, hi_new = -zero * step, (spec.qmax - zero) * step
+    both_lo, both_hi = torch.stack([lo, lo_new]), torch.stack([hi, hi_new])
+    fit = group_errors(wg, both_lo, both_hi, Hb_fit, spec.qmax)
+    keep = fit[1] < fit[0]
+    if holdout_gate:
+        val = group_errors(wg, both_lo, both_hi, Hb_val, spec.qmax)
+        keep &= val[1] < val[0]
+    return torch.where(keep, lo_new, lo), torch.where(keep, hi_new, hi), float(keep.float().mean())

@@ -59,14 +59,27 @@ def search_scales(
     duo: bool = False,
     holdout_gate: bool = True,
     dtype: torch.dtype = torch.float32,
+    tie: torch.Tensor | None = None,
 ) -> ScaleChoice:
     """weights: the group's W_i [N_i, K] in fp32. Picks alpha on the fit tokens; keeps it only if it also beats the
-    unscaled group on the held-out tokens (when holdout_gate)."""
+    unscaled group on the held-out tokens (when holdout_gate).
+
+    tie [K] (optional): input channel k may only be scaled by the scale of prev's output channel tie[k]. Under
+    grouped-query attention o_proj's input channel (head h, dim d) carries v_proj's output (kv head h // rep, dim d),
+    so one v_proj scale serves rep o_proj channels; candidates are built on prev's channels and expanded."""
     W = torch.cat(weights)  # [N, K]
     N, K = W.shape
     G = spec.group(K)
     x_mean = stats.x_mean.clamp(min=1e-4)
-    alphas, S = scale_candidates(x_mean, w_mean_of(W, G) if duo else None, n_grid)
+    w_mean = w_mean_of(W, G) if duo else None
+    if tie is not None:  # average the tied channels' statistics onto prev's channels
+        n_prev = int(tie.max()) + 1
+        count = torch.zeros(n_prev).index_add_(0, tie, torch.ones(K))
+        x_mean = torch.zeros(n_prev).index_add_(0, tie, x_mean) / count
+        w_mean = None if w_mean is None else torch.zeros(n_prev).index_add_(0, tie, w_mean) / count
+    alphas, S = scale_candidates(x_mean, w_mean, n_grid)
+    if tie is not None:
+        S = S[:, tie]  # [A, K]
 
     fit = torch.empty(len(alphas))
     step = max(1, CANDIDATE_ELEMENTS // (N * K))
@@ -86,15 +99,24 @@ def search_scales(
     return ScaleChoice(float(alphas[best]), S[best].clone(), val_best, val_plain, fit.tolist())
 
 
+def gqa_tie(n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[n_heads * head_dim] o_proj input channel -> the v_proj output channel it carries (repeat_kv's order)."""
+    h = torch.arange(n_heads * head_dim) // head_dim
+    d = torch.arange(n_heads * head_dim) % head_dim
+    return (h // (n_heads // n_kv_heads)) * head_dim + d
+
+
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
+def fold_scales(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, tie: torch.Tensor | None = None) -> None:
     """Multiply the linears' input channels by s [K] and divide prev's output channels by s, in place. The block's
-    function is unchanged: prev now emits x / s and the linears compute (x / s) @ (W * s)^T = x @ W^T."""
+    function is unchanged: prev now emits x / s and the linears compute (x / s) @ (W * s)^T = x @ W^T.
+    With tie (see search_scales), prev's output channel j is divided by the s of the channels tied to it."""
     s = s.to(linears[0].weight.dtype)
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s[:, None])  # [K_out = K, K_in]
+        sp = s if tie is None else torch.zeros(prev.out_features, dtype=s.dtype).index_copy_(0, tie, s)
+        prev.weight.div_(sp[:, None])  # [K_out, K_in]
         if prev.bias is not None:
-            prev.bias.div_(s)
+            prev.bias.div_(sp)
     else:  # a norm with an elementwise weight [K] (RMSNorm / LayerNorm)
         prev.weight.div_(s)
         if getattr(prev, "bias", None) is not None:

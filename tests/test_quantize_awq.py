@@ -4,7 +4,7 @@ the searches win where they should, calibration windows are cut as documented.""
 import pytest
 import torch
 
-from quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block
+from quantize.awq import QuantResult, SearchConfig, _scaling_tie, dequantize_into, quantize_block
 from quantize.calibration import CalibrationError, calibration_windows, run_block
 from quantize.clip_search import clip_ratios, search_clip
 from quantize.model_families import FAMILIES
@@ -50,10 +50,11 @@ def test_folding_scales_leaves_the_block_output_unchanged(arch):
     torch.manual_seed(1)
     for group in FAMILIES[arch].groups:
         lins = [block.get_submodule(n) for n in group.linears]
-        prev = block.get_submodule(group.prev)
-        if getattr(prev, "out_features", lins[0].in_features) != lins[0].in_features:
-            continue  # v_proj -> o_proj under GQA cannot be folded (the table says so)
-        fold_scales(prev, lins, torch.rand(lins[0].in_features) * 4 + 0.1)
+        scalable, tie = _scaling_tie(block, group, gqa=True)
+        assert scalable and (tie is not None) == (group.prev == "self_attn.v_proj")  # the tiny models use GQA
+        n_prev = lins[0].in_features if tie is None else int(tie.max()) + 1
+        s = torch.rand(n_prev) * 4 + 0.1
+        fold_scales(block.get_submodule(group.prev), lins, s if tie is None else s[tie], tie)
     after = block(x, **kw)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert not torch.equal(block.input_layernorm.weight, model.model.norm.weight)  # something was really folded
@@ -103,7 +104,9 @@ def test_awq_beats_rtn_on_a_block_with_planted_salient_channels(arch):
     rtn = output_error(None)
     awq = output_error(SearchConfig(compute_dtype=torch.float32))
     scale_only = output_error(SearchConfig(clip=False, compute_dtype=torch.float32))
+    every_step = output_error(SearchConfig(gqa_vo=True, refit=True, compute_dtype=torch.float32))
     assert awq < 0.5 * rtn, (awq, rtn)
+    assert every_step < 0.5 * rtn, (every_step, rtn)
     assert scale_only < 0.7 * rtn, (scale_only, rtn)
 
 
