@@ -132,13 +132,16 @@ def _dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Ten
     zero = scale_zero[..., 1].contiguous()
     x = x.to(torch.bfloat16)
     out = torch.empty((x.shape[0], Np), dtype=torch.bfloat16)
-    step = max(1, CHUNK_WEIGHTS // (K * N_BLOCK))  # 64-column blocks per chunk
-    codes = torch.empty((K, step, N_BLOCK), dtype=torch.uint8)
-    wbuf = torch.empty((K, step * N_BLOCK), dtype=torch.bfloat16)
-    for b0 in range(0, Np // N_BLOCK, step):
-        nb = min(step, Np // N_BLOCK - b0)
+    n_blocks = Np // N_BLOCK
+    step = min(n_blocks, max(1, CHUNK_WEIGHTS // (K * N_BLOCK)))  # 64-column blocks per chunk
+    codes_buf = torch.empty(K * step * N_BLOCK, dtype=torch.uint8)
+    w_buf = torch.empty(K * step * N_BLOCK, dtype=torch.bfloat16)
+    for b0 in range(0, n_blocks, step):
+        nb = min(step, n_blocks - b0)
         cols = slice(b0 * N_BLOCK, (b0 + nb) * N_BLOCK)
-        c, wc = codes[:, :nb], wbuf[:, : nb * N_BLOCK]
+        # Contiguous views (also for a short last chunk): oneDNN's GEMM is much slower on a strided weight.
+        c = codes_buf[: K * nb * N_BLOCK].view(K, nb, N_BLOCK)
+        wc = w_buf[: K * nb * N_BLOCK].view(K, nb * N_BLOCK)
         _decode_codes(blocks[b0 : b0 + nb], c)
         wc.copy_(c.view(torch.int8).sub_(8).view(K, nb * N_BLOCK))  # q - 8 in -8..7, exact in bf16
         wg = wc.view(ng, K // ng, nb * N_BLOCK)

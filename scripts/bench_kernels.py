@@ -45,7 +45,7 @@ class Config:
     m: list[int] = field(default_factory=lambda: list(M_LIST))
     device: str = "auto"
     threads: int = 0  # 0: torch's default
-    rounds: int = 7
+    rounds: int = 15
     working_set_mib: int = 512
     quick: bool = False
     try_inductor_gemv: bool = False
@@ -80,7 +80,7 @@ def cycling(fn, items):
 
 # ---------------------------------------------------------------------------------------------------- CPU
 
-def cpu_time(fns: dict, rounds: int, batch_s: float = 0.01) -> dict:
+def cpu_time(fns: dict, rounds: int, batch_s: float = 0.002) -> dict:
     """Best-of-rounds seconds per call of each fn; rounds interleave the fns so that load on the machine hits all alike."""
     counts = {}
     for name, fn in fns.items():
@@ -138,7 +138,7 @@ def bench_cpu(cfg: Config) -> None:
                 }
                 if cpu.packed_layout_is_known():
                     fns["deq+mm"] = cycling(lambda w: cpu.dequant_matmul(x, w.int4pack), prepared)
-                rounds = cfg.rounds if M * K * N < 2**33 else max(3, cfg.rounds // 2)
+                rounds = cfg.rounds if M * K * N < 2**33 else 3  # calls of a second or more: 3 rounds
                 t = cpu_time(fns, rounds)
                 chosen = choose_path("cpu", M)
                 t_chosen = t["int4op"] if chosen == "int4pack" else t["deq+mm"]
@@ -255,7 +255,7 @@ def parse_args() -> Config:
     p.add_argument("--m", nargs="+", type=int, default=M_LIST)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per case (CPU)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per case (CPU)")
     p.add_argument("--working-set-mib", type=int, default=512, help="weight copies cycled per path to defeat caches (CPU)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 and one 7B shape, M <= 256")
     p.add_argument("--try-inductor-gemv", action="store_true", help="CPU M=1: also time an inductor-generated INT4 GEMV")
