@@ -136,14 +136,17 @@ class Engine:
                     return
             try:
                 outputs = sched.step()
+                self._record(outputs)
             except Exception:  # a bug, not a bad request: fail what is in flight, keep serving
                 log.exception("scheduler step failed; aborting every sequence")
                 sched.abort_all("error")
                 outputs = []
-            self._record(outputs)
             idle = not sched.has_work()
             if outputs or idle:
-                self._loop.call_soon_threadsafe(self._dispatch, outputs, idle)
+                try:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, idle)
+                except RuntimeError:  # the event loop is closed: the process is exiting
+                    return
 
     def _record(self, outputs: list[Output]) -> None:
         m, sched = self.metrics, self.scheduler

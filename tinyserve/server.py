@@ -281,6 +281,9 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
                        param="model", code="model_not_found")
     prompts = _prompt_ids(engine, req)
     specs = _specs(req, prompts, engine.max_seq_len)
+    if len(specs) > state.config.scheduler.max_waiting:
+        raise APIError(400, f"this request asks for {len(specs)} sequences; this server queues at most "
+                            f"{state.config.scheduler.max_waiting} (--max-waiting)", param="n", code="invalid_value")
     try:
         stream = engine.submit(specs)
     except QueueFull:
