@@ -6,6 +6,7 @@ never a traceback.
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_args(b)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat page",
+                       description="OpenAI-compatible HTTP server (see README, Serve). On CPU, --threads defaults to "
+                       "all cores but one: the HTTP event loop keeps a core of its own.")
     from tinyserve import server
 
     server.add_args(s)
@@ -247,8 +250,11 @@ def make_command(a: argparse.Namespace):
         from tinyserve import server
 
         scfg = server.config_from_args(a)
-        # Continuous batching: greedy output must not depend on what else is in the batch.
-        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True)
+        # Continuous batching: greedy output must not depend on what else is in the batch. On CPU the compute thread
+        # count defaults to all cores but one: the HTTP event loop needs a core of its own, and OpenMP threads that
+        # lose their core to it wait for each other (on the 2-core VM two threads made steps many times slower).
+        threads = a.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True, threads=threads)
         if a.model:
             resolve_model(a.model)  # a wrong path fails now, before the port opens
         return lambda: server.main(scfg, lambda: load(a.model, rcfg), user_errors())
