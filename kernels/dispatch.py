@@ -22,11 +22,13 @@ import torch
 from kernels import cpu
 from kernels.layout import PACK_FACTOR, check_shapes, dequantize, resolve_group_size
 
-# CPU, chosen with scripts/bench_kernels.py on the 2-core dev VM (BENCHMARKS.md):
-# up to this M torch's int4 op beats a bf16 matmul, even one on a dense weight cached at load time.
+# CPU, chosen with scripts/bench_kernels.py on the 2-core dev VM (BENCHMARKS.md, "INT4 kernels (issue 3)"):
+# up to this M torch's int4 op beats a bf16 matmul, even one on a dense weight cached at load time (it won at
+# M = 1, 2, 4, 8 and lost at 16 on all nine SmolLM2 and Llama-2-7B shapes).
 CPU_INT4PACK_MAX_M = 8
-# From this M on, with no cached dense weight, dequantizing per call + a bf16 matmul beats the int4 op.
-CPU_DEQUANT_MIN_M = 192
+# From this M on, with no cached dense weight, dequantizing per call + a bf16 matmul beats the int4 op (it won at
+# M = 96 and 128 on all six shapes measured, at 64 on one of six).
+CPU_DEQUANT_MIN_M = 96
 
 # CUDA: provisional, not yet measured (no GPU was lent to the session that wrote this). GEMV_MAX_M is the largest M
 # one padded 16-row tensor-core tile covers; DEQUANT_MIN_M follows vLLM's AWQ heuristic (dequantize + cuBLAS from
