@@ -153,7 +153,7 @@ def format_table(cfg: BenchConfig, rows: list[RowResult], bandwidth_gb_s: float)
     base = next((r for r in rows if r.name in ("hf-fp32", "hf-fp16")), None)
     lines = [
         f"prompt {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens, greedy, batch 1, median of {cfg.repeat}; "
-        f"device {rows[0].device if rows else '?'}; measured read bandwidth {bandwidth_gb_s:.1f} GB/s",
+        f"device {rows[0].device if rows else '?'}; measured {'copy' if 'cpu' not in (rows[0].device if rows else 'cpu') else 'read'} bandwidth {bandwidth_gb_s:.1f} GB/s",
         "",
         f"| row | decode tok/s | vs {base.name if base else 'baseline'} | prefill tok/s | TTFT ms | peak MiB | MB read/token | GB/s | % of bandwidth |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -206,17 +206,22 @@ def _device(cfg: BenchConfig) -> torch.device:
 
 
 def measure_bandwidth(cfg: BenchConfig) -> float:
-    """Read bandwidth in GB/s: the best of several full passes over a 1 GiB buffer (a reduction reads every byte once)."""
+    """GB/s, best of several passes over 1 GiB. CPU: read bandwidth (a reduction reads every byte once), which is
+    what decode is bound by. CUDA: copy bandwidth (bytes read + written by a device-to-device copy)."""
     dev = _device(cfg)
     x = torch.ones(1 << 28, dtype=torch.float32, device=dev)
+    y = torch.empty_like(x) if dev.type == "cuda" else None
     best = float("inf")
     for _ in range(6):
         _sync(dev)
         t = time.perf_counter()
-        x.sum()
+        if y is None:
+            x.sum()
+        else:
+            y.copy_(x)
         _sync(dev)
         best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+    return x.numel() * 4 * (2 if y is not None else 1) / best / 1e9
 
 
 def _sync(dev: torch.device) -> None:

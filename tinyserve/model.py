@@ -70,12 +70,17 @@ class Int8Linear:
         return _nbytes(self.qweight, self.scales, self.bias)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype) -> "Int8Linear":
-        """[N, K] float -> int8 rows with scale max|w| / 127 (round to nearest)."""
-        w = weight.float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [N]
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q.contiguous(), scales.to(dtype))
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, rows: int = 4096) -> "Int8Linear":
+        """[N, K] float -> int8 rows with scale max|w| / 127 (round to nearest), `rows` at a time (bounded memory)."""
+        N = weight.shape[0]
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(N, dtype=torch.float32, device=weight.device)
+        for a in range(0, N, rows):
+            w = weight[a : a + rows].float()
+            s = w.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+            q[a : a + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+            scales[a : a + rows] = s
+        return cls(q, scales.to(dtype))
 
 
 Linear = DenseLinear | Int4Linear | Int8Linear
@@ -218,18 +223,17 @@ def decode(
     mask = None
     if masked:
         mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-    for layer, lw in enumerate(w.layers):
+    # Per-layer views, taken once per step: [slots, Hkv, S, D] each. A lone sequence (or a run of consecutive
+    # slots) reads its rows as a view; other batches gather their rows (a copy of L positions per row).
+    k_layers, v_layers = k_cache.unbind(0), v_cache.unbind(0)
+    rows = slice(first_slot, first_slot + M) if first_slot is not None else slots
+    for lw, kl, vl in zip(w.layers, k_layers, v_layers):
         h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
         qkv = lw.qkv(h).view(M, Hq + 2 * Hkv, D)
         qk = apply_rope(qkv[:, : Hq + Hkv], c, s)  # [M, Hq + Hkv, D]
-        k_cache[layer][slots, :, positions] = qk[:, Hq:]  # [M, Hkv, D] into each row's slot and position
-        v_cache[layer][slots, :, positions] = qkv[:, Hq + Hkv :]
-        if first_slot is None:
-            k = k_cache[layer, :, :, :length][slots]  # [M, Hkv, L, D] (gathered copy)
-            v = v_cache[layer, :, :, :length][slots]
-        else:
-            k = k_cache[layer, first_slot : first_slot + M, :, :length]  # [M, Hkv, L, D] view
-            v = v_cache[layer, first_slot : first_slot + M, :, :length]
+        kl[slots, :, positions] = qk[:, Hq:]  # [M, Hkv, D] into each row's slot and position
+        vl[slots, :, positions] = qkv[:, Hq + Hkv :]
+        k, v = kl[rows, :, :length], vl[rows, :, :length]  # [M, Hkv, L, D]
         # Grouped-query attention without copying keys: the R query heads that share a key/value head become R
         # query rows of that head. q head h uses kv head h // R, as in transformers' repeat_kv.
         q = qk[:, :Hq].reshape(M, Hkv, R, D)

@@ -108,6 +108,12 @@ class ModelRunner:
         if self.device.type == "cpu":
             torch.set_num_threads(rc.threads or len(os.sched_getaffinity(0)))
         self.dtype = DTYPES[rc.dtype] if rc.dtype != "auto" else (torch.bfloat16 if self.device.type == "cpu" else torch.float16)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise ConfigError("float16 compute is unusably slow on CPU (no fp16 matmul units); use bfloat16 or float32")
+        if self.device.type == "cpu" and rc.compile == "on":
+            # torch.compile of the decode step did not finish compiling within 10 minutes on the 2-core VM, and a
+            # per-layer compile was slower than eager (guard checks on every call): see BENCHMARKS.md.
+            raise ConfigError("--compile on needs CUDA (CUDA graphs); on CPU the decode step runs eagerly")
         self.max_seq_len = min(rc.max_seq_len, self.cfg.max_context)
 
         t0 = time.perf_counter()

@@ -62,6 +62,10 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.where
 
+    def close(self) -> None:
+        """Drop the open files (their memory maps would otherwise stay resident)."""
+        self._handles.clear()
+
     def get(self, name: str, shape: tuple[int, ...] | None = None, why: str = "") -> torch.Tensor:
         if name not in self.where:
             raise WeightsError(f"missing tensor {name} in {self.folder}{f' ({why})' if why else ''}")
@@ -173,7 +177,9 @@ class Loader:
             head = self.fused([self.part("lm_head", H, c.vocab_size, False)])
         if lm_head == "int8" and isinstance(head, DenseLinear):
             head = Int8Linear.quantize(head.weight, self.dtype)
-        return ModelWeights(embed=embed, layers=layers, norm=self.vector("model.norm.weight", H), lm_head=head)
+        weights = ModelWeights(embed=embed, layers=layers, norm=self.vector("model.norm.weight", H), lm_head=head)
+        self.ck.close()
+        return weights
 
 
 def p_n(p: _Part) -> int:
