@@ -24,7 +24,7 @@ from kernels.layout import PACK_FACTOR, check_shapes, dequantize, resolve_group_
 
 # CPU, chosen with scripts/bench_kernels.py on the 2-core dev VM (BENCHMARKS.md, "INT4 kernels (issue 3)"):
 # up to this M torch's int4 op beats a bf16 matmul, even one on a dense weight cached at load time (it won at
-# M = 1, 2, 4, 8 and lost at 16 on all nine SmolLM2 and Llama-2-7B shapes).
+# M = 1, 2, 4, 8 and lost at 16 on all six SmolLM2 and Llama-2-7B shapes measured).
 CPU_INT4PACK_MAX_M = 8
 # From this M on, with no cached dense weight, dequantizing per call + a bf16 matmul beats the int4 op (it won at
 # M = 96 and 128 on all six shapes measured, at 64 on one of six).

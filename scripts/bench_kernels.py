@@ -98,18 +98,21 @@ def cpu_time(fns: dict, rounds: int, batch_s: float = 0.002) -> dict:
     return {name: min(v) for name, v in samples.items()}
 
 
-def cpu_bandwidth(rounds: int) -> tuple[float, float]:
-    """(copy, read) GB/s on 512 MiB buffers: copy counts bytes read + written, read is a sum over the buffer."""
-    a = torch.rand(128 * 2**20)
-    b = torch.empty_like(a)
-    t = cpu_time({"copy": lambda: b.copy_(a), "read": lambda: a.sum()}, rounds, batch_s=0.0)
-    return 2 * a.nbytes / t["copy"] / 1e9, a.nbytes / t["read"] / 1e9
+def cpu_bandwidth(rounds: int, working_set: int) -> tuple[float, float]:
+    """(copy, read) GB/s, timed like the kernels: 8 MiB calls cycling through a pool larger than the caches, best of
+    interleaved rounds. Copy counts bytes read + written; read is a sum over the buffer."""
+    chunk = 2 * 2**20  # floats: 8 MiB
+    pool = [torch.rand(chunk) for _ in range(copies_for(4 * chunk, working_set))]
+    dst = [torch.empty(chunk) for _ in pool]
+    pairs = list(zip(pool, dst))
+    t = cpu_time({"copy": cycling(lambda p: p[1].copy_(p[0]), pairs), "read": cycling(lambda a: a.sum(), pool)}, 3 * rounds)
+    return 2 * 4 * chunk / t["copy"] / 1e9, 4 * chunk / t["read"] / 1e9
 
 
 def bench_cpu(cfg: Config) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    copy_bw, read_bw = cpu_bandwidth(cfg.rounds)
+    copy_bw, read_bw = cpu_bandwidth(cfg.rounds, cfg.working_set_mib * 2**20)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"measured: copy {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
     print("times in ms (best of interleaved rounds); GB/s and % of copy bandwidth for the dispatched path")
