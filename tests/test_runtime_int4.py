@@ -197,3 +197,19 @@ def test_pickle_only_folder_is_refused(tiny_llama_dir, tmp_path):
         runner_for(dst)
     with pytest.raises(ConfigError, match="no config.json"):
         runner_for(tmp_path)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_checkpoints_of_any_dtype(tiny_llama_dir, tmp_path, dtype):
+    """fp32 and bf16 folders load like the fp16 one (the fp16 values survive both conversions exactly)."""
+    folder = tmp_path / str(dtype)
+    shutil.copytree(tiny_llama_dir, folder)
+    tensors = {k: v.to(dtype) for k, v in load_file(folder / "model.safetensors").items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    expected = last_logits(runner_for(tiny_llama_dir), IDS)
+    got = last_logits(runner_for(folder), IDS)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    else:  # bf16 rounds the fp16 weights: close, not equal
+        assert (got - expected).abs().max() < 0.05 * expected.abs().max()
