@@ -135,8 +135,9 @@ def test_rtn_bits_and_group_sizes(tmp_path, tiny_llama_dir, bits, group):
     assert ((W - original).abs() <= step * 0.52 + 1e-4).all()  # RTN: within half a step (+ fp16 rounding)
 
 
-def test_evaluate_cli_json(tiny_runs):
-    _, packed, _, _ = tiny_runs
+def test_evaluate_cli_json(tmp_path, tiny_qwen2_dir):
+    packed = tmp_path / "rtn"
+    run(QuantizeConfig(tiny_qwen2_dir, packed, method="rtn"), log=lambda m: None, progress=False)
     r = subprocess.run(
         [sys.executable, "-m", "quantize.evaluate", "--model", str(packed), "--ctx", "64", "--max-tokens", "256", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -145,3 +146,22 @@ def test_evaluate_cli_json(tiny_runs):
     out = json.loads(r.stdout)
     assert out["tokens"] == 4 * 63 and out["ppl"] > 1
     assert out["ppl"] == pytest.approx(evaluate_folder(packed, eval_text(), ctx=64, max_tokens=256)["ppl"], rel=1e-4)
+
+
+def test_ensure_awq_default_quantizes_once_then_uses_the_cache(tmp_path, monkeypatch, tiny_llama_dir):
+    """ensure_awq_default's caching, with the tiny model standing in for the default one (the real model's first
+    quantization takes about a minute and is what `python -m quantize.table` shows)."""
+    from quantize import default_model
+
+    monkeypatch.setenv("TINYSERVE_HOME", str(tmp_path))
+    monkeypatch.setattr(default_model, "ensure_fp16_default", lambda log: tiny_llama_dir)
+    monkeypatch.setattr("quantize.pipeline.calib_text", lambda: eval_text()[:12000])  # a few windows: keep it quick
+    messages = []
+    first = default_model.ensure_awq_default(log=messages.append)
+    assert first == tmp_path / "models" / "SmolLM2-135M-Instruct-awq-w4-g64"
+    assert json.loads((first / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert any("quantizing the default model" in m for m in messages)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    messages.clear()
+    assert default_model.ensure_awq_default(log=messages.append) == first
+    assert messages == [] and (first / "model.safetensors").stat().st_mtime_ns == stamp
