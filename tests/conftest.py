@@ -90,11 +90,3 @@ def tiny_int4_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from runtime_helpers import write_rtn_folder
 
     return write_rtn_folder(tiny_model_dir, tmp_path_factory.mktemp(f"{tiny_model_dir.name}-int4"), group_size=32)
-
-
-@pytest.fixture(scope="session")
-def default_rtn_dir(tmp_path_factory, default_fp16_dir) -> Path:
-    """The real default model with round-to-nearest INT4 g64 weights (tests the runtime, not the quantizer)."""
-    from runtime_helpers import write_rtn_folder
-
-    return write_rtn_folder(default_fp16_dir, tmp_path_factory.mktemp("smollm2-rtn-g64"), group_size=64)

@@ -46,16 +46,24 @@ def test_int4_logits_track_the_dequantized_reference(tiny_int4_dir, tiny_model_d
     assert err < 0.25 * quant_effect, (err, quant_effect)
 
 
-PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):\n    "]
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
 
 @pytest.fixture(scope="module")
-def int4_reference(default_rtn_dir, default_fp16_dir):
+def awq_dir():
+    """The default model quantized by our AWQ quantizer (cached; the golden and server tests use it too)."""
+    from quantize.default_model import ensure_awq_default
+
+    return ensure_awq_default()
+
+
+@pytest.fixture(scope="module")
+def int4_reference(awq_dir, default_fp16_dir):
     """For each prompt: (prompt length, the reference's 32-token greedy sequence, its logits at each choice)."""
     from tinyserve.tokenizer import Tokenizer
 
-    ref = dequantized_reference(default_rtn_dir, default_fp16_dir)
-    tok = Tokenizer(default_rtn_dir)
+    ref = dequantized_reference(awq_dir, default_fp16_dir)
+    tok = Tokenizer(awq_dir)
     out = []
     with torch.inference_mode():
         for prompt in PROMPTS:
@@ -68,11 +76,11 @@ def int4_reference(default_rtn_dir, default_fp16_dir):
 @pytest.mark.slow
 @torch.inference_mode()
 @pytest.mark.parametrize("dtype,max_err,min_margin", [("float32", 1.0, 0.1), ("bfloat16", 3.0, 0.3)])
-def test_int4_greedy_choices_match_the_dequantized_reference(default_rtn_dir, int4_reference, dtype, max_err, min_margin):
-    """Real model, RTN INT4 g64. Teacher-forced on the reference's 32-token greedy continuation of three prompts:
+def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_reference, dtype, max_err, min_margin):
+    """Real model, AWQ INT4 g64. Teacher-forced on the reference's 32-token greedy continuation of two prompts:
     logits within max_err everywhere (the quantization itself moves them by 10+), and the same greedy choice at
     every position where the reference's top-2 margin exceeds min_margin (below that, bf16 rounding may flip ties)."""
-    runner = runner_for(default_rtn_dir, dtype=dtype)
+    runner = runner_for(awq_dir, dtype=dtype)
     slot = runner.alloc_slot()
     checked = 0
     for n, seq, expected in int4_reference:
@@ -84,7 +92,7 @@ def test_int4_greedy_choices_match_the_dequantized_reference(default_rtn_dir, in
         clear = top2[:, 0] - top2[:, 1] > min_margin
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
         checked += int(clear.sum())
-    assert checked >= 80  # most of the 96 positions are clear choices
+    assert checked >= 50  # most of the 64 positions are clear choices
 
 
 def _reshard(src, dst, n_shards: int = 3):
