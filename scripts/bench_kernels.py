@@ -187,6 +187,7 @@ def bench_inductor_gemv(cfg: Config) -> None:
                 t = parts[0] + parts[1] + parts[2] + parts[3]  # [K // G, N]
                 return (t * scale + zero * xg.sum(-1, keepdim=True)).sum(0)
 
+            torch._dynamo.reset()  # one compiled kernel per shape, without hitting dynamo's recompile limit
             compiled = torch.compile(gemv, dynamic=False)
             x = torch.randn(1, K)
             w = prepare(*random_packed(K, N, G, "cpu"), G)
