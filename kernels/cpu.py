@@ -37,7 +37,7 @@ N_BLOCK = 64  # the op packs N in blocks of 64 columns on AVX-512 builds; we pad
 INNER_K_TILES = 2  # ignored by the CPU conversion; the CUDA variant of the op takes the same argument
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CpuPacked:
     """One INT4 linear in the layout of torch's CPU int4 op."""
 

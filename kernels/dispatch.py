@@ -36,7 +36,7 @@ CPU_DEQUANT_MIN_M = 96
 CUDA_GEMV_MAX_M = 16
 CUDA_DEQUANT_MIN_M = 256
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: compare layers by identity, never tensor by tensor
 class Int4Weights:
     """One packed INT4 linear prepared for its device (see kernels/layout.py for the file layout)."""
 

@@ -17,7 +17,9 @@ from kernels.triton_common import interpreting
 from kernels_reference import assert_matches, random_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def gpu(test):
+    """Marked `gpu` and skipped without CUDA; runs on the GPU machine when one is lent."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def round_like_kernel(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
