@@ -46,7 +46,7 @@ GEMM_CASES = [
     (1, 64, 72, 32, 1, torch.float16, True, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)),
     (3, 576, 200, 64, 2, torch.bfloat16, False, dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)),
     (17, 1536, 72, 128, 4, torch.float16, True, dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8)),
-    (64, 64, 200, 64, 2, torch.bfloat16, True, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)),
+    (64, 64, 200, 64, 2, torch.bfloat16, True, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=3)),  # 4x4 tiles: grouped order
     (17, 576, 1536, 32, 1, torch.bfloat16, False, dict(BLOCK_M=32, BLOCK_N=256, BLOCK_K=32, GROUP_M=8)),
     (64, 1536, 200, 32, 4, torch.float16, False, dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, GROUP_M=8)),
     (3, 1536, 1536, 64, 4, torch.float16, True, dict(BLOCK_M=16, BLOCK_N=512, BLOCK_K=64, GROUP_M=8)),
