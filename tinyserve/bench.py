@@ -118,15 +118,22 @@ def main(cfg: BenchConfig) -> int:
         resolve_folders(cfg)  # quantize / convert the defaults once, before the rows start
     env = dict(os.environ)
     results: list[RowResult] = []
+    failed: list[str] = []
     bandwidth = _child(cfg, "bandwidth", env)["gb_s"]
     for name in cfg.rows:
         print(f"bench: running {name} ...", file=sys.stderr, flush=True)
-        results.append(RowResult(**_child(cfg, name, env)))
+        try:
+            results.append(RowResult(**_child(cfg, name, env)))
+        except RuntimeError as e:  # report it and go on: the other rows are still worth having
+            print(f"bench: {e}", file=sys.stderr, flush=True)
+            failed.append(name)
     print(format_table(cfg, results, bandwidth))
+    if failed:
+        print(f"\nfailed rows (see stderr): {', '.join(failed)}")
     if cfg.json_out:
         with open(cfg.json_out, "w") as f:
-            json.dump({"config": asdict(cfg), "bandwidth_gb_s": bandwidth, "rows": [asdict(r) for r in results]}, f, indent=2)
-    return 0
+            json.dump({"config": asdict(cfg), "bandwidth_gb_s": bandwidth, "rows": [asdict(r) for r in results], "failed": failed}, f, indent=2)
+    return 1 if failed else 0
 
 
 def resolve_folders(cfg: BenchConfig) -> None:
@@ -144,7 +151,7 @@ def _child(cfg: BenchConfig, row: str, env: dict) -> dict:
     cmd = [sys.executable, "-m", "tinyserve", "bench", *to_argv(cfg), "--row", row]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
+        sys.stderr.write(proc.stderr[-4000:])
         raise RuntimeError(f"benchmark row {row} failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -143,6 +143,8 @@ class ModelRunner:
         mode = self.config.lm_head
         if mode == "auto":
             return "int8" if self.device.type == "cpu" and self.cfg.quant is not None else "dense"
+        if mode == "int8" and self.device.type != "cpu":
+            raise ConfigError("--lm-head int8 uses a CPU kernel (torch's int8 weight-only matmul); use dense on CUDA")
         return mode
 
     def dense_prefill(self) -> bool:

@@ -15,6 +15,8 @@ class Tokenizer:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        if not Path(folder).is_dir():
+            raise ConfigError(f"{folder} is not a folder (a tokenizer is loaded from the model folder)")
         try:
             self.hf = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
