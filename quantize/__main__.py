@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--duo-scaling", action="store_true", help="scales x_mean^a / w_mean^(1-a) (AutoAWQ's default)")
     g.add_argument("--no-scale", action="store_true", help="skip the scale search (clip only)")
     g.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    g.add_argument("--no-gqa-vo", action="store_true",
+                   help="leave v_proj -> o_proj unscaled under grouped-query attention (as AutoAWQ does)")
+    g.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of each group's step after clipping")
     g.add_argument("--clip-mode", default="range", help=f"how a ratio shrinks a group's range: {' or '.join(CLIP_MODES)}")
     g.add_argument("--no-holdout-gate", action="store_true",
                    help="keep every chosen scale/clip even where it loses to none on the held-out windows")
@@ -46,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
     a = p.parse_args(argv)
     search = SearchConfig(
-        duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, clip_mode=a.clip_mode,
+        duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, gqa_vo=not a.no_gqa_vo, refit=not a.no_refit, clip_mode=a.clip_mode,
         holdout_gate=not a.no_holdout_gate, token_stride=a.token_stride,
         compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
     )

@@ -35,8 +35,8 @@ class SearchConfig:
     scale: bool = True  # False: skip the scale search (clip only; an ablation)
     clip: bool = True
     clip_qk: bool = False  # also clip q/k (AutoAWQ never does)
-    gqa_vo: bool = False  # scale v_proj -> o_proj under grouped-query attention too, one scale per v channel
-    refit: bool = False  # after clipping, refit each group's step by least squares (clip_search.refit_bounds)
+    gqa_vo: bool = True  # scale v_proj -> o_proj under grouped-query attention too, one scale per v channel
+    refit: bool = True  # after clipping, refit each group's step by least squares (clip_search.refit_bounds)
     clip_mode: str = "range"
     clip_grid: int = 20  # ratios 1 - i / clip_grid ...
     max_shrink: float = 0.5  # ... for i < max_shrink * clip_grid: 1.00 down to 0.55 in 10 steps

@@ -15,8 +15,9 @@ from quantize.quantizer import QuantizationError
 class ScalingGroup:
     prev: str | None  # module path inside a block of the op whose output feeds `linears`; None: nothing to fold into
     linears: tuple[str, ...]  # paths inside a block; all read the same input
-    # A linear prev can only absorb 1/s when its out_features equals the linears' in_features (v_proj -> o_proj fails
-    # under grouped-query attention); such a group is then quantized without scaling (clipping still applies).
+    # A linear prev absorbs 1/s exactly when its out_features equals the linears' in_features. Under grouped-query
+    # attention v_proj has fewer outputs than o_proj has inputs: then each v channel's scale is shared by the o_proj
+    # channels that read it (awq.SearchConfig.gqa_vo, on by default), or the group is left unscaled.
     needs_matching_shapes: bool = False
 
 

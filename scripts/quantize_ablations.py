@@ -36,9 +36,8 @@ VARIANTS = {
     "autoawq-like": replace(BASE, duo_scaling=True, clip_mode="sym", holdout_gate=False),
     "clip-qk": replace(BASE, clip_qk=True),
     "clip-range2d": replace(BASE, clip_mode="range2d"),
-    "gqa-vo": replace(BASE, gqa_vo=True),
-    "refit": replace(BASE, refit=True),
-    "refit-clip-qk": replace(BASE, refit=True, clip_qk=True),
+    "no-gqa-vo": replace(BASE, gqa_vo=False),
+    "no-refit": replace(BASE, refit=False),
 }
 STATS_VARIANTS = {
     "fp32": dict(search=replace(BASE, compute_dtype=torch.float32)),
