@@ -9,7 +9,11 @@ let controller = null;  // AbortController of the reply being streamed
 
 const keyBox = $("api-key");
 keyBox.value = localStorage.getItem("tinyserve-api-key") || "";
-keyBox.addEventListener("change", () => localStorage.setItem("tinyserve-api-key", keyBox.value));
+keyBox.addEventListener("change", () => {
+  localStorage.setItem("tinyserve-api-key", keyBox.value);
+  showError("");
+  loadModel();
+});
 
 function headers() {
   const h = { "Content-Type": "application/json" };
