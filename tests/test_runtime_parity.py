@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tinyserve.runner import ContextOverflow, ModelRunner, RunnerConfig
+from tinyserve.runner import ContextOverflow, CudaGraphDecoder, ModelRunner, RunnerConfig
 
 ATOL = 1e-4
 
@@ -188,3 +188,39 @@ def test_real_model_greedy_text_matches_transformers(default_fp16_dir):
         text, got = session.generate(ids, params)
         assert got == expected, prompt
         assert text == tok.decode(expected)
+
+
+class EagerReplay(CudaGraphDecoder):
+    """The CUDA-graph decoder with capture replaced by an eager rerun into a static output buffer: everything the
+    graphs depend on (batch and length buckets, padding rows in the scratch slot, static inputs) runs on CPU."""
+
+    captured: list = []
+
+    def _capture(self, B, L):
+        self.captured.append((B, L))
+        out = self._step(B, L)
+        return (lambda: out.copy_(self._step(B, L))), out
+
+
+@torch.inference_mode()
+def test_cuda_graph_bucketing_and_padding_on_cpu(tiny_model_dir):
+    from tinyserve.kv_cache import KVCache
+
+    eager = fp32_runner(tiny_model_dir, max_seq_len=300, num_slots=5)
+    graphed = fp32_runner(tiny_model_dir, max_seq_len=300, num_slots=5)
+    # What ModelRunner sets up on CUDA: one extra cache slot for padding rows, and the graph decoder.
+    graphed.cache = KVCache(graphed.cfg, 6, graphed.max_seq_len, graphed.dtype, graphed.device)
+    graphed.graphs = EagerReplay(graphed)
+    EagerReplay.captured = []
+    prompts = {0: random_ids(5, 30), 2: random_ids(12, 31), 3: random_ids(270, 32)}
+    for r in (eager, graphed):
+        for s in range(5):
+            r.alloc_slot()
+        for s, ids in prompts.items():
+            r.prefill(s, ids)
+    for step in range(3):
+        for order in ([2, 0, 3], [3], [0, 2]):  # buckets of 4 (one padding row), 1 and 2 rows
+            toks = [int(random_ids(1, 100 * step + s)) for s in order]
+            torch.testing.assert_close(graphed.decode(order, toks), eager.decode(order, toks), atol=1e-4, rtol=0)
+    # (batch bucket, attended length): 256 covers slots 0 and 2; with slot 3 (past 256) it is max_seq_len (300).
+    assert sorted(set(EagerReplay.captured)) == [(1, 300), (2, 256), (4, 300)]

@@ -26,6 +26,7 @@ API (what a scheduler, the CLI or the HTTP server calls):
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,7 +269,8 @@ class CudaGraphDecoder:
     """Decode steps replayed from CUDA graphs, one per (batch bucket, attended-length bucket), captured on first use.
 
     All graphs read their inputs from the same static device buffers and share one memory pool; the logits a replay
-    returns are copied out before the next replay, so graphs may reuse each other's output memory.
+    returns are copied out before the next replay, so graphs may reuse each other's output memory. Everything but
+    `_capture` is device-independent (the tests run it on CPU with an eager stand-in for capture).
     """
 
     def __init__(self, runner: "ModelRunner"):
@@ -276,8 +278,10 @@ class CudaGraphDecoder:
         self.max_batch = batch_bucket(runner.num_slots, runner.num_slots)
         dev = runner.device
         self.inputs = torch.zeros(3, self.max_batch, dtype=torch.long, device=dev)  # rows: tokens, slots, positions
-        self.host = torch.zeros(3, self.max_batch, dtype=torch.long).pin_memory()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.host = torch.zeros(3, self.max_batch, dtype=torch.long)
+        if dev.type == "cuda":
+            self.host = self.host.pin_memory()
+        self.graphs: dict[tuple[int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self.pool = None
 
     def __call__(self, slots: list[int], tokens: list[int], pos: list[int]) -> torch.Tensor:
@@ -293,8 +297,8 @@ class CudaGraphDecoder:
         self.inputs[:, :B].copy_(self.host[:, :B])  # blocking: the pinned buffer is rewritten next step
         if (B, L) not in self.graphs:
             self.graphs[(B, L)] = self._capture(B, L)
-        graph, logits = self.graphs[(B, L)]
-        graph.replay()
+        replay, logits = self.graphs[(B, L)]
+        replay()
         return logits[:M].float()
 
     def _step(self, B: int, L: int) -> torch.Tensor:
@@ -302,7 +306,8 @@ class CudaGraphDecoder:
         tokens, slots, positions = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
         return model.decode(r.cfg, r.weights, r.cache.k, r.cache.v, slots, tokens, positions, L, r.cos, r.sin)
 
-    def _capture(self, B: int, L: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, B: int, L: int) -> tuple[Callable[[], None], torch.Tensor]:
+        """(replay, logits): replay() reruns the step on the current inputs and leaves its result in logits [B, V]."""
         # One eager run first, on a side stream: it autotunes Triton kernels and creates library handles, none of
         # which may happen during capture. It writes exactly what the replay will write, so it changes nothing.
         side = torch.cuda.Stream()
@@ -314,4 +319,4 @@ class CudaGraphDecoder:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._step(B, L)
         self.pool = graph.pool()
-        return graph, logits
+        return graph.replay, logits
