@@ -95,6 +95,11 @@ def write_folder(
                 shutil.copy2(f, tmp / f.name)
         if extra is not None:
             extra(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should read like any other
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             if if_exists == "keep":
                 shutil.rmtree(tmp)
