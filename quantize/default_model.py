@@ -118,8 +118,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def ensure_awq_default(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Return the packed AWQ w4 g64 folder of the default model, quantizing it on first use (about a minute on
-    2 CPU cores; the fp16 conversion before it, if needed, about 20 s). Safe to call from concurrent processes: the
+    """Return the packed AWQ w4 g64 folder of the default model, quantizing it on first use (minutes on 2 CPU
+    cores, see BENCHMARKS.md; the fp16 conversion before it, if needed, about 20 s). Safe to call from concurrent processes: the
     folder is written to a temporary name and renamed, and the first one finished is kept."""
     out = awq_folder()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
