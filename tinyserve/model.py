@@ -151,7 +151,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32, returned in x's dtype."""
+    H = x.shape[-1]
+    if x.device.type != "cpu":
+        return F.rms_norm(x, (H,), weight, eps)
+    # On CPU, F.rms_norm is a composite of ~6 ops (1.4 ms of a 12.4 ms SmolLM2 decode step); layer_norm is one fused
+    # kernel. LayerNorm of [x, -x] has mean 0 and variance mean(x^2), so its first half is exactly RMSNorm of x.
+    # The same step took 11.9 ms this way (A/B in one process, 2 threads).
+    return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * H,), None, None, eps)[..., :H] * weight
 
 
 def mlp(lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
