@@ -1,6 +1,7 @@
-"""python -m quantize: AWQ (or RTN) INT4 quantization of a Hugging Face model folder into the AutoAWQ GEMM layout.
+"""python -m quantize: AWQ, GPTQ, AWQ + GPTQ or RTN INT4 quantization of a Hugging Face model folder into the AutoAWQ
+GEMM layout.
 
-    python -m quantize --model DIR --out DIR [--method awq|rtn] [--w-bit 4] [--group-size 64]
+    python -m quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|rtn] [--w-bit 4] [--group-size 64]
                        [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
 
 Writes to a temporary folder and renames it into place at the end; refuses to replace an existing --out without
@@ -17,6 +18,7 @@ import torch
 
 from quantize.awq import SearchConfig
 from quantize.clip_search import CLIP_MODES
+from quantize.gptq import CALIB_INPUTS, GPTQConfig
 from quantize.pipeline import USER_ERRORS, QuantizeConfig, run
 from quantize.quantizer import SUPPORTED_GROUP_SIZES
 
@@ -25,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     p = argparse.ArgumentParser(prog="python -m quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="source model folder (fp16/bf16/fp32 safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    p.add_argument("--method", default="awq", help="awq (default) or rtn (plain round-to-nearest baseline)")
+    p.add_argument("--method", default="awq",
+                   help="awq (default), gptq, awq-gptq (AWQ's scales, then GPTQ's rounding) or rtn (plain round-to-nearest baseline)")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits: 4 (default) or 3")
     p.add_argument("--group-size", type=int, default=64,
                    help=f"input channels per quantization group: {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (-1: per output channel); default 64")
@@ -47,14 +50,21 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
                    help="keep every chosen scale/clip even where it loses to none on the held-out windows")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
+    g = p.add_argument_group("GPTQ (gptq and awq-gptq)")
+    g.add_argument("--act-order", action="store_true",
+                   help="visit columns by decreasing Hessian diagonal (groups keep fixed, contiguous grids)")
+    g.add_argument("--percdamp", type=float, default=0.01, help="damping as a share of the Hessian's mean diagonal (default 0.01)")
+    g.add_argument("--calib-inputs", default="quantized",
+                   help=f"each block calibrates on the outputs of the {' or '.join(CALIB_INPUTS)} blocks before it (default quantized)")
     a = p.parse_args(argv)
     search = SearchConfig(
         duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, gqa_vo=not a.no_gqa_vo, refit=not a.no_refit, clip_mode=a.clip_mode,
         holdout_gate=not a.no_holdout_gate, token_stride=a.token_stride,
         compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
     )
+    gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)
     return QuantizeConfig(a.model, a.out, a.method, a.w_bit, a.group_size, a.calib_text, a.n_samples, a.seqlen,
-                          a.fake, a.overwrite, search)
+                          a.fake, a.overwrite, search, gptq)
 
 
 def main(cfg: QuantizeConfig) -> dict:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from quantize.model_io import ModelFolderError, load_model, load_tokenizer
 from quantize.text_data import eval_text
@@ -29,7 +30,7 @@ DEFAULT_MAX_TOKENS = 16384
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, ctx: int = DEFAULT_CTX, batch: int = 2) -> tuple[float, int]:
+def perplexity(model, ids: torch.Tensor, ctx: int = DEFAULT_CTX, batch: int = 2, progress: bool = False) -> tuple[float, int]:
     """ids [T] -> (perplexity, predicted tokens) over non-overlapping windows of ctx tokens."""
     windows = [ids[i : i + ctx] for i in range(0, len(ids), ctx)]
     windows = [w for w in windows if len(w) > 1]
@@ -37,7 +38,7 @@ def perplexity(model, ids: torch.Tensor, ctx: int = DEFAULT_CTX, batch: int = 2)
     full = [w for w in windows if len(w) == ctx]
     rest = [w for w in windows if len(w) != ctx]
     batches = [torch.stack(full[i : i + batch]) for i in range(0, len(full), batch)] + [w[None] for w in rest]
-    for x in batches:
+    for x in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
         logits = model(input_ids=x, use_cache=False).logits.float()  # [b, S, V]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         nll += float(loss)

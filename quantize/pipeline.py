@@ -1,4 +1,4 @@
-"""One quantization run: validate the folders, load, calibrate, quantize (AWQ or RTN), write the folder and report.
+"""One quantization run: validate the folders, load, calibrate, quantize (methods.py), write the folder and report.
 
 Used by `python -m quantize` and by default_model.ensure_awq_default(). Every user mistake raises one of
 QuantizationError, CalibrationError, ModelFolderError (all ValueErrors) with a one-line message, before any long work
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from quantize.awq import METHODS, SearchConfig, awq_quantize, check_model, rtn_quantize
+from quantize.awq import SearchConfig, check_model
 from quantize.calibration import CalibrationError, calibration_windows
 from quantize.export import output_config, state_dict, write_folder
+from quantize.gptq import GPTQConfig
+from quantize.methods import CALIBRATED, METHODS, quantize_model
 from quantize.model_families import family_for
 from quantize.model_io import ModelFolderError, awq_config, config_dtype, load_model, load_tokenizer, read_config, weight_files
 from quantize.quantizer import QuantizationError, QuantSpec
@@ -38,6 +40,7 @@ class QuantizeConfig:
     fake: bool = False  # write quantize-dequantized fp16 weights instead of packed ones
     overwrite: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
 
     def __post_init__(self):
         self.model, self.out = Path(self.model), Path(self.out)
@@ -71,7 +74,7 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     if cfg.out.exists() and if_exists == "error":
         raise QuantizationError(f"{cfg.out} already exists; pass --overwrite to replace it")
     texts = None
-    if cfg.method == "awq" and cfg.calib_text is not None:
+    if cfg.method in CALIBRATED and cfg.calib_text is not None:
         if not cfg.calib_text.is_file():
             raise CalibrationError(f"calibration text {cfg.calib_text} does not exist")
         texts = cfg.calib_text.read_text(encoding="utf-8", errors="replace")
@@ -79,15 +82,13 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     model = load_model(cfg.model)
     check_model(model, family, cfg.spec)
     t_quant = time.perf_counter()
-    if cfg.method == "rtn":
-        result = rtn_quantize(model, family, cfg.spec, progress)
-        calib = None
-    else:
+    windows, calib = None, None
+    if cfg.method in CALIBRATED:
         tokenizer = load_tokenizer(cfg.model)
         windows = calibration_windows(tokenizer, calib_text() if texts is None else texts, cfg.n_samples, cfg.seqlen, log)
         calib = {"windows": len(windows), "seqlen": cfg.seqlen, "tokens": windows.numel(),
                  "text": str(cfg.calib_text) if cfg.calib_text else "built-in Botchan chapters V-XI"}
-        result = awq_quantize(model, family, cfg.spec, windows, cfg.search, progress, log)
+    result = quantize_model(cfg.method, model, family, cfg.spec, windows, cfg.search, cfg.gptq, progress, log)
     quant_seconds = time.perf_counter() - t_quant
 
     tied = bool(src_config.get("tie_word_embeddings", False))
@@ -102,16 +103,17 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         "group_size": cfg.group_size,
         "fake": cfg.fake,
         "calibration": calib,
-        "search": search if cfg.method == "awq" else None,
+        "search": search if cfg.method in CALIBRATED else None,
+        "gptq": asdict(cfg.gptq) if "gptq" in cfg.method else None,
         "linears": len(result.linears),
         "quantize_seconds": round(quant_seconds, 1),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "threads": torch.get_num_threads(),
     }
-    if result.report and "mse_awq" in result.report[0]:
-        summary["sum_mse_rtn"] = sum(r["mse_rtn"] for r in result.report)
-        summary["sum_mse_awq"] = sum(r["mse_awq"] for r in result.report)
+    for key in ("mse_rtn", "mse_awq", "mse_gptq"):
+        if result.report and key in result.report[0]:
+            summary[f"sum_{key}"] = sum(r[key] for r in result.report)
     written = write_folder(cfg.out, cfg.model, tensors, output_config(src_config, cfg.spec, cfg.fake),
                            lambda tmp: write_report(tmp, summary, result.report), if_exists)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -98,7 +98,9 @@ def test_group_size_not_dividing_names_the_layer(tmp_path, tiny_llama_dir):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--method", "gptq"], r"method 'gptq'; choose one of \['awq', 'rtn'\]"),
+        (["--method", "gptx"], r"method 'gptx'; choose one of \['rtn', 'awq', 'gptq', 'awq-gptq'\]"),
+        (["--method", "gptq", "--percdamp", "2"], r"percdamp 2.0 must lie in \[0, 1\)"),
+        (["--method", "gptq", "--calib-inputs", "float"], r"calibration inputs 'float'; choose one of \['quantized', 'fp'\]"),
         (["--w-bit", "8"], r"w-bit 8 is not supported"),
         (["--group-size", "100"], r"group size 100 is not supported"),
         (["--clip-mode", "wide"], r"clip mode 'wide'"),
