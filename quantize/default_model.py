@@ -19,6 +19,9 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # Hidden size 576 is not a multiple of 128; 64 divides every linear of this model.
 DEFAULT_GROUP_SIZE = 64
+# Part of the cached AWQ folder's name. Bump it whenever the quantizer's defaults or arithmetic change what it writes,
+# so that a cache built by an older version is rebuilt instead of served (the golden test's ids depend on it).
+DEFAULT_RECIPE = 2
 
 
 class DefaultModelError(RuntimeError):
@@ -34,7 +37,7 @@ def fp16_folder() -> Path:
 
 
 def awq_folder(group_size: int = DEFAULT_GROUP_SIZE) -> Path:
-    return tinyserve_home() / "models" / f"{DEFAULT_NAME}-awq-w4-g{group_size}"
+    return tinyserve_home() / "models" / f"{DEFAULT_NAME}-awq-w4-g{group_size}-r{DEFAULT_RECIPE}"
 
 
 def find_gguf() -> Path:
@@ -124,6 +127,10 @@ def ensure_awq_default(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     out = awq_folder()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    for old in out.parent.glob(f"{DEFAULT_NAME}-awq-w4-g{DEFAULT_GROUP_SIZE}*"):
+        if old != out and (old / "config.json").is_file():
+            log(f"tinyserve: removing {old}, written by an older version of the quantizer")
+            shutil.rmtree(old, ignore_errors=True)
     src = ensure_fp16_default(log)
     log(f"tinyserve: quantizing the default model with AWQ (4-bit, group size {DEFAULT_GROUP_SIZE}) into {out} (once)")
     from quantize.pipeline import QuantizeConfig, run

@@ -156,9 +156,13 @@ def test_ensure_awq_default_quantizes_once_then_uses_the_cache(tmp_path, monkeyp
     monkeypatch.setenv("TINYSERVE_HOME", str(tmp_path))
     monkeypatch.setattr(default_model, "ensure_fp16_default", lambda log: tiny_llama_dir)
     monkeypatch.setattr("quantize.pipeline.calib_text", lambda: eval_text()[:12000])  # a few windows: keep it quick
+    stale = tmp_path / "models" / "SmolLM2-135M-Instruct-awq-w4-g64"  # written by an older recipe: replaced
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
     messages = []
     first = default_model.ensure_awq_default(log=messages.append)
-    assert first == tmp_path / "models" / "SmolLM2-135M-Instruct-awq-w4-g64"
+    assert first == tmp_path / "models" / f"SmolLM2-135M-Instruct-awq-w4-g64-r{default_model.DEFAULT_RECIPE}"
+    assert not stale.exists()
     assert json.loads((first / "config.json").read_text())["quantization_config"]["group_size"] == 64
     assert any("quantizing the default model" in m for m in messages)
     stamp = (first / "model.safetensors").stat().st_mtime_ns

@@ -13,16 +13,16 @@ GOLDEN = [
     (
         "chat",
         "What is the capital of France?",
-        [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 260, 4206, 282, 260, 4206, 282, 7042, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1,
-         4093, 198, 57, 5248, 3946, 288],
-        "The capital of France is Paris, City of the City of the City of Paris.",
+        [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248, 3946, 288, 7198, 253,
+         1861, 338, 26064, 12143, 29, 9263],
+        "The capital of France is Paris, France.",
     ),
     (
         "raw",
         "Once upon a time, in a small village,",
-        [665, 436, 253, 555, 3365, 414, 593, 290, 30, 909, 436, 253, 38688, 617, 1135, 511, 11695, 282, 1495, 28, 429, 2549, 288,
-         23812, 30, 909, 761, 253, 6221, 3365, 3906, 4075],
-        " there was a man named Eberle. He was a blacksmith who made all sorts of things, from tools to armor. He had a wife named Elara",
+        [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30, 2306, 761, 253,
+         2375, 4897, 327, 967, 617, 592, 10032, 351, 480],
+        " there lived a wise and kind woman named Elara. She was known for her kindness and compassion.",
     ),
 ]
 

@@ -132,6 +132,9 @@ class Chat:
                 if not self.command(line):
                     break
                 continue
-            self.reply(line)
+            try:
+                self.reply(line)
+            except KeyboardInterrupt:  # Ctrl-C before the first token (templating, prefill): stop this reply only
+                self.say("\n(stopped)")
         if interactive:
             print(file=self.out)
