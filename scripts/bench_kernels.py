@@ -3,9 +3,11 @@
     python scripts/bench_kernels.py                  # every shape and M of issue 3, on CUDA if present, else CPU
     python scripts/bench_kernels.py --quick          # SmolLM2 + one 7B shape, M up to 256
     python scripts/bench_kernels.py --shapes smollm2 --m 1 2 4 8 16
+    python scripts/bench_kernels.py --threads 1 --shapes smollm2 smollm2-fused --m 1 2 4 8 16 32 64 --native-variant avx512bf16
 
-Per shape and M it prints the time of every path the dispatcher can choose (CPU: torch's int4 op, dequantize per
-call + bf16 matmul, a cached dense bf16 weight; CUDA: Triton GEMV, Triton GEMM, Triton dequant + cuBLAS), the path
+Per shape and M it prints the time of every path the dispatcher can choose (CPU: torch's int4 op, our own kernel
+(kernels/cpu_native.py; --native-variant picks a build) and the op's time over it, dequantize per call + bf16 matmul,
+a cached dense bf16 weight; CUDA: Triton GEMV, Triton GEMM, Triton dequant + cuBLAS), the path
 int4_linear picks, its effective bandwidth (packed weight + scales + zeros + activations, divided by its time) and
 that bandwidth's share of the machine's copy bandwidth measured at the start of the same run, and its speedup over
 dense bf16 and fp32 matmuls (CPU) or an fp16 matmul (CUDA) of the same shape.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import cpu
+from kernels import cpu, cpu_native
 from kernels.dispatch import choose_path, prepare
 from kernels.layout import pack
 
@@ -35,6 +37,7 @@ SHAPES = {  # name: [(K, N, G)], K = in_features, N = out_features
     "llama2-7b": [(4096, 4096, 128), (4096, 11008, 128), (11008, 4096, 128)],
     "llama3-8b": [(4096, 14336, 128), (14336, 4096, 128), (4096, 1024, 128)],
     "smollm2": [(576, 576, 64), (576, 1536, 64), (1536, 576, 64)],
+    "smollm2-fused": [(576, 960, 64), (576, 3072, 64)],  # the runtime's fused q|k|v and gate|up linears
 }
 M_LIST = [1, 2, 4, 8, 16, 32, 64, 256, 1024, 4096]
 
@@ -49,6 +52,7 @@ class Config:
     working_set_mib: int = 512
     quick: bool = False
     try_inductor_gemv: bool = False
+    native_variant: str = "native"  # which build of kernels/cpu_native.py to time (see cpu_native.VARIANTS)
 
 
 def random_packed(K: int, N: int, G: int, device: str):
@@ -116,14 +120,23 @@ def bench_cpu(cfg: Config) -> None:
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"measured: copy {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
     print("times in ms (best of interleaved rounds); GB/s and % of copy bandwidth for the dispatched path")
-    hdr = f"{'shape KxN':>12} {'G':>4} {'M':>5} | {'int4op':>8} {'deq+mm':>8} {'cached':>8} | {'chosen':>16} {'GB/s':>6} {'%copy':>6} | {'bf16':>8} {'fp32':>8} {'x bf16':>7} {'x fp32':>7}"
+    native, nv = cpu_native.available(), cfg.native_variant
+    native_default = cpu_native.use_by_default()  # whether kernels.prepare picks it on this CPU (the chosen column)
+    print(f"native kernel (kernels/cpu_native.py): {f'{nv} build, engine ' + cpu_native.engine(nv) if native else 'not available'}")
+    hdr = (f"{'shape KxN':>12} {'G':>4} {'M':>5} | {'int4op':>8} {'native':>8} {'op/nat':>6} {'deq+mm':>8} {'cached':>8} | "
+           f"{'chosen':>16} {'GB/s':>6} {'%copy':>6} | {'bf16':>8} {'fp32':>8} {'x bf16':>7} {'x fp32':>7}")
     print(hdr)
     ws = cfg.working_set_mib * 2**20
-    best_small, best_large = {}, {}
+    best_small, best_large, best_native = {}, {}, {}
     for shape in cfg.shapes:
         for K, N, G in SHAPES[shape]:
             n_int4 = copies_for(int4_bytes(K, N, G), ws)
-            prepared = [prepare(*random_packed(K, N, G, "cpu"), G) for _ in range(n_int4)]
+            prepared, repacked = [], []  # the same random weights in torch's op layout and in our kernel's
+            for _ in range(n_int4):
+                raw = random_packed(K, N, G, "cpu")
+                prepared.append(prepare(*raw, G, native=False))
+                if native:
+                    repacked.append(cpu_native.repack(*raw, G))
             wb = torch.randn(N, K).bfloat16()
             dense_bf16 = [wb] + [wb.clone() for _ in range(copies_for(wb.nbytes, ws) - 1)]
             dense_kn = [t.t().contiguous() for t in dense_bf16]  # the cached weight as prepare keeps it: [K, N]
@@ -141,26 +154,36 @@ def bench_cpu(cfg: Config) -> None:
                 }
                 if cpu.packed_layout_is_known():
                     fns["deq+mm"] = cycling(lambda w: cpu.dequant_matmul(x, w.int4pack), prepared)
+                if native:
+                    fns["native"] = cycling(lambda w: cpu_native.linear(x, w, variant=nv), repacked)
                 rounds = cfg.rounds if M * K * N < 2**33 else 3  # calls of a second or more: 3 rounds
                 t = cpu_time(fns, rounds)
-                chosen = choose_path("cpu", M)
-                t_chosen = t["int4op"] if chosen == "int4pack" else t["deq+mm"]
+                chosen = choose_path("cpu", M, has_native=native_default)
+                t_chosen = {"int4pack": t["int4op"], "native": t.get("native"), "cpu_dequant": t.get("deq+mm")}[chosen]
                 gbs = (int4_bytes(K, N, G) + M * K * 2) / t_chosen / 1e9
+                nan = float("nan")
                 print(
-                    f"{K:>5}x{N:<6} {G:>4} {M:>5} | {t['int4op'] * 1e3:8.3f} {t.get('deq+mm', float('nan')) * 1e3:8.3f} "
+                    f"{K:>5}x{N:<6} {G:>4} {M:>5} | {t['int4op'] * 1e3:8.3f} {t.get('native', nan) * 1e3:8.3f} "
+                    f"{t['int4op'] / t.get('native', nan):6.2f} {t.get('deq+mm', nan) * 1e3:8.3f} "
                     f"{t['cached'] * 1e3:8.3f} | {chosen:>16} {gbs:6.1f} {100 * gbs / copy_bw:5.0f}% | "
                     f"{t['bf16'] * 1e3:8.3f} {t['fp32'] * 1e3:8.3f} {t['bf16'] / t_chosen:7.2f} {t['fp32'] / t_chosen:7.2f}",
                     flush=True,
                 )
                 best_small.setdefault((K, N), []).append((M, t["int4op"] <= t["cached"]))
+                if "native" in t:
+                    best_native.setdefault((K, N), []).append((M, t["native"] <= t["cached"]))
                 if "deq+mm" in t:
                     best_large.setdefault((K, N), []).append((M, t["deq+mm"] < t["int4op"]))
+            # Free this shape's weight copies (the timed closures hold them too) before the next shape's are made.
+            fns = prepared = repacked = dense_bf16 = dense_kn = dense_fp32 = None
     print("\nthreshold evidence (per shape):")
     for key, rows in best_small.items():
         op_wins = [m for m, win in rows if win]
         deq_wins = [m for m, win in best_large.get(key, []) if win]
         print(f"  {key[0]}x{key[1]}: int4 op beats a cached bf16 weight at M in {op_wins}; "
               f"dequantize+matmul beats the int4 op at M in {deq_wins}")
+        if key in best_native:
+            print(f"  {key[0]}x{key[1]}: our kernel beats a cached bf16 weight at M in {[m for m, win in best_native[key] if win]}")
 
 
 def bench_inductor_gemv(cfg: Config) -> None:
@@ -263,8 +286,10 @@ def parse_args() -> Config:
     p.add_argument("--working-set-mib", type=int, default=512, help="weight copies cycled per path to defeat caches (CPU)")
     p.add_argument("--quick", action="store_true", help="SmolLM2 and one 7B shape, M <= 256")
     p.add_argument("--try-inductor-gemv", action="store_true", help="CPU M=1: also time an inductor-generated INT4 GEMV")
+    p.add_argument("--native-variant", choices=list(cpu_native.VARIANTS), default="native",
+                   help="CPU: which build of our kernel to time (avx512bf16 shows a CPU without AMX on one with it)")
     a = p.parse_args()
-    return Config(a.shapes, a.m, a.device, a.threads, a.rounds, a.working_set_mib, a.quick, a.try_inductor_gemv)
+    return Config(a.shapes, a.m, a.device, a.threads, a.rounds, a.working_set_mib, a.quick, a.try_inductor_gemv, a.native_variant)
 
 
 if __name__ == "__main__":

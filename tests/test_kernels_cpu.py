@@ -7,10 +7,16 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu, dispatch
+from kernels import cpu, cpu_native, dispatch
 from kernels.dispatch import CPU_DEQUANT_MIN_M, CPU_INT4PACK_MAX_M, CUDA_DEQUANT_MIN_M, CUDA_GEMV_MAX_M, choose_path
 from kernels.layout import dequantize, pack, unpack
 from kernels_reference import assert_matches, plain_pack, random_layer
+
+
+@pytest.fixture(autouse=True)
+def torch_op_path(monkeypatch):
+    """These tests are about torch's op path: keep prepare off our own kernel (tests/test_kernels_cpu_native.py)."""
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
 
 
 def test_plain_packer_agrees_with_hand_computed_word():

@@ -46,6 +46,8 @@ class Int4Linear:
     def nbytes(self) -> int:
         # What a one-row call reads: the INT4 form the kernel uses (not a dense copy cached for long prompts).
         w = self.w
+        if w.native is not None:
+            return _nbytes(w.native.packed, self.bias)
         if w.int4pack is not None:
             return _nbytes(w.int4pack.packed, w.int4pack.scale_zero, self.bias)
         return _nbytes(w.qweight, w.qzeros, w.scales, w.dense, self.bias)

@@ -237,12 +237,14 @@ class ModelRunner:
     def _decode_invariant(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
         """Eager decode whose row m depends only on (slots[m], tokens[m], pos[m]), bit for bit. Two things in the
         plain path depend on the batch: the attended length (max over rows; CPU SDPA's result moves in the last bits
-        with the padded length) and, on CPU, the INT4 kernel (picked by M: beyond kernels.dispatch.CPU_INT4PACK_MAX_M
-        rows a dense GEMM with another summation order). So every row is masked over a length aligned to
-        INVARIANT_LENGTH_ALIGN, and rows go through in groups of at most CPU_INT4PACK_MAX_M."""
-        from kernels.dispatch import CPU_INT4PACK_MAX_M
+        with the padded length) and, on CPU, the INT4 kernel (picked by M: with torch's int4 op, beyond
+        kernels.dispatch.CPU_INT4PACK_MAX_M rows a dense GEMM with another summation order). So every row is masked
+        over a length aligned to INVARIANT_LENGTH_ALIGN, and rows go through in groups no larger than the kernel keeps
+        rows independent (kernels.dispatch.cpu_invariant_rows: 8 with torch's op, 32 or all with our own kernel)."""
+        from kernels.dispatch import cpu_invariant_rows
 
-        group = CPU_INT4PACK_MAX_M if self.device.type == "cpu" else len(slots)
+        qkv = self.weights.layers[0].qkv
+        group = cpu_invariant_rows(getattr(qkv, "w", None)) if self.device.type == "cpu" else len(slots)
         dev, A = self.device, INVARIANT_LENGTH_ALIGN
         out = []
         for a in range(0, len(slots), group):

@@ -1,0 +1,204 @@
+"""Our CPU INT4 kernel (kernels/csrc/cpu_int4.cpp): built on first use, weights repacked once, one op per call.
+
+Why our own kernel: torch's `_weight_int4pack_mm_for_cpu` decodes every weight again for each few rows of x, so its
+cost grows about linearly with M (a 16-row decode step of continuous batching costs ~16 one-row steps), and it
+reaches about half the memory bandwidth at M = 1. Ours decodes each 64-byte piece of weights once for all rows,
+and computes every row with the same floating-point operations whatever M is and wherever the row sits in the batch
+(row invariance: greedy output cannot depend on what else is batched). See the C++ file for the layout, the
+arithmetic and the engines (AMX, AVX512-BF16, AVX512F, portable).
+
+    w = repack(qweight, qzeros, scales, G)      # once, at load time: NativePacked
+    y = linear(x, w, bias)                      # x [M, K] fp32/bf16 -> y [M, N] in x's dtype
+
+The build uses torch.utils.cpp_extension (g++ and ninja, -O3 -march=native) into torch's extension cache, keyed by
+the source and this CPU's flags; later processes load the cached library in milliseconds. If the build fails (no
+compiler, no ninja), one warning is logged and callers fall back to torch's int4 op (kernels/cpu.py).
+
+When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides):
+  auto (default)  only where the AMX engine runs: there it is 2.6x faster than torch's op at M = 8 and 4x at M = 16
+                  (BENCHMARKS.md, "INT4 kernels (issue 3)"); the AVX512-BF16 engine only ties with the op, so CPUs
+                  without AMX keep torch's op and never build this;
+  1, on           on any CPU the build runs on (row-invariant decode everywhere, the speed of the engine it gets);
+  0, off          never built or used.
+"""
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.layout import unpack
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_int4.cpp"
+BLOCK_N = 16  # columns per block of the packed layout
+K_ALIGN = 32  # group rows are padded to a multiple of this
+META_BYTES = 64  # per group and block: 16 fp16 scales, 16 zero points + 128 (u8), 16 zero bytes
+ENGINES = ("portable", "avx512f", "avx512bf16", "amx")  # index = the op's engine() value
+STALE_LOCK_S = 300  # a build takes 10-20 s: a lock this old belongs to a build that was killed
+ENV_SWITCH = "TINYSERVE_CPU_KERNEL"  # auto (default) | 1, on | 0, off: see the module docstring
+
+# Build variants: name -> extra compiler flags. "native" is what the runtime uses; the tests also build the engines
+# below the native one (on a machine that can run them) to check each against the reference.
+VARIANTS = {
+    "native": ["-march=native"],
+    "avx512bf16": ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"],
+    "avx512f": ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8", "-mno-avx512bf16"],
+    "portable": ["-march=x86-64-v2"],
+}
+
+log = logging.getLogger("kernels.cpu_native")
+
+
+@dataclass(frozen=True, eq=False)
+class NativePacked:
+    """One INT4 linear in the kernel's layout (see kernels/csrc/cpu_int4.cpp)."""
+
+    packed: torch.Tensor  # [ceil(N / 16), K // G, Gp * 8 + 64] uint8, Gp = G rounded up to a multiple of 32
+    group_size: int  # G
+    in_features: int  # K
+    out_features: int  # N
+
+
+def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> NativePacked:
+    """File layout (kernels/layout.py) -> the kernel's layout. Exact: codes, zero points and fp16 scales are copied.
+
+    qweight [K, N // 8] int32, qzeros [K // G, N // 8] int32, scales [K // G, N] fp16 (G already resolved).
+    """
+    K, N, G = qweight.shape[0], scales.shape[1], group_size
+    NG, NB = K // G, -(-N // BLOCK_N)
+    Gp = -(-G // K_ALIGN) * K_ALIGN
+    q = unpack(qweight).to(torch.uint8).view(NG, G, N)
+    q = F.pad(q, (0, NB * BLOCK_N - N, 0, Gp - G))  # zero codes in padded rows and columns
+    # Row 8o + 4h + 2e + p of a group: octet o, byte h of a 16-bit word, nibble e of that byte, row parity p.
+    q = q.view(NG, Gp // 8, 2, 2, 2, NB, BLOCK_N)  # [g, o, h, e, p, block, column]
+    byte = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [g, o, h, p, block, column]
+    # Byte 4 * column + 2 * p + h of each 64-byte octet (word 2 * column + p, little endian).
+    codes = byte.permute(4, 0, 1, 5, 3, 2).reshape(NB, NG, Gp * 8)
+    s = F.pad(scales.to(torch.float16), (0, NB * BLOCK_N - N)).view(NG, NB, BLOCK_N).transpose(0, 1)
+    zb = F.pad(unpack(qzeros) + 128, (0, NB * BLOCK_N - N), value=128).to(torch.uint8).view(NG, NB, BLOCK_N).transpose(0, 1)
+    meta = torch.cat([s.contiguous().view(torch.uint8), zb, torch.zeros(NB, NG, META_BYTES - 48, dtype=torch.uint8)], dim=-1)
+    return NativePacked(torch.cat([codes, meta], dim=-1).contiguous(), G, K, N)
+
+
+def linear(x: torch.Tensor, w: NativePacked, bias: torch.Tensor | None = None, variant: str = "native") -> torch.Tensor:
+    """x [M, K] (fp32 or bf16; other dtypes are computed in bf16) @ W + bias -> [M, N] in x's dtype."""
+    op = _op(variant)
+    if x.dtype in (torch.float32, torch.bfloat16):
+        return op(x, w.packed, bias, w.out_features, w.group_size)
+    return op(x.to(torch.bfloat16), w.packed, bias, w.out_features, w.group_size).to(x.dtype)
+
+
+@cache
+def _op(variant: str):
+    load(variant)
+    return getattr(torch.ops, namespace(variant)).int4_mm
+
+
+def namespace(variant: str) -> str:
+    return "tinyserve_cpu" if variant == "native" else f"tinyserve_cpu_{variant}"
+
+
+def mode() -> str:
+    """TINYSERVE_CPU_KERNEL as one of "auto", "on", "off" (an unknown value counts as auto)."""
+    v = os.environ.get(ENV_SWITCH, "auto").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    return "on" if v in ("1", "on", "true", "yes") else "auto"
+
+
+def enabled() -> bool:
+    return mode() != "off"
+
+
+def use_by_default() -> bool:
+    """Whether kernels.prepare should hold CPU weights for this kernel (see the module docstring). In auto mode a CPU
+    without AMX is ruled out from its flags, before any build; a CPU with them must also get the AMX engine (the
+    kernel asks Linux for permission to use the tiles), else torch's op is kept."""
+    m = mode()
+    if m == "off":
+        return False
+    if m == "auto" and "amx_bf16" not in _cpu_flags().split():
+        return False
+    return available() and (m == "on" or engine() == "amx")
+
+
+@cache
+def available() -> bool:
+    """Whether the native kernel can be used in this process: enabled, and built (now, or cached) and loaded.
+
+    Compiles on first use (a log line says so, 10-20 s on 2 cores). Never raises: a failed build logs one warning
+    and returns False, and the callers use torch's int4 op instead.
+    """
+    if not enabled():
+        return False
+    try:
+        load("native")
+    except Exception as e:  # a missing compiler or ninja, a failed compile or load: fall back, never crash
+        log.warning("the CPU INT4 kernel could not be built (%s: %s); using torch's int4 op instead (slower for batched "
+                    "decode). Set %s=0 to skip the attempt.", type(e).__name__, str(e).strip().splitlines()[-1:] or "", ENV_SWITCH)
+        return False
+    return True
+
+
+def engine(variant: str = "native") -> str:
+    """Which engine the built variant runs (it builds the variant if needed)."""
+    load(variant)
+    return ENGINES[getattr(torch.ops, namespace(variant)).engine()]
+
+
+@cache
+def load(variant: str) -> str:
+    """Build (or find in torch's extension cache) and load one variant; returns the library path. Raises on failure."""
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", *VARIANTS[variant], f"-DTS_NAMESPACE={namespace(variant)}"]
+    name = f"tinyserve_cpu_int4_{variant}_{_build_key(flags)}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    fresh = not any(build_dir.glob(f"{name}*.so"))
+    lock = build_dir / "lock"  # torch's build lock: a build killed midway leaves it, and later loads would wait forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing a stale build lock %s (a build was interrupted)", lock)
+        lock.unlink(missing_ok=True)
+    if fresh:
+        log.warning("compiling the CPU INT4 kernel (%s) into %s: once per machine and source version, 10-20 s ...", variant, build_dir)
+    t0 = time.perf_counter()
+    path = cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
+    # Shape-only implementation, so torch.compile can trace through the op.
+    torch.library.register_fake(f"{namespace(variant)}::int4_mm")(_int4_mm_fake)
+    if fresh:
+        log.warning("CPU INT4 kernel (%s) built in %.0f s: engine %s", variant, time.perf_counter() - t0,
+                    ENGINES[getattr(torch.ops, namespace(variant)).engine()])
+    return path
+
+
+def _int4_mm_fake(x, packed, bias, N, G):
+    return x.new_empty((x.shape[0], N))
+
+
+def _build_key(flags: list[str]) -> str:
+    """Source, flags, torch version and this CPU's feature flags: -march=native code must not run on another CPU that
+    shares the cache directory, and an edited source must not load a stale library."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(torch.__version__.encode())
+    h.update(_cpu_flags().encode())
+    return h.hexdigest()[:12]
+
+
+@cache
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() + platform.machine()

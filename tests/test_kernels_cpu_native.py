@@ -1,0 +1,226 @@
+"""Our CPU INT4 kernel (kernels/cpu_native.py, kernels/csrc/cpu_int4.cpp) against the pure-torch reference.
+
+Every engine this CPU can run is built (native = the best one, then each one below it: avx512bf16, avx512f,
+portable) and checked on odd shapes, fp32 and bf16 activations, with and without bias; then row invariance (row i
+of a batch is bit-identical to a one-row call, for every M) and how the engines compare with each other. Builds go to
+torch's extension cache (~15 s each the first time, milliseconds after). Without a compiler or ninja, or on a
+non-x86 CPU for the x86 variants, the tests skip with the reason.
+"""
+
+import platform
+from functools import cache
+
+import pytest
+import torch
+
+import kernels
+from kernels import cpu_native, dispatch
+from kernels.layout import dequantize
+from kernels_reference import random_layer as make_layer
+
+random_layer = cache(make_layer)  # each shape packed once (the reference packer is plain Python) and shared read-only
+
+M_LIST = (1, 2, 3, 5, 8, 13, 16, 17)
+# (K, N, G): K in 64, 576, 1536 with every G of 32, 64, 128 that divides it; N in 72, 200 (not multiples of 16) and 1536.
+SHAPES = [(64, 72, 32), (64, 200, 64), (576, 72, 32), (576, 200, 64), (576, 1536, 64), (1536, 200, 32), (1536, 72, 64), (1536, 1536, 128)]
+# The portable engine is plain C++ (software FMA without -mfma): keep its shapes small.
+SMALL_SHAPES = [(64, 72, 32), (576, 200, 64), (1536, 72, 128)]
+ENGINE_RANK = {e: i for i, e in enumerate(cpu_native.ENGINES)}  # portable < avx512f < avx512bf16 < amx
+VARIANT_ENGINE = {"avx512bf16": "avx512bf16", "avx512f": "avx512f", "portable": "portable"}
+VARIANT_NEEDS = {"avx512bf16": {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}, "avx512f": {"avx512f", "avx512bw", "avx512vl"}, "portable": set()}
+
+
+@cache
+def build_error(variant: str) -> str | None:
+    """None when the variant builds and loads here, else why not (the reason a test skips with)."""
+    if variant != "native" and platform.machine() not in ("x86_64", "AMD64"):
+        return f"the {variant} build is x86-64 only"
+    try:
+        cpu_native.load(variant)
+    except Exception as e:  # no compiler, no ninja, a failed compile: the runtime falls back, the tests skip
+        return f"the {variant} build failed: {type(e).__name__}: {str(e).strip()[-300:]}"
+    return None
+
+
+@cache
+def variants() -> list[str]:
+    """native plus each lower engine this CPU can run (a variant whose engine is native's own adds nothing)."""
+    if build_error("native"):
+        return []
+    top = ENGINE_RANK[cpu_native.engine("native")]
+    flags = set(cpu_native._cpu_flags().split())
+    return ["native"] + [v for v, e in VARIANT_ENGINE.items() if ENGINE_RANK[e] < top and VARIANT_NEEDS[v] <= flags]
+
+
+def need(variant: str) -> None:
+    err = build_error(variant)
+    if err:
+        pytest.skip(err)
+    if variant not in variants():
+        pytest.skip(f"{variant}: this CPU cannot run it, or it is the native build's own engine")
+
+
+ALL_VARIANTS = ["native", "avx512bf16", "avx512f", "portable"]
+
+
+def reference(x: torch.Tensor, qw, qz, s, G: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ dequantize(...) (+ bias) in fp32 with x rounded to bf16 as the kernel does, and a per-element error bound:
+    fp32 accumulation (1e-5 of sum |x| |W|, far above its ~2^-24 * K) plus the output's one rounding when it is bf16."""
+    W = dequantize(qw, qz, s.float(), G)  # [K, N] fp32
+    xb = x.to(torch.bfloat16).float()
+    ref = xb @ W + (bias.float() if bias is not None else 0.0)
+    bound = 1e-5 * (xb.abs() @ W.abs()) + 1e-6
+    if x.dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2.0**-8
+    return ref, bound
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    err = (y.float() - ref).abs()
+    bad = err > bound
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off; worst {err.max().item():.4g} (bound there {bound.flatten()[err.argmax()].item():.4g})"
+
+
+@pytest.mark.parametrize(
+    "variant,K,N,G", [(v, *shape) for v in ALL_VARIANTS for shape in (SMALL_SHAPES if v == "portable" else SHAPES)]
+)
+def test_matches_reference_on_odd_shapes(variant, K, N, G):
+    need(variant)
+    qw, qz, s, W = random_layer(K, N, G, seed=K + N + G)
+    assert torch.equal(dequantize(qw, qz, s.float(), G), W)  # the reference agrees with the independent packer
+    w = cpu_native.repack(qw, qz, s, G)
+    g = torch.Generator().manual_seed(G)
+    for i, M in enumerate(M_LIST):
+        dtype = (torch.float32, torch.bfloat16)[i % 2]
+        bias = torch.randn(N, generator=g).to(dtype) if i % 3 else None
+        x = torch.randn(M, K, generator=g).to(dtype)
+        y = cpu_native.linear(x, w, bias, variant=variant)
+        assert y.shape == (M, N) and y.dtype == dtype
+        check(y, *reference(x, qw, qz, s, G, bias))
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_dtypes_with_and_without_bias(variant, dtype):
+    need(variant)
+    K, N, G = 576, 200, 32
+    qw, qz, s, _ = random_layer(K, N, G, seed=3)
+    w = cpu_native.repack(qw, qz, s, G)
+    for bias in (None, torch.randn(N).to(dtype)):
+        x = torch.randn(5, K).to(dtype)
+        check(cpu_native.linear(x, w, bias, variant=variant), *reference(x, qw, qz, s, G, bias))
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_rows_do_not_depend_on_the_batch(variant):
+    # Row i of an M-row call, bit for bit, equals the one-row call on x[i]: what lets continuous batching decode
+    # many sequences in one call without changing any sequence's greedy output.
+    need(variant)
+    K, N, G = (576, 200, 64) if variant == "portable" else (1536, 200, 64)
+    qw, qz, s, _ = random_layer(K, N, G, seed=5)
+    w = cpu_native.repack(qw, qz, s, G)
+    bias = torch.randn(N)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(max(M_LIST), K).to(dtype)
+        singles = torch.cat([cpu_native.linear(x[i : i + 1], w, bias, variant=variant) for i in range(len(x))])
+        for M in M_LIST:
+            assert torch.equal(cpu_native.linear(x[:M], w, bias, variant=variant), singles[:M]), (dtype, M)
+
+
+def test_engines_agree_within_bf16_and_fma_engines_bit_for_bit():
+    # What was measured on an Intel Xeon with AMX: all engines agree to ~1e-6 (relative, fp32 output); avx512f
+    # and portable (the same fp32 FMAs in the same order) are bit-identical; amx and avx512bf16 differ in the last
+    # bits from them and from each other (the bf16 dot-product instructions round their two products their own
+    # way), so a greedy decode can differ by engine (tests/test_runtime_golden.py records ids per kernel).
+    names = variants()
+    if len(names) < 2:
+        pytest.skip("fewer than two engines can be built on this CPU")
+    K, N, G = 576, 200, 64
+    qw, qz, s, _ = random_layer(K, N, G, seed=9)
+    w = cpu_native.repack(qw, qz, s, G)
+    x = torch.randn(3, K)
+    ys = {cpu_native.engine(v): cpu_native.linear(x, w, variant=v) for v in names}
+    ref, _ = reference(x, qw, qz, s, G, None)
+    scale = (x.bfloat16().float().abs() @ dequantize(qw, qz, s.float(), G).abs()).max()
+    for e, y in ys.items():
+        assert (y - ref).abs().max() <= 1e-5 * scale, e
+    if "avx512f" in ys and "portable" in ys:
+        assert torch.equal(ys["avx512f"], ys["portable"])
+
+
+def test_repack_is_exact_and_aligned():
+    # Codes, fp16 scales and zero points are copied, not recomputed: x = I returns W exactly (fp32 output).
+    need("native")
+    K, N, G = 64, 72, 32
+    qw, qz, s, W = random_layer(K, N, G, seed=2)
+    w = cpu_native.repack(qw, qz, s, G)
+    assert w.packed.shape == (-(-N // 16), K // G, 32 * 8 + 64) and w.packed.data_ptr() % 64 == 0
+    assert torch.equal(cpu_native.linear(torch.eye(K), w), W)
+
+
+def test_group_size_not_a_multiple_of_32():
+    # G = 48: each group is zero-padded to 64 rows inside the kernel's layout.
+    need("native")
+    K, N, G = 576, 72, 48
+    qw, qz, s, _ = random_layer(K, N, G, seed=4)
+    w = cpu_native.repack(qw, qz, s, G)
+    x = torch.randn(3, K)
+    check(cpu_native.linear(x, w), *reference(x, qw, qz, s, G, None))
+
+
+def test_bad_input_is_rejected():
+    need("native")
+    qw, qz, s, _ = random_layer(64, 72, 32)
+    w = cpu_native.repack(qw, qz, s, 32)
+    with pytest.raises(RuntimeError, match="does not match K"):
+        cpu_native.linear(torch.randn(2, 96), w)
+    with pytest.raises(RuntimeError, match="2-D"):
+        cpu_native.linear(torch.randn(2, 2, 64), w)
+
+
+def test_dispatch_uses_it_when_asked_and_falls_back_when_off(monkeypatch):
+    need("native")
+    K, N, G = 576, 200, 64
+    qw, qz, s, _ = random_layer(K, N, G, seed=6)
+    w = kernels.prepare(qw, qz, s, G, native=True)
+    assert w.native is not None and w.int4pack is None and w.nbytes == w.native.packed.numel()
+    x = torch.randn(2, 3, K).bfloat16()  # a leading batch dimension
+    b = torch.randn(N).bfloat16()
+    y = kernels.int4_linear(x, w, b)
+    assert y.shape == (2, 3, N) and torch.equal(y.view(6, N), cpu_native.linear(x.view(6, K), w.native, b))
+    assert [dispatch.choose_path("cpu", m, has_native=True) for m in (1, 17, 4096)] == ["native"] * 3
+    assert dispatch.choose_path("cpu", dispatch.CPU_NATIVE_MAX_M, has_native=True, has_dense=True) == "native"
+    assert dispatch.choose_path("cpu", dispatch.CPU_NATIVE_MAX_M + 1, has_native=True, has_dense=True) == "cpu_dense_cached"
+    cached = kernels.prepare(qw, qz, s, G, cpu_dense_cache=True, native=True)
+    assert dispatch.cpu_invariant_rows(cached) == dispatch.CPU_NATIVE_MAX_M and dispatch.cpu_invariant_rows(w) > 4096
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    assert not cpu_native.use_by_default()
+    off = kernels.prepare(qw, qz, s, G)
+    assert off.native is None and off.int4pack is not None
+    assert dispatch.cpu_invariant_rows(off) == dispatch.CPU_INT4PACK_MAX_M
+
+
+def test_switch_values(monkeypatch):
+    for value, expected in [("0", "off"), ("off", "off"), ("1", "on"), ("on", "on"), ("auto", "auto"), ("", "auto")]:
+        monkeypatch.setenv(cpu_native.ENV_SWITCH, value)
+        assert cpu_native.mode() == expected
+    monkeypatch.delenv(cpu_native.ENV_SWITCH)
+    assert cpu_native.mode() == "auto"
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+    def fail(variant):
+        raise OSError("ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_native, "load", fail)
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "on")
+    cpu_native.available.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="kernels.cpu_native"):
+            assert not cpu_native.use_by_default() and not cpu_native.available()
+        assert len(caplog.records) == 1 and "ninja is required" in caplog.records[0].getMessage()
+        qw, qz, s, _ = random_layer(64, 72, 32)
+        w = kernels.prepare(qw, qz, s, 32)
+        assert w.native is None and w.int4pack is not None
+    finally:
+        cpu_native.available.cache_clear()
