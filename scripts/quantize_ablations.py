@@ -1,6 +1,7 @@
-"""Ablations of the AWQ search on the default model: which steps earn their place (BENCHMARKS.md, issue 2).
+"""Ablations of the AWQ search on the default model (or --model): which steps earn their place (BENCHMARKS.md, issue 2).
 
     python scripts/quantize_ablations.py [--variants NAME ...] [--stats-variants] [--max-tokens 16384]
+                                         [--model DIR] [--group-size 64] [--n-samples 128] [--text FILE]
 
 The calibration statistics (block inputs run through the unquantized model) do not depend on the search settings,
 so they are collected once and every search variant reuses them; each variant then prints its evaluation-slice
@@ -13,6 +14,7 @@ import argparse
 import copy
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -71,13 +73,17 @@ def main():
     p.add_argument("--stats-variants", nargs="*", default=[], choices=list(STATS_VARIANTS))
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--model", type=Path, help="fp16/bf16/fp32 model folder (default: the embedded default model)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    p.add_argument("--n-samples", type=int, default=128, help="calibration windows of 512 tokens")
+    p.add_argument("--text", type=Path, help="evaluation text (default: the built-in evaluation slice)")
     a = p.parse_args()
 
-    src = ensure_fp16_default()
+    src = a.model or ensure_fp16_default()
     tok = load_tokenizer(src)
     family = family_for(read_config(src))
-    spec = QuantSpec(4, DEFAULT_GROUP_SIZE)
-    ids = text_ids(tok, eval_text(), a.max_tokens)
+    spec = QuantSpec(4, a.group_size)
+    ids = text_ids(tok, a.text.read_text(encoding="utf-8") if a.text else eval_text(), a.max_tokens)
 
     def evaluate(model) -> float:
         return perplexity(model, ids)[0]
@@ -99,7 +105,7 @@ def main():
         dequantize_into(model, result, spec.group_size)
         line("RTN", evaluate(model), seconds)
 
-    windows = calibration_windows(tok, calib_text(), 128, 512)
+    windows = calibration_windows(tok, calib_text(), a.n_samples, 512)
     if a.variants:
         t = time.perf_counter()
         stats = collect_stats(load_model(src), family, windows, BASE)
@@ -115,7 +121,7 @@ def main():
     for name in a.stats_variants:
         v = STATS_VARIANTS[name]
         search = v.get("search", BASE)
-        w = calibration_windows(tok, calib_text(), v.get("n_samples", 128), 512)
+        w = calibration_windows(tok, calib_text(), v.get("n_samples", a.n_samples), 512)
         model = load_model(src)
         t = time.perf_counter()
         stats = collect_stats(model, family, w, search)
