@@ -118,10 +118,12 @@ def test_chat_in_a_terminal_reset_and_ctrl_c(default_fp16_dir):
         child.expect(r"\(stopped\)")
         child.expect("> ")
         # Ctrl-C at once, before the first token (while the line is read, templated or prefilled): still no exit.
+        # Where exactly it lands is a race: in the reply ("(stopped)"), in input() ("... /exit to quit)"), or, rarely,
+        # while readline owns the terminal, where it can be taken as a typed character and the reply runs to its end.
         child.sendline("Tell me another story.")
         child.sendintr()
-        child.expect([r"\(stopped\)", r"/exit to quit\)"])
-        child.expect("> ")
+        if child.expect([r"\(stopped\)", r"/exit to quit\)", r"\n> "]) < 2:
+            child.expect("> ")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

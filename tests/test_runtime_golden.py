@@ -1,12 +1,14 @@
 """Golden greedy decode on the real default model, AWQ-quantized by our quantizer (the folder `chat` and `serve` use),
-run with the default CPU runtime settings (bf16 compute, int8 lm_head).
+run with the default CPU runtime settings (bf16 compute, int8 lm_head): those of `chat` / `generate` (one sequence)
+and those of `serve` (batch-invariant decode over several slots).
 
 The ids were recorded from this runtime on the 2-core CPU VM; they were the same with 1 and 2 threads. They change
 when the quantizer's output, the CPU INT4 kernels' arithmetic or the decoder change: then check the new text reads
 as well as this one before recording new ids.
 
-They also depend on which CPU INT4 kernel runs, so they are recorded per kernel: torch's int4 op (CPUs without AMX,
-or TINYSERVE_CPU_KERNEL=0) and our own kernel's AMX engine (the default on CPUs with AMX, kernels/cpu_native.py).
+They also depend on which CPU INT4 kernel runs, so they are recorded per kernel: torch's int4 op (one sequence; and
+batched decode on CPUs without AMX, or with TINYSERVE_CPU_KERNEL=0) and our own kernel's AMX engine (batched decode on
+CPUs with AMX, kernels/cpu_native.py and ModelRunner.cpu_native).
 Its engines differ in the last bits of some outputs (tests/test_kernels_cpu_native.py): with the AVX512-BF16 engine
 the "raw" prompt continued "... and compassion. She had a special gift that allowed her to see the world", so a
 kernel without recorded ids skips rather than compare against another engine's.
@@ -24,8 +26,10 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
             "int4pack": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248, 3946,
                          288, 7198, 253, 1861, 338, 26064, 12143, 29, 9263],
             # "... I'm planning to create a business that helps people find affordable"
-            "native-amx": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248, 3946,
-                           288, 1464, 253, 1861, 338, 2311, 701, 1042, 10994],
+            "native-amx serve": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248,
+                                 3946, 288, 1464, 253, 1861, 338, 2311, 701, 1042, 10994],
+            "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248,
+                               3946, 288, 1464, 253, 1861, 338, 2311, 701, 1042, 10994],
         },
         "The capital of France is Paris, France.",
     ),
@@ -36,9 +40,11 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
             # "... She was known for her kindness and compassion. She had a soft spot for those who were struggling with their"
             "int4pack": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30,
                          2306, 761, 253, 2375, 4897, 327, 967, 617, 592, 10032, 351, 480],
+            "native-amx serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047,
+                                 30, 2306, 761, 253, 2375, 4897, 327, 967, 617, 592, 10032, 351, 480],
             # "... She was known for her kindness and generosity. She had many children, but one of them, a young"
-            "native-amx": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 26677, 30,
-                           2306, 761, 800, 1122, 28, 564, 582, 282, 601, 28, 253, 1805],
+            "int4pack serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 26677,
+                               30, 2306, 761, 800, 1122, 28, 564, 582, 282, 601, 28, 253, 1805],
         },
         " there lived a wise and kind woman named Elara. She was known for her kindness and",
     ),
@@ -46,8 +52,9 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("serving", [False, True], ids=["chat", "serve"])
 @torch.inference_mode()
-def test_first_32_greedy_tokens_of_the_awq_default_model():
+def test_first_32_greedy_tokens_of_the_awq_default_model(serving):
     from quantize.default_model import ensure_awq_default
     from tinyserve.generate import GenerationParams, Session
     from tinyserve.runner import ModelRunner, RunnerConfig
@@ -57,8 +64,12 @@ def test_first_32_greedy_tokens_of_the_awq_default_model():
     from kernels import cpu_native
 
     folder = ensure_awq_default()
-    runner = ModelRunner(folder, RunnerConfig(device="cpu"))
+    # serve on 2 cores: batch-invariant decode, 1 compute thread (its default: all cores but one). The batched path's
+    # greedy ids depend on the thread count (2 threads changed token 31 of the chat prompt), the one-sequence path's not.
+    rc = RunnerConfig(device="cpu", num_slots=4, batch_invariant=True, threads=1) if serving else RunnerConfig(device="cpu")
+    runner = ModelRunner(folder, rc)
     kernel = "int4pack" if runner.weights.layers[0].qkv.w.native is None else f"native-{cpu_native.engine()}"
+    kernel += " serve" if serving else ""
     if kernel not in GOLDEN[0][2]:
         pytest.skip(f"no golden ids recorded for the {kernel} kernel (its last bits differ from the recorded ones)")
     tok = Tokenizer(folder, runner.cfg.eos_token_ids)

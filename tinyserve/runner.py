@@ -119,7 +119,8 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         if weights is None:
-            weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype, lm_head=self.lm_head_mode(), dense_prefill=self.dense_prefill())
+            weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype, lm_head=self.lm_head_mode(),
+                                   dense_prefill=self.dense_prefill(), cpu_native=self.cpu_native())
         self.weights = weights
         self.load_s = time.perf_counter() - t0
 
@@ -147,6 +148,12 @@ class ModelRunner:
         if mode == "int8" and self.device.type != "cpu":
             raise ConfigError("--lm-head int8 uses a CPU kernel (torch's int8 weight-only matmul); use dense on CUDA")
         return mode
+
+    def cpu_native(self) -> bool | None:
+        """Our own CPU INT4 kernel only where rows are batched (where it wins: kernels.cpu_native.use_by_default decides).
+        A single sequence decodes one row at a time, where torch's op is faster with 2 threads (77 vs 62 tok/s for
+        SmolLM2 on the 2-core VM, BENCHMARKS.md "Decode (issue 4)"); the server's batches of up to 32 rows gain 2-4x."""
+        return None if self.config.batch_invariant or self.config.num_slots > 1 else False
 
     def dense_prefill(self) -> bool:
         """On CPU, also keep a bf16 copy of each INT4 weight for prompts (a dense GEMM beats the INT4 op beyond a few

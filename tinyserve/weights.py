@@ -97,10 +97,14 @@ class _Part:
 
 
 class Loader:
-    def __init__(self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, dense_prefill: bool = False):
+    def __init__(
+        self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, dense_prefill: bool = False,
+        cpu_native: bool | None = None,
+    ):
         self.ck = Checkpoint(folder)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.dense_prefill = dense_prefill  # CPU: keep a bf16 copy of INT4 weights for long prompts (kernels.prepare)
+        self.cpu_native = cpu_native  # CPU: our own INT4 kernel (True), torch's op (False), or where it wins (None)
 
     def part(self, name: str, k: int, n: int, bias: bool) -> _Part:
         """Read linear `name` (K = in_features, N = out_features) in whichever form the checkpoint has it."""
@@ -138,7 +142,8 @@ class Loader:
             qweight = torch.cat([p.qweight for p in parts], dim=1).to(self.device)
             qzeros = torch.cat([p.qzeros for p in parts], dim=1).to(self.device)
             scales = torch.cat([p.scales for p in parts], dim=1).to(self.device)
-            return Int4Linear(kernels.prepare(qweight, qzeros, scales, parts[0].group_size, cpu_dense_cache=self.dense_prefill), bias)
+            return Int4Linear(kernels.prepare(qweight, qzeros, scales, parts[0].group_size, cpu_dense_cache=self.dense_prefill,
+                                               native=self.cpu_native), bias)
         if all(p.weight is not None for p in parts):
             weight = torch.cat([p.weight for p in parts], dim=0)
         else:
@@ -188,6 +193,7 @@ def p_n(p: _Part) -> int:
 
 
 def load_weights(
-    folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, lm_head: str = "dense", dense_prefill: bool = False
+    folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, lm_head: str = "dense", dense_prefill: bool = False,
+    cpu_native: bool | None = None,
 ) -> ModelWeights:
-    return Loader(folder, cfg, device, dtype, dense_prefill).load(lm_head)
+    return Loader(folder, cfg, device, dtype, dense_prefill, cpu_native).load(lm_head)
