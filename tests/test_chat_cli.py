@@ -95,7 +95,8 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(model_dir):
 @pytest.mark.slow
 def test_chat_in_a_terminal_reset_and_ctrl_c(default_fp16_dir):
     """A real terminal: banner and prompt, a streamed reply, /stats, /reset, Ctrl-C stopping a long reply without
-    quitting, then /exit. The real model (unquantized, bf16) is slow enough on CPU for Ctrl-C to land mid-reply."""
+    quitting (mid-reply, and right after the message is sent), then /exit. The real model (unquantized, bf16) is slow
+    enough on CPU for Ctrl-C to land mid-reply."""
     child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(default_fp16_dir), "--temperature", "0", "--max-tokens", "400"],
                           env=ENV, encoding="utf-8", timeout=120)
     try:
@@ -117,6 +118,38 @@ def test_chat_in_a_terminal_reset_and_ctrl_c(default_fp16_dir):
         child.sendintr()
         child.expect(r"\(stopped\)")
         child.expect("> ")
+        # Ctrl-C at once, before the first token. Where it lands is a race: while the line is still being read (the
+        # line is dropped: "... /exit to quit)") or after (the reply stops before its first token: "(stopped)").
+        # Either way the chat goes on; this step used to hang in GNU readline (see chat.keep_typed_input).
+        child.sendline("Tell me another story.")
+        child.sendintr()
+        child.expect([r"\(stopped\)", r"/exit to quit\)"], timeout=30)
+        child.expect("> ")
+        child.sendline("/stats")
+        child.expect(r"\(stats off\)")
+        child.expect("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_ctrl_c_right_after_enter_is_never_lost_and_never_hangs(model_dir):
+    """Ctrl-C sent in the same instant as a line, many times over: each one either drops the line at the prompt or
+    stops its reply, and the chat answers the next prompt. Before the fix this hung in GNU readline within a few rounds
+    (the kernel's Ctrl-C flush emptied the input between readline's select and its read)."""
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model_dir), "--max-tokens", "64"],
+                          env=ENV, encoding="utf-8", timeout=60)
+    try:
+        child.expect("tinyserve chat")
+        child.expect("> ")
+        child.timeout = 10
+        for _ in range(60):
+            child.sendline("Hello there")
+            child.sendintr()
+            child.expect([r"/exit to quit\)", r"\(stopped\)"])
+            child.expect(r"\r\n> ")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
