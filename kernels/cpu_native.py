@@ -1,4 +1,5 @@
-"""Our CPU INT4 kernel (kernels/csrc/cpu_int4.cpp): built on first use, weights repacked once, one op per call.
+"""Our CPU INT4 kernel (kernels/csrc/cpu_int4.cpp) and int8 lm_head kernel (kernels/csrc/cpu_int8.cpp): one C++
+library built on first use, weights repacked once, one op per call.
 
 Why our own kernel: torch's `_weight_int4pack_mm_for_cpu` decodes every weight again for each few rows of x, so its
 cost grows about linearly with M (a 16-row decode step of continuous batching costs ~16 one-row steps), and it
@@ -10,11 +11,18 @@ arithmetic and the engines (AMX, AVX512-BF16, AVX512F, portable).
     w = repack(qweight, qzeros, scales, G)      # once, at load time: NativePacked
     y = linear(x, w, bias)                      # x [M, K] fp32/bf16 -> y [M, N] in x's dtype
 
+    h = repack_int8(qweight8, scales8)          # weight-only int8 rows [N, K] + scales [N]: NativeInt8
+    y = int8_linear(x, h, bias)                 # the same for the lm_head (tinyserve/model.py, Int8Linear)
+
+The int8 op exists for the same reason: torch's `_weight_int8pack_mm` reads the whole weight again for every row of x
+(the SmolLM2 lm_head: ~3.5 ms per row, 46% of a 16-row decode step); ours reads it once for all rows, row-invariant.
+
 The build uses torch.utils.cpp_extension (g++ and ninja, -O3 -march=native) into torch's extension cache, keyed by
 the source and this CPU's flags; later processes load the cached library in milliseconds. If the build fails (no
-compiler, no ninja), one warning is logged and callers fall back to torch's int4 op (kernels/cpu.py).
+compiler, no ninja), one warning is logged and callers fall back to torch's int4 op (kernels/cpu.py) and int8 op.
 
-When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides):
+When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides; the int8 lm_head follows the INT4 linears,
+tinyserve/weights.py):
   auto (default)  only where the AMX engine runs: there it is 2.6x faster than torch's op at M = 8 and 4x at M = 16
                   (BENCHMARKS.md, "INT4 kernels (issue 3)"); the AVX512-BF16 engine only ties with the op, so CPUs
                   without AMX keep torch's op and never build this;
@@ -35,9 +43,12 @@ import torch.nn.functional as F
 
 from kernels.layout import unpack
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_int4.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "cpu_int4.cpp", CSRC / "cpu_int8.cpp")  # one library; both include csrc/cpu_common.h
+HEADERS = (CSRC / "cpu_common.h",)
 BLOCK_N = 16  # columns per block of the packed layout
-K_ALIGN = 32  # group rows are padded to a multiple of this
+K_ALIGN = 32  # group rows (INT4), and K (int8), are padded to a multiple of this
+INT8_GROUP_N = 64  # the int8 layout pads N to a multiple of this (4 blocks: the AMX engine's unit)
 META_BYTES = 64  # per group and block: 16 fp16 scales, 16 zero points + 128 (u8), 16 zero bytes
 ENGINES = ("portable", "avx512f", "avx512bf16", "amx")  # index = the op's engine() value
 STALE_LOCK_S = 300  # a build takes 10-20 s: a lock this old belongs to a build that was killed
@@ -88,16 +99,52 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, gr
 
 def linear(x: torch.Tensor, w: NativePacked, bias: torch.Tensor | None = None, variant: str = "native") -> torch.Tensor:
     """x [M, K] (fp32 or bf16; other dtypes are computed in bf16) @ W + bias -> [M, N] in x's dtype."""
-    op = _op(variant)
+    op = _op(variant, "int4_mm")
     if x.dtype in (torch.float32, torch.bfloat16):
         return op(x, w.packed, bias, w.out_features, w.group_size)
     return op(x.to(torch.bfloat16), w.packed, bias, w.out_features, w.group_size).to(x.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class NativeInt8:
+    """One weight-only int8 linear (one scale per output row) in the kernel's layout (see kernels/csrc/cpu_int8.cpp)."""
+
+    packed: torch.Tensor  # [Np // 16, Kp // 2, 32] int8, Np = N rounded up to 64, Kp = K rounded up to 32
+    scales: torch.Tensor  # [Np] fp32 (zero in padded columns)
+    in_features: int  # K
+    out_features: int  # N
+
+
+def repack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> NativeInt8:
+    """qweight [N, K] int8, scales [N] (any float dtype) -> the kernel's layout. Exact: codes and scale values are
+    copied (a bf16 or fp16 scale is exact in fp32). Block b, pair row j, byte 2c + e holds qweight[16b + c, 2j + e]."""
+    N, K = qweight.shape
+    Np, Kp = -(-N // INT8_GROUP_N) * INT8_GROUP_N, -(-K // K_ALIGN) * K_ALIGN
+    q = F.pad(qweight.to(torch.int8), (0, Kp - K, 0, Np - N))  # zero codes in padded rows and columns
+    packed = q.view(Np // BLOCK_N, BLOCK_N, Kp // 2, 2).transpose(1, 2).contiguous()  # [block, pair row, column, e]
+    s = F.pad(scales.float(), (0, Np - N)).contiguous()
+    return NativeInt8(packed.view(Np // BLOCK_N, Kp // 2, 2 * BLOCK_N), s, K, N)
+
+
+def unpack_int8(w: NativeInt8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of repack_int8: qweight [N, K] int8 and scales [N] fp32."""
+    NB, J, _ = w.packed.shape
+    q = w.packed.view(NB, J, BLOCK_N, 2).transpose(1, 2).reshape(NB * BLOCK_N, 2 * J)
+    return q[: w.out_features, : w.in_features].contiguous(), w.scales[: w.out_features].clone()
+
+
+def int8_linear(x: torch.Tensor, w: NativeInt8, bias: torch.Tensor | None = None, variant: str = "native") -> torch.Tensor:
+    """x [M, K] (fp32 or bf16; other dtypes are computed in bf16) @ (q * s)^T + bias -> [M, N] in x's dtype."""
+    op = _op(variant, "int8_mm")
+    if x.dtype in (torch.float32, torch.bfloat16):
+        return op(x, w.packed, w.scales, bias, w.out_features)
+    return op(x.to(torch.bfloat16), w.packed, w.scales, bias, w.out_features).to(x.dtype)
+
+
 @cache
-def _op(variant: str):
+def _op(variant: str, name: str):
     load(variant)
-    return getattr(torch.ops, namespace(variant)).int4_mm
+    return getattr(getattr(torch.ops, namespace(variant)), name)
 
 
 def namespace(variant: str) -> str:
@@ -158,7 +205,7 @@ def load(variant: str) -> str:
     from torch.utils import cpp_extension
 
     flags = ["-O3", *VARIANTS[variant], f"-DTS_NAMESPACE={namespace(variant)}"]
-    name = f"tinyserve_cpu_int4_{variant}_{_build_key(flags)}"
+    name = f"tinyserve_cpu_{variant}_{_build_key(flags)}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     fresh = not any(build_dir.glob(f"{name}*.so"))
     lock = build_dir / "lock"  # torch's build lock: a build killed midway leaves it, and later loads would wait forever
@@ -166,13 +213,14 @@ def load(variant: str) -> str:
         log.warning("removing a stale build lock %s (a build was interrupted)", lock)
         lock.unlink(missing_ok=True)
     if fresh:
-        log.warning("compiling the CPU INT4 kernel (%s) into %s: once per machine and source version, 10-20 s ...", variant, build_dir)
+        log.warning("compiling the CPU INT4 and int8 kernels (%s) into %s: once per machine and source version, 15-30 s ...", variant, build_dir)
     t0 = time.perf_counter()
-    path = cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
-    # Shape-only implementation, so torch.compile can trace through the op.
+    path = cpp_extension.load(name, [str(f) for f in SOURCES], extra_cflags=flags, is_python_module=False, verbose=False)
+    # Shape-only implementations, so torch.compile can trace through the ops.
     torch.library.register_fake(f"{namespace(variant)}::int4_mm")(_int4_mm_fake)
+    torch.library.register_fake(f"{namespace(variant)}::int8_mm")(_int8_mm_fake)
     if fresh:
-        log.warning("CPU INT4 kernel (%s) built in %.0f s: engine %s", variant, time.perf_counter() - t0,
+        log.warning("CPU kernels (%s) built in %.0f s: engine %s", variant, time.perf_counter() - t0,
                     ENGINES[getattr(torch.ops, namespace(variant)).engine()])
     return path
 
@@ -181,10 +229,16 @@ def _int4_mm_fake(x, packed, bias, N, G):
     return x.new_empty((x.shape[0], N))
 
 
+def _int8_mm_fake(x, packed, scales, bias, N):
+    return x.new_empty((x.shape[0], N))
+
+
 def _build_key(flags: list[str]) -> str:
     """Source, flags, torch version and this CPU's feature flags: -march=native code must not run on another CPU that
     shares the cache directory, and an edited source must not load a stale library."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for f in (*SOURCES, *HEADERS):
+        h.update(f.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
     h.update(_cpu_flags().encode())

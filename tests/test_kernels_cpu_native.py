@@ -1,4 +1,5 @@
-"""Our CPU INT4 kernel (kernels/cpu_native.py, kernels/csrc/cpu_int4.cpp) against the pure-torch reference.
+"""Our CPU INT4 kernel (kernels/cpu_native.py, kernels/csrc/cpu_int4.cpp) against the pure-torch reference, and the
+int8 lm_head op built with it (kernels/csrc/cpu_int8.cpp; the tests at the end) against x @ (q * s)^T.
 
 Every engine this CPU can run is built (native = the best one, then each one below it: avx512bf16, avx512f,
 portable) and checked on odd shapes, fp32 and bf16 activations, with and without bias; then row invariance (row i
@@ -224,3 +225,139 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
         assert w.native is None and w.int4pack is not None
     finally:
         cpu_native.available.cache_clear()
+
+
+# ---- the int8 lm_head op (kernels/csrc/cpu_int8.cpp): weight-only int8 rows [N, K], one scale per row ------------------
+
+# (K, N): K a multiple of 32 (64, SmolLM2's 576) or not (100: zero-padded to 128); N never a multiple of 64.
+INT8_SHAPES = [(64, 72), (576, 200), (576, 1000), (100, 130)]
+INT8_M = (1, 3, 16, 17, 33)  # 17 and 33: more than one 16-row AMX chunk
+
+
+@cache
+def int8_layer(K: int, N: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] int8 in -127..127 and bf16 scales [N], as Int8Linear.quantize makes them."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s = (torch.rand(N, generator=g) * 0.02 + 1e-3).bfloat16()
+    return q, s
+
+
+def int8_reference(x: torch.Tensor, q, s, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x @ (q * s)^T (+ bias) in fp32 with x rounded to bf16 as the kernel does, and a per-element error bound: fp32
+    accumulation (1e-5 of sum |x| |W|) plus the output's one rounding when it is bf16."""
+    W = q.float() * s.float()[:, None]  # [N, K]
+    xb = x.to(torch.bfloat16).float()
+    ref = xb @ W.T + (bias.float() if bias is not None else 0.0)
+    bound = 1e-5 * (xb.abs() @ W.abs().T) + 1e-6
+    if x.dtype == torch.bfloat16:
+        bound = bound + ref.abs() * 2.0**-8
+    return ref, bound
+
+
+@pytest.mark.parametrize("variant,K,N", [(v, *shape) for v in ALL_VARIANTS for shape in INT8_SHAPES])
+def test_int8_matches_reference_on_odd_shapes(variant, K, N):
+    need(variant)
+    q, s = int8_layer(K, N, seed=K + N)
+    w = cpu_native.repack_int8(q, s)
+    g = torch.Generator().manual_seed(N)
+    for i, M in enumerate(INT8_M):
+        for dtype in (torch.bfloat16, torch.float32):
+            bias = torch.randn(N, generator=g).to(dtype) if i % 2 else None
+            x = torch.randn(M, K, generator=g).to(dtype)
+            y = cpu_native.int8_linear(x, w, bias, variant=variant)
+            assert y.shape == (M, N) and y.dtype == dtype
+            check(y, *int8_reference(x, q, s, bias))
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_int8_rows_do_not_depend_on_the_batch(variant):
+    # Row r of any batch, bit for bit, equals the one-row call on that row: whatever M is, wherever the row sits
+    # (inside or past the first 16-row AMX chunk), whatever the other rows hold, and with 1 or 2 threads.
+    need(variant)
+    K, N = (576, 200) if variant == "portable" else (576, 1000)
+    q, s = int8_layer(K, N, seed=11)
+    w = cpu_native.repack_int8(q, s)
+    bias = torch.randn(N)
+    g = torch.Generator().manual_seed(12)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(40, K, generator=g).to(dtype)
+        singles = torch.cat([cpu_native.int8_linear(x[i : i + 1], w, bias, variant=variant) for i in range(len(x))])
+        for M in (*INT8_M, 32, 40):
+            assert torch.equal(cpu_native.int8_linear(x[:M], w, bias, variant=variant), singles[:M]), (dtype, M)
+        perm = torch.randperm(len(x), generator=g)  # every row in another position, next to other rows
+        assert torch.equal(cpu_native.int8_linear(x[perm], w, bias, variant=variant), singles[perm]), dtype
+        others = torch.randn(20, K, generator=g).to(dtype) * 100  # other rows of another magnitude
+        for pos in (0, 7, 16, 19):
+            batch = others.clone()
+            batch[pos] = x[3]
+            assert torch.equal(cpu_native.int8_linear(batch, w, bias, variant=variant)[pos], singles[3]), (dtype, pos)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(cpu_native.int8_linear(x[:17], w, bias, variant=variant), singles[:17]), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_int8_agrees_with_torchs_op_and_engines_with_each_other():
+    # torch's _weight_int8pack_mm sums in another order: the bf16 outputs differ at most by one rounding step. The
+    # engines agree within fp32 accumulation error; avx512f and portable (the same FMAs in the same order) bit for bit.
+    need("native")
+    K, N = 576, 1000
+    q, s = int8_layer(K, N, seed=13)
+    w = cpu_native.repack_int8(q, s)
+    x = torch.randn(5, K).bfloat16()
+    y = cpu_native.int8_linear(x, w)
+    t = torch.ops.aten._weight_int8pack_mm(x, q, s)
+    assert ((y.float() - t.float()).abs() <= t.float().abs() * 2.0**-7 + 1e-6).all()
+    xf = torch.randn(3, K)
+    ys = {cpu_native.engine(v): cpu_native.int8_linear(xf, w, variant=v) for v in variants()}
+    ref, _ = int8_reference(xf, q, s, None)
+    scale = (xf.bfloat16().float().abs() @ (q.float() * s.float()[:, None]).abs().T).max()
+    for e, ye in ys.items():
+        assert (ye - ref).abs().max() <= 1e-5 * scale, e
+    if "avx512f" in ys and "portable" in ys:
+        assert torch.equal(ys["avx512f"], ys["portable"])
+
+
+def test_int8_repack_is_exact_and_aligned():
+    # Codes and scales are copied: x = I (fp32 output) returns (q * s)^T exactly, padding included.
+    need("native")
+    K, N = 100, 72
+    q, s = int8_layer(K, N, seed=14)
+    w = cpu_native.repack_int8(q, s)
+    assert w.packed.shape == (128 // 16, 128 // 2, 32) and w.packed.dtype == torch.int8 and w.packed.data_ptr() % 64 == 0
+    assert w.scales.shape == (128,) and w.scales.dtype == torch.float32 and not w.scales[N:].any()
+    assert torch.equal(cpu_native.int8_linear(torch.eye(K), w), (q.float() * s.float()[:, None]).T)
+    q2, s2 = cpu_native.unpack_int8(w)
+    assert torch.equal(q2, q) and torch.equal(s2, s.float())
+
+
+def test_int8_bad_input_is_rejected():
+    need("native")
+    w = cpu_native.repack_int8(*int8_layer(64, 72))
+    with pytest.raises(RuntimeError, match="does not match K"):
+        cpu_native.int8_linear(torch.randn(2, 96), w)
+    with pytest.raises(RuntimeError, match="2-D"):
+        cpu_native.int8_linear(torch.randn(2, 2, 64), w)
+
+
+def test_int8_lm_head_uses_it_when_asked():
+    # tinyserve's Int8Linear holds our layout when native (what the loader picks where the INT4 linears use our
+    # kernel), with the same codes and scales as torch's op gets.
+    need("native")
+    from tinyserve.model import Int8Linear
+
+    g = torch.Generator().manual_seed(15)
+    weight = torch.randn(200, 576, generator=g)  # fp32: quantize must not divide it in place (a tied embedding)
+    ours, theirs = Int8Linear.quantize(weight, torch.bfloat16, native=True), Int8Linear.quantize(weight, torch.bfloat16)
+    assert torch.equal(weight, torch.randn(200, 576, generator=torch.Generator().manual_seed(15)))
+    assert ours.qweight is None and ours.native is not None and theirs.native is None
+    assert torch.equal(ours.native.packed, cpu_native.repack_int8(theirs.qweight, theirs.scales).packed)
+    assert ours.nbytes == 256 * 576 + 256 * 4
+    x = torch.randn(2, 3, 576).bfloat16()  # a leading batch dimension
+    y = ours(x)
+    assert y.shape == (2, 3, 200) and torch.equal(y.view(6, 200), cpu_native.int8_linear(x.view(6, 576), ours.native))
+    assert ((y.float() - theirs(x).float()).abs() <= theirs(x).float().abs() * 2.0**-7 + 1e-6).all()

@@ -8,7 +8,9 @@ as well as this one before recording new ids.
 
 They also depend on which CPU INT4 kernel runs, so they are recorded per kernel: torch's int4 op (one sequence; and
 batched decode on CPUs without AMX, or with TINYSERVE_CPU_KERNEL=0) and our own kernel's AMX engine (batched decode on
-CPUs with AMX, kernels/cpu_native.py and ModelRunner.cpu_native).
+CPUs with AMX, kernels/cpu_native.py and ModelRunner.cpu_native). The "native-amx serve" settings also run the int8
+lm_head through our kernel (kernels/csrc/cpu_int8.cpp) instead of torch's `_weight_int8pack_mm`: its sums are ordered
+differently (last bits of some logits), and both prompts' ids stayed the same.
 Its engines differ in the last bits of some outputs (tests/test_kernels_cpu_native.py): with the AVX512-BF16 engine
 the "raw" prompt continued "... and compassion. She had a special gift that allowed her to see the world", so a
 kernel without recorded ids skips rather than compare against another engine's.

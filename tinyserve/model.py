@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cpu_native
 from tinyserve.config import ModelConfig, RopeConfig
 
 
@@ -55,33 +56,45 @@ class Int4Linear:
 
 @dataclass
 class Int8Linear:
-    """Weight-only int8 with one symmetric scale per output row: W[n, :] = q[n, :] * scale[n]."""
+    """Weight-only int8 with one symmetric scale per output row: W[n, :] = q[n, :] * scale[n].
 
-    qweight: torch.Tensor  # [N, K] int8
-    scales: torch.Tensor  # [N] in the activation dtype
+    Held for torch's `_weight_int8pack_mm` (qweight, scales), or for our CPU kernel (native: the same codes and scales
+    in its layout, kernels/cpu_native.py), which reads the weights once for all rows of a batch instead of once per
+    row, and computes each row the same whatever else is batched."""
+
+    qweight: torch.Tensor | None  # [N, K] int8 (None when native holds the weights)
+    scales: torch.Tensor | None  # [N] in the activation dtype (idem)
     bias: torch.Tensor | None = None
+    native: cpu_native.NativeInt8 | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scales)
-        y = y.view(*shape[:-1], -1)
+        x2 = x.reshape(-1, shape[-1])
+        if self.native is not None:
+            return cpu_native.int8_linear(x2, self.native, self.bias).view(*shape[:-1], -1)  # bias before the rounding
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales).view(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:
+        if self.native is not None:
+            return _nbytes(self.native.packed, self.native.scales, self.bias)
         return _nbytes(self.qweight, self.scales, self.bias)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, rows: int = 4096) -> "Int8Linear":
-        """[N, K] float -> int8 rows with scale max|w| / 127 (round to nearest), `rows` at a time (bounded memory)."""
+    def quantize(cls, weight: torch.Tensor, dtype: torch.dtype, rows: int = 4096, native: bool = False) -> "Int8Linear":
+        """[N, K] float -> int8 rows with scale max|w| / 127 (round to nearest), `rows` at a time (bounded memory).
+        native: hold them for our CPU kernel (the scales rounded to `dtype` first, as torch's op gets them)."""
         N = weight.shape[0]
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scales = torch.empty(N, dtype=torch.float32, device=weight.device)
         for a in range(0, N, rows):
-            w = weight[a : a + rows].float()
+            w = weight[a : a + rows].to(torch.float32, copy=True)  # a copy even for fp32 weights: divided in place below
             s = w.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
             q[a : a + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)
             scales[a : a + rows] = s
+        if native:
+            return cls(None, None, native=cpu_native.repack_int8(q, scales.to(dtype)))
         return cls(q, scales.to(dtype))
 
 

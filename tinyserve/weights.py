@@ -181,7 +181,9 @@ class Loader:
         else:
             head = self.fused([self.part("lm_head", H, c.vocab_size, False)])
         if lm_head == "int8" and isinstance(head, DenseLinear):
-            head = Int8Linear.quantize(head.weight, self.dtype)
+            # Our CPU kernel wherever the INT4 linears would use it (self.cpu_native; None: where it wins).
+            native = self.cpu_native if self.cpu_native is not None else kernels.cpu_native.use_by_default()
+            head = Int8Linear.quantize(head.weight, self.dtype, native=native and self.device.type == "cpu")
         weights = ModelWeights(embed=embed, layers=layers, norm=self.vector("model.norm.weight", H), lm_head=head)
         self.ck.close()
         return weights

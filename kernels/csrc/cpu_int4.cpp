@@ -1,13 +1,7 @@
 // CPU INT4 linear for small M (decode): y[M, N] = x[M, K] @ W[K, N] (+ bias), W = (q - z) * s per group of G rows.
 //
-// Built on first use by kernels/cpu_native.py (torch.utils.cpp_extension, -O3 -march=native). One engine is chosen at
-// compile time from what -march=native enables, best first:
-//   AMX         (__AMX_BF16__, Intel Sapphire Rapids and later): weights decoded to bf16 tiles, TDPBF16PS;
-//   AVX512-BF16 (__AVX512BF16__, e.g. AMD Zen 4, Intel Cooper Lake and later): VDPBF16PS on decoded weights;
-//   AVX512F     (__AVX512F__): the same decode, fp32 FMAs;
-//   portable    plain C++ loops (the compiler vectorizes what it can).
-// AMX also needs the kernel's permission (arch_prctl); without it that build runs the AVX512-BF16 engine instead.
-// The choice is made once per process, so every call of a process computes the same way.
+// Built on first use by kernels/cpu_native.py (torch.utils.cpp_extension, -O3 -march=native), with cpu_int8.cpp (the
+// int8 lm_head) into one library; cpu_common.h says how the engine (AMX, AVX512-BF16, AVX512F, portable) is chosen.
 //
 // Packed layout (written by kernels/cpu_native.py:repack), uint8 [NB, NG, R], NB = ceil(N / 16) blocks of 16 columns,
 // NG = K / G groups, Gp = G rounded up to a multiple of 32 (rows G..Gp-1 of a group are zero codes), R = Gp * 8 + 64:
@@ -41,16 +35,7 @@
 #include <cstring>
 #include <vector>
 
-// The AVX-512 engines need F, BW and VL (every AVX-512 CPU since Skylake-SP has all three).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define TS_AVX512 1
-#include <immintrin.h>
-#endif
-#if defined(TS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define TS_HAVE_AMX 1
-#endif
+#include "cpu_common.h"
 
 namespace {
 
@@ -58,23 +43,6 @@ constexpr int64_t BN = 16;     // columns per block
 constexpr int64_t META = 64;   // metadata bytes after each group's codes
 constexpr int64_t KALIGN = 32;  // group rows are padded to a multiple of this (one AMX tile of bf16 pairs)
 constexpr int64_t MR_MAX = 8;  // rows computed side by side (register blocking) by the AVX-512 engines
-
-enum Engine : int64_t { PORTABLE = 0, AVX512F = 1, AVX512BF16 = 2, AMX = 3 };
-
-inline uint16_t bf16_round(float f) {  // round to nearest even, as torch's float -> bfloat16 conversion
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float bf16_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 inline float half_float(uint16_t h) {  // IEEE fp16 bits -> float (normals, subnormals, inf, nan)
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -184,12 +152,7 @@ inline void store_acc(const Problem& p, int64_t m, int64_t b, __m512 acc) {
     _mm512_mask_storeu_ps(static_cast<float*>(p.y) + m * p.N + n0, mask, acc);
     return;
   }
-  // bf16_round on 16 lanes: add 0x7fff + the lowest kept bit, keep the top 16 bits; NaN stays a quiet NaN.
-  const __m512i u = _mm512_castps_si512(acc), one = _mm512_set1_epi32(1);
-  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-  h = _mm512_mask_mov_epi32(h, nan, _mm512_set1_epi32(0x7fc0));
-  _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.y) + m * p.N + n0, mask, h);
+  _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.y) + m * p.N + n0, mask, bf16_round16(acc));
 }
 
 // One inner-product step for one row and one column block: inner += x pair * weight pairs.
@@ -303,20 +266,6 @@ void blocks_avx512(const Problem& p, int64_t b_begin, int64_t b_end) {
 constexpr int AMX_NR = 4;
 constexpr int64_t AMX_MR = 16;
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {0};
-  uint16_t colsb[16] = {0};
-  uint8_t rows[16] = {0};
-};
-
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return ok;
-}
-
 void configure_tiles(int64_t mr) {
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(mr), cfg.colsb[t] = 64;  // C: mr x 16 fp32
@@ -404,19 +353,6 @@ void blocks_amx(const Problem& p, int64_t b_begin, int64_t b_end) {
   _tile_release();
 }
 #endif  // TS_HAVE_AMX
-
-Engine engine() {
-#if defined(TS_HAVE_AMX)
-  if (amx_permitted()) return AMX;
-  return AVX512BF16;
-#elif defined(TS_AVX512) && defined(__AVX512BF16__)
-  return AVX512BF16;
-#elif defined(TS_AVX512)
-  return AVX512F;
-#else
-  return PORTABLE;
-#endif
-}
 
 // x [M, K] (fp32 or bf16) -> xb [M, Kp] bf16 bits (and xf, the same values in fp32, when the engine reads fp32),
 // groups zero-padded to Gp, and xsum [M, NG]: per group, 16 lane-wise partial sums (lane l adds rows l, l + 16, ...
@@ -520,11 +456,7 @@ int64_t engine_id() { return static_cast<int64_t>(engine()); }
 
 }  // namespace
 
-// The op namespace comes from the build (kernels/cpu_native.py): variants built with other flags (the tests build the
-// portable and AVX512F engines too) can then be loaded into one process side by side.
-#ifndef TS_NAMESPACE
-#define TS_NAMESPACE tinyserve_cpu
-#endif
+// One library per variant, one op namespace per variant (cpu_common.h); cpu_int8.cpp adds its op as a fragment.
 #define TS_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define TS_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
