@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--clip-mode", default="range", help=f"how a ratio shrinks a group's range: {' or '.join(CLIP_MODES)}")
     g.add_argument("--no-holdout-gate", action="store_true",
                    help="keep every chosen scale/clip even where it loses to none on the held-out windows")
+    g.add_argument("--no-clip-gate", action="store_true",
+                   help="keep the clip search's choices without testing them against the model's output (see clip_gate.py)")
+    g.add_argument("--gate-windows", type=int, default=8, help="held-out calibration windows the clip gate runs on (default 8)")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
     g = p.add_argument_group("GPTQ (gptq and awq-gptq)")
@@ -59,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     a = p.parse_args(argv)
     search = SearchConfig(
         duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, gqa_vo=not a.no_gqa_vo, refit=not a.no_refit, clip_mode=a.clip_mode,
-        holdout_gate=not a.no_holdout_gate, token_stride=a.token_stride,
+        holdout_gate=not a.no_holdout_gate, clip_gate=not a.no_clip_gate, gate_windows=a.gate_windows, token_stride=a.token_stride,
         compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
     )
     gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)

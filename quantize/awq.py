@@ -8,6 +8,8 @@ Per block (AWQ):
    fold the scales into the fp32 block (scale_search);
 3. per linear (except q/k), search a clip ratio per group the same way (clip_search);
 4. quantize with the chosen bounds and pack (kernels.layout.pack_linear).
+After the last block, the clip gate (clip_gate.py) keeps each sub-block's clips only where they bring the model's
+output closer to the unquantized model's on held-out windows.
 """
 
 import copy
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from kernels.layout import dequantize, pack_linear
 from quantize.calibration import SiteStats, capture_block_inputs, run_block
+from quantize.clip_gate import gate_clips
 from quantize.clip_search import CLIP_MODES, clip_ratios, refit_bounds, search_clip
 from quantize.model_families import Family, ScalingGroup
 from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
@@ -42,6 +45,9 @@ class SearchConfig:
     max_shrink: float = 0.5  # ... for i < max_shrink * clip_grid: 1.00 down to 0.55 in 10 steps
     holdout_every: int = 4  # every 4th calibration window is held out to check each choice; 0: no held-out set
     holdout_gate: bool = True  # keep a scale / clip only where it beats none on the held-out windows
+    clip_gate: bool = True  # keep a sub-block's clips only where they lower the model's KL to fp (clip_gate.py)
+    gate_windows: int = 8  # held-out calibration windows the clip gate runs on
+    gate_z: float = 2.0  # the gate drops clips only when the KL falls by more than gate_z standard errors
     token_stride: int = 1  # use every n-th token for the Gram matrices
     compute_dtype: torch.dtype = torch.bfloat16  # of the calibration forward passes and the error products
 
@@ -50,8 +56,8 @@ class SearchConfig:
             raise QuantizationError(f"clip mode {self.clip_mode!r}; choose one of {list(CLIP_MODES)}")
         if self.holdout_every == 1 or self.holdout_every < 0:
             raise QuantizationError("holdout_every must be 0 (no held-out windows) or at least 2")
-        if self.token_stride < 1 or self.n_grid < 1:
-            raise QuantizationError("token_stride and n_grid must be positive")
+        if self.token_stride < 1 or self.n_grid < 1 or self.gate_windows < 1:
+            raise QuantizationError("token_stride, n_grid and gate_windows must be positive")
 
 
 @dataclass
@@ -66,6 +72,9 @@ class PackedLinear:
 class QuantResult:
     linears: dict[str, PackedLinear]  # full module name -> packed weights
     report: list[dict] = field(default_factory=list)  # one row per linear
+    # Clipped linears' unclipped alternative for the clip gate: name -> (packed, its report fields)
+    unclipped: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
+    gate: dict | None = None  # the clip gate's outcome (KL before and after, sub-blocks dropped), for the report
 
 
 def check_model(model: nn.Module, family: Family, spec: QuantSpec) -> None:
@@ -183,10 +192,17 @@ def quantize_block(
             if search.refit:
                 lo, hi, refitted = refit_bounds(W, lo, hi, H_fit, H_val, spec, search.holdout_gate)
         result.linears[full] = _pack(W, lin.bias, spec, full, lo, hi)
-        # Held-out output error per output element, mapped back to the original input and output spaces.
-        W_q = fake_quantize(W, spec, lo, hi) * out_scale[name][:, None] * inv[None, :]
-        err_awq = float(weighted_error(W_q - W0[name], st.H_val)) / W.shape[0]
+
+        def held_out_error(lo, hi) -> float:
+            """Held-out output error per output element, mapped back to the original input and output spaces."""
+            W_q = fake_quantize(W, spec, lo, hi) * out_scale[name][:, None] * inv[None, :]
+            return float(weighted_error(W_q - W0[name], st.H_val)) / W.shape[0]
+
+        err_awq = held_out_error(lo, hi)
         err_rtn = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
+        if clipped or refitted:
+            result.unclipped[full] = (_pack(W, lin.bias, spec, full), dict(clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0,
+                                                                            mse_awq=held_out_error(None, None)))
         result.report.append(
             _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped, refit_share=refitted,
                  mse_rtn=err_rtn, mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
@@ -216,7 +232,31 @@ def awq_quantize(
         del runner
 
         quantize_block(block, i, family, spec, search, stats, result)
+    if search.clip_gate and result.unclipped:
+        run_clip_gate(model, family, spec, windows, search, result, progress, log)
+    result.unclipped.clear()
     return result
+
+
+def run_clip_gate(model, family, spec, windows, search, result, progress, log) -> None:
+    """Run the clip gate on held-out calibration windows (calibration.run_block's split) and record its decisions."""
+    B = len(windows)
+    held = [i for i in range(B) if search.holdout_every and i % search.holdout_every == search.holdout_every - 1] or list(range(B))
+    n = min(search.gate_windows, len(held))
+    picks = [held[round(j * len(held) / n)] for j in range(n)]  # spread over the held-out windows
+    bar = (lambda it: tqdm(it, desc="clip gate", unit="block")) if progress else None
+    alt = {n: packed for n, (packed, _) in result.unclipped.items()}
+    outcome = gate_clips(model, family, result.linears, alt, windows[picks], spec.group_size, search.compute_dtype, search.gate_z, bar)
+    dropped = {n for n in alt if any(n.startswith(p) for p in outcome.dropped)}
+    for row in result.report:
+        if row["name"] in alt:
+            row["clip_gate"] = "dropped" if row["name"] in dropped else "kept"
+            if row["name"] in dropped:
+                row.update(result.unclipped[row["name"]][1])
+    result.gate = {"windows": len(picks), "kl_clipped": outcome.kl_clipped, "kl_final": outcome.kl_final,
+                   "tested": outcome.tested, "dropped": outcome.dropped}
+    log(f"clip gate: KL to fp {outcome.kl_clipped:.5f} -> {outcome.kl_final:.5f} nats/token on {len(picks)} held-out windows; "
+        f"clips dropped in {len(outcome.dropped)} of {outcome.tested} sub-blocks")
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ class Family:
     layers: str  # path of the ModuleList of decoder blocks inside the *ForCausalLM model
     groups: tuple[ScalingGroup, ...]
     no_clip: tuple[str, ...]  # linears whose clip search is skipped: q/k errors pass through softmax, not linearly
+    norm: str = "model.norm"  # the final norm before the output head
 
     @property
     def linears(self) -> tuple[str, ...]:

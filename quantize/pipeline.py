@@ -111,6 +111,8 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         "peak_rss_gib": round(peak_rss_gib(), 2),
         "threads": torch.get_num_threads(),
     }
+    if result.gate is not None:
+        summary["clip_gate"] = result.gate
     for key in ("mse_rtn", "mse_awq", "mse_gptq"):
         if result.report and key in result.report[0]:
             summary[f"sum_{key}"] = sum(r[key] for r in result.report)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block, rtn_quantize
+from quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block, rtn_quantize, run_clip_gate
 from quantize.calibration import calibration_windows, capture_block_inputs, run_block
 from quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
 from quantize.evaluate import perplexity, text_ids
@@ -40,6 +40,9 @@ VARIANTS = {
     "clip-range2d": replace(BASE, clip_mode="range2d"),
     "no-gqa-vo": replace(BASE, gqa_vo=False),
     "no-refit": replace(BASE, refit=False),
+    "no-clip-gate": replace(BASE, clip_gate=False),
+    "gate-z0": replace(BASE, gate_z=0.0),
+    "gate-8-windows": replace(BASE, gate_windows=8),
 }
 STATS_VARIANTS = {
     "fp32": dict(search=replace(BASE, compute_dtype=torch.float32)),
@@ -60,10 +63,12 @@ def collect_stats(model, family, windows, search: SearchConfig) -> list[dict]:
     return stats
 
 
-def quantize_from_stats(model, family, spec, stats, search) -> QuantResult:
+def quantize_from_stats(model, family, spec, stats, search, windows) -> QuantResult:
     result = QuantResult({})
     for i, block in enumerate(model.get_submodule(family.layers)):
         quantize_block(block, i, family, spec, search, stats[i], result)
+    if search.clip and search.clip_gate and result.unclipped:
+        run_clip_gate(model, family, spec, windows, search, result, False, print)
     return result
 
 
@@ -113,7 +118,7 @@ def main():
         for name in a.variants:
             model = load_model(src)
             t = time.perf_counter()
-            result = quantize_from_stats(model, family, spec, stats, VARIANTS[name])
+            result = quantize_from_stats(model, family, spec, stats, VARIANTS[name], windows)
             seconds = time.perf_counter() - t
             dequantize_into(model, result, spec.group_size)
             line(f"{name} (search only)", evaluate(model), seconds, result)
@@ -125,7 +130,7 @@ def main():
         model = load_model(src)
         t = time.perf_counter()
         stats = collect_stats(model, family, w, search)
-        result = quantize_from_stats(model, family, spec, stats, search)
+        result = quantize_from_stats(model, family, spec, stats, search, w)
         seconds = time.perf_counter() - t
         dequantize_into(model, result, spec.group_size)
         line(f"{name} (statistics + search)", evaluate(model), seconds, result)

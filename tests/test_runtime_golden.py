@@ -12,8 +12,8 @@ CPUs with AMX, kernels/cpu_native.py and ModelRunner.cpu_native). The "native-am
 lm_head through our kernel (kernels/csrc/cpu_int8.cpp) instead of torch's `_weight_int8pack_mm`: its sums are ordered
 differently (last bits of some logits), and both prompts' ids stayed the same.
 Its engines differ in the last bits of some outputs (tests/test_kernels_cpu_native.py): with the AVX512-BF16 engine
-the "raw" prompt continued "... and compassion. She had a special gift that allowed her to see the world", so a
-kernel without recorded ids skips rather than compare against another engine's.
+an earlier default model's "raw" prompt continued differently after 20 tokens, so a kernel without recorded ids
+skips rather than compare against another engine's.
 """
 
 import pytest
@@ -24,12 +24,13 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
         "chat",
         "What is the capital of France?",
         {
-            # "... I'm planning to launch a business that sells eco-friendly"
+            # "... I'm planning to create a business that helps people with their"
             "int4pack": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248, 3946,
-                         288, 7198, 253, 1861, 338, 26064, 12143, 29, 9263],
-            # "... I'm planning to create a business that helps people find affordable"
+                         288, 1464, 253, 1861, 338, 2311, 701, 351, 480],
+            # "... I'm planning to create a business that specializes in sustainable eco"
             "native-amx serve": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248,
-                                 3946, 288, 1464, 253, 1861, 338, 2311, 701, 1042, 10994],
+                                 3946, 288, 1464, 253, 1861, 338, 26719, 281, 4510, 12143],
+            # "... I'm planning to create a business that helps people find affordable"
             "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248,
                                3946, 288, 1464, 253, 1861, 338, 2311, 701, 1042, 10994],
         },
@@ -39,16 +40,16 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
         "raw",
         "Once upon a time, in a small village,",
         {
-            # "... She was known for her kindness and compassion. She had a soft spot for those who were struggling with their"
-            "int4pack": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30,
-                         2306, 761, 253, 2375, 4897, 327, 967, 617, 592, 10032, 351, 480],
-            "native-amx serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047,
-                                 30, 2306, 761, 253, 2375, 4897, 327, 967, 617, 592, 10032, 351, 480],
-            # "... She was known for her kindness and generosity. She had many children, but one of them, a young"
-            "int4pack serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 26677,
-                               30, 2306, 761, 800, 1122, 28, 564, 582, 282, 601, 28, 253, 1805],
+            # "... from the ground to the stars. He was known for his kindness and generosity, and everyone loved him.\n"
+            "int4pack": [665, 436, 253, 38688, 3365, 33138, 35177, 617, 1135, 3117, 429, 260, 2118, 288, 260, 5703, 30, 909, 436, 1343,
+                         327, 650, 11347, 284, 26677, 28, 284, 2573, 5732, 1272, 30, 198],
+            "native-amx serve": [665, 436, 253, 38688, 3365, 33138, 35177, 617, 1135, 3117, 429, 260, 2118, 288, 260, 5703, 30, 909, 436,
+                                 1343, 327, 650, 11347, 284, 26677, 28, 284, 2573, 5732, 1272, 30, 198],
+            # "... from the ground. He made everything from the ground, and he made everything from the ground. He made everything"
+            "int4pack serve": [665, 436, 253, 38688, 3365, 33138, 35177, 617, 1135, 3117, 429, 260, 2118, 30, 909, 1135, 3117, 429, 260,
+                               2118, 28, 284, 384, 1135, 3117, 429, 260, 2118, 30, 909, 1135, 3117],
         },
-        " there lived a wise and kind woman named Elara. She was known for her kindness and",
+        " there was a blacksmith named Grimjack who made everything from the ground",
     ),
 ]
 
