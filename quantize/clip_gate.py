@@ -43,7 +43,10 @@ class _Tail:
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, family: Family, windows: torch.Tensor, dtype: torch.dtype):
-        self.model = copy.deepcopy(model).to(dtype)
+        # Copy straight into `dtype`: deepcopy(model).to(dtype) would first hold a second fp32 copy of every weight.
+        memo = {id(t): nn.Parameter(t.detach().to(dtype), requires_grad=False) for t in model.parameters()}
+        memo.update({id(t): t.to(dtype) if t.is_floating_point() else t.clone() for t in model.buffers()})
+        self.model = copy.deepcopy(model, memo)
         self.layers = self.model.get_submodule(family.layers)
         self.norm = self.model.get_submodule(family.norm)
         self.dtype = dtype
