@@ -33,6 +33,13 @@ def block_inputs(model, x: torch.Tensor) -> tuple[torch.nn.Module, dict]:
     return model.model.layers[0], {"position_embeddings": model.model.rotary_emb(x, position_ids=pos), "position_ids": pos}
 
 
+def fake_quantize_block_rtn(block: torch.nn.Module, family, spec: QuantSpec) -> None:
+    """The RTN baseline of the block tests: every linear of `block` replaced in place by its round-to-nearest weights."""
+    for name in family.linears:
+        lin = block.get_submodule(name)
+        lin.weight.data = fake_quantize(lin.weight, spec)
+
+
 def planted(B: int, S: int, H: int, channels: list[int], gain: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, S, H, generator=g)
@@ -86,10 +93,8 @@ def test_awq_beats_rtn_on_a_block_with_planted_salient_channels(arch):
 
     def output_error(search: SearchConfig | None) -> float:
         b = tiny_model(arch).model.layers[0]
-        if search is None:  # RTN
-            for name in family.linears:
-                lin = b.get_submodule(name)
-                lin.weight.data = fake_quantize(lin.weight, spec)
+        if search is None:
+            fake_quantize_block_rtn(b, family, spec)
         else:
             sites = {g.linears[0]: b.get_submodule(g.linears[0]) for g in family.groups}
             _, stats = run_block(b, calib, kw, sites, holdout_every=4)

@@ -14,7 +14,7 @@ from quantize.model_families import FAMILIES
 from quantize.model_io import load_model
 from quantize.pipeline import QuantizeConfig, run
 from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
-from tests.test_quantize_awq import block_inputs, tiny_model
+from tests.test_quantize_awq import block_inputs, fake_quantize_block_rtn, tiny_model
 
 
 def correlated_inputs(T: int, K: int, seed: int, rho: float = 0.9) -> torch.Tensor:
@@ -125,9 +125,7 @@ def test_block_output_error_below_rtn(arch):
     def output_error(method: str) -> float:
         b = tiny_model(arch).model.layers[0]
         if method == "rtn":
-            for name in family.linears:
-                lin = b.get_submodule(name)
-                lin.weight.data = fake_quantize(lin.weight, spec)
+            fake_quantize_block_rtn(b, family, spec)
         else:
             sites = {g.linears[0]: b.get_submodule(g.linears[0]) for g in family.groups}
             _, stats = run_block(b, calib, kw, sites, holdout_every=4)
