@@ -229,3 +229,25 @@ def test_float_checkpoints_of_any_dtype(tiny_llama_dir, tmp_path, dtype):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
     else:  # bf16 rounds the fp16 weights: close, not equal
         assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype,lm_head", [("bfloat16", "int8"), ("bfloat16", "dense"), ("float32", "dense")])
+def test_one_sequence_decode_is_bit_identical_to_batched_decode(tiny_int4_dir, dtype, lm_head):
+    """model.decode_one (the runner's path for one sequence on CPU: direct op calls, cache views, no cat in the norms)
+    gives exactly model.decode's logits and cache contents, in a slot other than 0, step after step."""
+    from tinyserve import model
+
+    runner = runner_for(tiny_int4_dir, dtype=dtype, lm_head=lm_head, num_slots=3)
+    slots = [runner.alloc_slot() for _ in range(3)]
+    slot = slots[1]
+    runner.prefill(slot, IDS[:9])
+    k, v = runner.cache.k.clone(), runner.cache.v.clone()
+    tok = 5
+    for pos in range(9, 30):
+        expected = model.decode(runner.cfg, runner.weights, k, v, torch.tensor([slot]), torch.tensor([tok]), torch.tensor([pos]),
+                                pos + 1, runner.cos, runner.sin, first_slot=slot, masked=False)
+        got = runner.decode([slot], [tok])  # decode_one underneath
+        assert torch.equal(got, expected.float()), pos
+        tok = int(got.argmax())
+    assert torch.equal(runner.cache.k, k) and torch.equal(runner.cache.v, v)

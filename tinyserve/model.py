@@ -30,6 +30,9 @@ class DenseLinear:
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
+    def one_row(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
     @property
     def nbytes(self) -> int:
         return _nbytes(self.weight, self.bias)
@@ -42,6 +45,14 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.int4_linear(x, self.w, self.bias)
+
+    def one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, K] -> [1, N] in x's dtype; the same numbers as __call__. For one bf16 row held for torch's op (no
+        padding, no bias) it calls the op directly: dispatch's choice and reshapes cost ~5 us a call, 120 calls a step."""
+        p = self.w.int4pack
+        if p is not None and self.bias is None and self.w.native is None and x.dtype == torch.bfloat16 and p.packed.shape[0] == p.out_features:
+            return torch._weight_int4pack_mm_for_cpu(x, p.packed, p.op_group, p.scale_zero)
+        return self(x)
 
     @property
     def nbytes(self) -> int:
@@ -74,6 +85,12 @@ class Int8Linear:
             return cpu_native.int8_linear(x2, self.native, self.bias).view(*shape[:-1], -1)  # bias before the rounding
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales).view(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+    def one_row(self, x: torch.Tensor) -> torch.Tensor:
+        """x [1, K] -> [1, N]; the same numbers as __call__, without its reshapes."""
+        if self.native is None and self.bias is None:
+            return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        return self(x)
 
     @property
     def nbytes(self) -> int:
@@ -263,3 +280,46 @@ def decode(
         x = x + lw.o(attn.reshape(M, Hq * D))
         x = x + mlp(lw, rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps))
     return w.lm_head(rms_norm(x, w.norm, cfg.rms_norm_eps))
+
+
+def decode_one(
+    cfg: ModelConfig,
+    w: ModelWeights,
+    k_cache: torch.Tensor,  # [layers, slots, Hkv, S, D]
+    v_cache: torch.Tensor,
+    slot: int,
+    token: int,
+    pos: int,  # where the token goes; it attends to positions 0..pos of its slot
+    cos: torch.Tensor,  # [S, D]
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """decode() for one sequence (M = 1, nothing masked): the same operations on the same operands, so the same logits
+    [1, V] bit for bit, with about half the small ops and Python calls (one-sequence decode of a small model is bound
+    by per-op overhead, not by the kernels): Python-int cache views instead of index_put and gathers, the residual
+    stream kept in the first half of the [x, -x] buffer that rms_norm's layer_norm reads (no cat per norm), linears
+    called through one_row (torch's op directly where it applies), in-place residual adds and activation. CPU only
+    (its norm is rms_norm's CPU form); CUDA decodes through captured graphs."""
+    H, Hq, Hkv, D, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    R, eps = Hq // Hkv, cfg.rms_norm_eps
+    buf = torch.empty(1, 2 * H, dtype=w.embed.dtype, device=w.embed.device)  # [x, -x]
+    x, neg_x = buf[:, :H], buf[:, H:]
+    x.copy_(w.embed[token])
+
+    def norm(weight: torch.Tensor) -> torch.Tensor:  # rms_norm(x, weight) on CPU, see there
+        torch.neg(x, out=neg_x)
+        return F.layer_norm(buf, (2 * H,), None, None, eps)[:, :H] * weight
+
+    c, s = cos[pos], sin[pos]  # [D], broadcast over heads
+    # Per-layer views, taken once per step: where this token's key/value go ([Hkv, D]) and what it attends ([1, Hkv, L, D]).
+    k_new, v_new = k_cache[:, slot, :, pos].unbind(0), v_cache[:, slot, :, pos].unbind(0)
+    k_seen, v_seen = k_cache[:, slot : slot + 1, :, : pos + 1].unbind(0), v_cache[:, slot : slot + 1, :, : pos + 1].unbind(0)
+    for lw, kn, vn, k, v in zip(w.layers, k_new, v_new, k_seen, v_seen):
+        qkv = lw.qkv.one_row(norm(lw.attn_norm)).view(1, Hq + 2 * Hkv, D)
+        qk = apply_rope(qkv[:, : Hq + Hkv], c, s)  # [1, Hq + Hkv, D]
+        kn.copy_(qk[0, Hq:])
+        vn.copy_(qkv[0, Hq + Hkv :])
+        attn = F.scaled_dot_product_attention(qk[:, :Hq].view(1, Hkv, R, D), k, v)  # [1, Hkv, R, D], as in decode
+        x.add_(lw.o.one_row(attn.reshape(1, Hq * D)))
+        gate_up = lw.gate_up.one_row(norm(lw.mlp_norm))  # [1, 2 I]
+        x.add_(lw.down.one_row(F.silu(gate_up[:, :I]).mul_(gate_up[:, I:])))
+    return w.lm_head.one_row(norm(w.norm))

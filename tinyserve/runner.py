@@ -222,6 +222,11 @@ class ModelRunner:
         if self.config.batch_invariant:
             return self._decode_invariant(slots, tokens, pos)
         M = len(slots)
+        if M == 1 and self.device.type == "cpu":
+            # One sequence (chat, generate): the same numbers as model.decode with about half the small ops.
+            return model.decode_one(
+                self.cfg, self.weights, self.cache.k, self.cache.v, slots[0], int(tokens[0]), pos[0], self.cos, self.sin
+            ).float()
         length = max(pos) + 1
         contiguous = slots == list(range(slots[0], slots[0] + M))
         dev = self.device
