@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--no-holdout-gate", action="store_true",
                    help="keep every chosen scale/clip even where it loses to none on the held-out windows")
     g.add_argument("--no-clip-gate", action="store_true",
-                   help="keep the clip search's choices without testing them against the model's output (see clip_gate.py)")
-    g.add_argument("--gate-windows", type=int, default=8, help="held-out calibration windows the clip gate runs on (default 8)")
+                   help="keep the search's choices without testing each sub-block against its unclipped and RTN weights by the model's output (clip_gate.py)")
+    g.add_argument("--gate-windows", type=int, default=8, help="held-out calibration windows the gate runs on (default 8)")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
     g = p.add_argument_group("GPTQ (gptq and awq-gptq)")

@@ -8,8 +8,8 @@ Per block (AWQ):
    fold the scales into the fp32 block (scale_search);
 3. per linear (except q/k), search a clip ratio per group the same way (clip_search);
 4. quantize with the chosen bounds and pack (kernels.layout.pack_linear).
-After the last block, the clip gate (clip_gate.py) keeps each sub-block's clips only where they bring the model's
-output closer to the unquantized model's on held-out windows.
+After the last block, the gate (clip_gate.py) keeps each sub-block's search result only where it brings the model's
+output closer to the unquantized model's on held-out windows than its unclipped or plain-RTN alternative does.
 """
 
 import copy
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from kernels.layout import dequantize, pack_linear
 from quantize.calibration import SiteStats, capture_block_inputs, run_block
-from quantize.clip_gate import gate_clips
+from quantize.clip_gate import Candidate, gate_sub_blocks, sub_blocks
 from quantize.clip_search import CLIP_MODES, clip_ratios, refit_bounds, search_clip
 from quantize.model_families import Family, ScalingGroup
 from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
@@ -45,9 +45,9 @@ class SearchConfig:
     max_shrink: float = 0.5  # ... for i < max_shrink * clip_grid: 1.00 down to 0.55 in 10 steps
     holdout_every: int = 4  # every 4th calibration window is held out to check each choice; 0: no held-out set
     holdout_gate: bool = True  # keep a scale / clip only where it beats none on the held-out windows
-    clip_gate: bool = True  # keep a sub-block's clips only where they lower the model's KL to fp (clip_gate.py)
+    clip_gate: bool = True  # test each sub-block's result against unclipped / RTN by the model's KL to fp (clip_gate.py)
     gate_windows: int = 8  # held-out calibration windows the clip gate runs on
-    gate_z: float = 2.0  # the gate drops clips only when the KL falls by more than gate_z standard errors
+    gate_z: float = 2.0  # the gate takes a candidate only when the KL falls by more than gate_z standard errors
     token_stride: int = 1  # use every n-th token for the Gram matrices
     compute_dtype: torch.dtype = torch.bfloat16  # of the calibration forward passes and the error products
 
@@ -72,8 +72,11 @@ class PackedLinear:
 class QuantResult:
     linears: dict[str, PackedLinear]  # full module name -> packed weights
     report: list[dict] = field(default_factory=list)  # one row per linear
-    # Clipped linears' unclipped alternative for the clip gate: name -> (packed, its report fields)
+    # The gate's alternatives (clip_gate.py), name -> (packed, its report fields): clipped linears unclipped (AWQ's
+    # scales, plain rounding), and every linear of a scaled or clipped sub-block rounded from its original weights.
     unclipped: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
+    rtn: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
+    rtn_params: dict[str, torch.Tensor] = field(default_factory=dict)  # the folded norms' weights before folding
     gate: dict | None = None  # the clip gate's outcome (KL before and after, sub-blocks dropped), for the report
 
 
@@ -156,6 +159,9 @@ def quantize_block(
     ratios = clip_ratios(search.clip_grid, search.max_shrink)
     names = family.linears
     W0 = {n: block.get_submodule(n).weight.detach().clone() for n in names}  # [N, K] before any fold
+    b0 = {n: None if block.get_submodule(n).bias is None else block.get_submodule(n).bias.detach().clone() for n in names}
+    norms0 = {f"{g.prev}.{k}": v.detach().clone() for g in family.groups if g.prev and g.prev not in names
+              for k, v in block.get_submodule(g.prev).named_parameters()}
     in_scale = {n: torch.ones(W0[n].shape[1]) for n in names}  # the linear's input is now x / in_scale
     out_scale = {n: torch.ones(W0[n].shape[0]) for n in names}  # its output is now y / out_scale
     site = {n: g.linears[0] for g in family.groups for n in g.linears}
@@ -200,13 +206,22 @@ def quantize_block(
 
         err_awq = held_out_error(lo, hi)
         err_rtn = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
-        if clipped or refitted:
+        if search.clip_gate and (clipped or refitted):
             result.unclipped[full] = (_pack(W, lin.bias, spec, full), dict(clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0,
                                                                             mse_awq=held_out_error(None, None)))
         result.report.append(
             _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped, refit_share=refitted,
                  mse_rtn=err_rtn, mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
         )
+    if search.clip_gate:
+        for prefix, norms in sub_blocks(family):
+            part = [n for n in names if n.startswith(prefix)]
+            if any(alphas[n] is not None or f"{family.layers}.{i}.{n}" in result.unclipped for n in part):
+                for n in part:
+                    full = f"{family.layers}.{i}.{n}"
+                    result.rtn[full] = (_pack(W0[n], b0[n], spec, full), dict(alpha=None, clip_mean_ratio=1.0, clipped_share=0.0,
+                                                                         refit_share=0.0, mse_awq=None))
+                result.rtn_params.update({f"{family.layers}.{i}.{k}": v for k, v in norms0.items() if any(k.startswith(nm + ".") for nm in norms)})
 
 
 @torch.no_grad()
@@ -232,31 +247,43 @@ def awq_quantize(
         del runner
 
         quantize_block(block, i, family, spec, search, stats, result)
-    if search.clip_gate and result.unclipped:
+    if search.clip_gate and (result.unclipped or result.rtn):
         run_clip_gate(model, family, spec, windows, search, result, progress, log)
     result.unclipped.clear()
+    result.rtn.clear()
+    result.rtn_params.clear()
     return result
 
 
 def run_clip_gate(model, family, spec, windows, search, result, progress, log) -> None:
-    """Run the clip gate on held-out calibration windows (calibration.run_block's split) and record its decisions."""
+    """Run the gate (clip_gate.py) on held-out calibration windows (calibration.run_block's split), apply its
+    decisions to the result and to the model's folded norms, and record them in the report."""
     B = len(windows)
     held = [i for i in range(B) if search.holdout_every and i % search.holdout_every == search.holdout_every - 1] or list(range(B))
     n = min(search.gate_windows, len(held))
     picks = [held[round(j * len(held) / n)] for j in range(n)]  # spread over the held-out windows
-    bar = (lambda it: tqdm(it, desc="clip gate", unit="block")) if progress else None
-    alt = {n: packed for n, (packed, _) in result.unclipped.items()}
-    outcome = gate_clips(model, family, result.linears, alt, windows[picks], spec.group_size, search.compute_dtype, search.gate_z, bar)
-    dropped = {n for n in alt if any(n.startswith(p) for p in outcome.dropped)}
+    bar = (lambda it: tqdm(it, desc="gate", unit="block")) if progress else None
+    candidates = [Candidate("unclipped", {k: p for k, (p, _) in result.unclipped.items()}),
+                  Candidate("rtn", {k: p for k, (p, _) in result.rtn.items()}, result.rtn_params)]
+    outcome = gate_sub_blocks(model, family, result.linears, candidates, windows[picks], spec.group_size, search.compute_dtype,
+                              search.gate_z, bar)
+    fields = {"unclipped": result.unclipped, "rtn": result.rtn}
+    for prefix, (label, params) in outcome.decisions.items():
+        for k, v in params.items():
+            model.get_parameter(k).data.copy_(v)  # the export writes the norms from the model
     for row in result.report:
-        if row["name"] in alt:
-            row["clip_gate"] = "dropped" if row["name"] in dropped else "kept"
-            if row["name"] in dropped:
-                row.update(result.unclipped[row["name"]][1])
-    result.gate = {"windows": len(picks), "kl_clipped": outcome.kl_clipped, "kl_final": outcome.kl_final,
-                   "tested": outcome.tested, "dropped": outcome.dropped}
-    log(f"clip gate: KL to fp {outcome.kl_clipped:.5f} -> {outcome.kl_final:.5f} nats/token on {len(picks)} held-out windows; "
-        f"clips dropped in {len(outcome.dropped)} of {outcome.tested} sub-blocks")
+        taken = [label for prefix, (label, _) in outcome.decisions.items() if row["name"].startswith(prefix)]
+        if row["name"] in result.unclipped or row["name"] in result.rtn:
+            row["gate"] = taken[0] if taken else "kept"
+        if taken and row["name"] in fields[taken[0]]:
+            row.update({k: v for k, v in fields[taken[0]][row["name"]][1].items() if v is not None})
+            if taken[0] == "rtn":
+                row["mse_awq"] = row["mse_rtn"]
+    counts = {label: sum(1 for lb, _ in outcome.decisions.values() if lb == label) for label in ("unclipped", "rtn")}
+    result.gate = {"windows": len(picks), "kl_search": outcome.kl_clipped, "kl_final": outcome.kl_final,
+                   "tested": outcome.tested, "decisions": {p: lb for p, (lb, _) in outcome.decisions.items()}}
+    log(f"gate: KL to fp {outcome.kl_clipped:.5f} -> {outcome.kl_final:.5f} nats/token on {len(picks)} held-out windows; "
+        f"of {outcome.tested} sub-blocks, {counts['unclipped']} went unclipped, {counts['rtn']} back to RTN")
 
 
 @torch.no_grad()

@@ -1,21 +1,25 @@
-"""End-to-end gate on the clip search: keep a block's clips only where they bring the whole model closer to fp.
+"""End-to-end gate on the search's choices: per sub-block, keep AWQ's weights only where they bring the whole model
+closer to fp than the alternatives do.
 
 The clip search (clip_search.py) minimises each linear's output MSE, and on some models that criterion is wrong: on
 Qwen2.5-Coder-0.5B the chosen clips lower every MLP's output error yet shrink its outputs ~2% in the same direction
 for every token, which adds up through the residual stream and makes AWQ worse than RTN (BENCHMARKS.md, issue 2).
-No per-layer error sees that; the model's output does. So, after the search, each sub-block's clips (attention: the
-clipped v/o; MLP: gate/up/down) are put to one test: the KL divergence of the quantized model's next-token
-distribution from the unquantized one's, on held-out calibration windows. Greedy, first block to last: a sub-block
-goes back to its unclipped weights (same AWQ scales, plain rounding) when that lowers the KL by more than z standard
-errors of the per-token difference (better()).
+No per-layer error sees that; the model's output does. So, after the search, each sub-block (attention: its input
+norm and q/k/v/o; MLP: its input norm and gate/up/down) is put to one test against its candidates: "unclipped"
+(AWQ's scales, plain rounding) where it was clipped, and "rtn" (its original weights and norm, no scales, plain
+rounding) where it was scaled or clipped. The measure is the KL divergence of the quantized model's next-token
+distribution from the unquantized one's, on held-out calibration windows. Greedy, first block to last: the best
+candidate replaces the current weights when it lowers the KL by more than z standard errors of the per-token
+difference (better()). A sub-block holds every op its scaling groups fold into, so each swap is exact.
 
 Cost: the blocks before the one being decided do not change, so each test runs only the rest of the model, from the
-decided block's cached input; about one full forward of the held-out windows per block, in bf16 on a throwaway copy.
+decided block's cached input; about one full forward of the held-out windows per block and candidate, in bf16 on a
+throwaway copy.
 """
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,15 +27,12 @@ from torch import nn
 from kernels.layout import dequantize
 from quantize.model_families import Family
 
-SUB_BLOCKS = ("self_attn.", "mlp.")
-
-
 @dataclass
 class GateOutcome:
-    kl_clipped: float  # mean KL per token (nats) with every clip the search chose
+    kl_clipped: float  # mean KL per token (nats) with the search's choices
     kl_final: float  # after the gate
-    dropped: list[str]  # sub-blocks ("model.layers.3.mlp.") that went back to unclipped weights
-    tested: int  # sub-blocks that had clips to test
+    decisions: dict  # sub-block ("model.layers.3.mlp.") -> (label of the candidate it took, parameter values it set)
+    tested: int  # sub-blocks that had candidates to test
 
 
 class _Stop(Exception):
@@ -127,12 +128,34 @@ def better(candidate: torch.Tensor, current: torch.Tensor, z: float) -> bool:
     return bool(d.mean() > z * d.std() / len(d) ** 0.5)
 
 
+def sub_blocks(family: Family) -> list[tuple[str, tuple[str, ...]]]:
+    """[(linear prefix inside a block, the norms that feed it)]: ("self_attn.", ("input_layernorm",)), ("mlp.", ...).
+    A sub-block holds every op its scaling groups fold into, so it can be swapped as a whole."""
+    out: dict[str, list[str]] = {}
+    for g in family.groups:
+        prefix = g.linears[0].split(".")[0] + "."
+        norms = out.setdefault(prefix, [])
+        if g.prev is not None and g.prev not in family.linears and g.prev not in norms:
+            norms.append(g.prev)
+    return [(prefix, tuple(norms)) for prefix, norms in out.items()]
+
+
+@dataclass
+class Candidate:
+    """Another way to quantize some sub-blocks: packed linears and parameter values (full names) replacing the
+    chosen ones wherever this candidate wins."""
+
+    label: str  # "unclipped" (AWQ's scales, plain rounding) or "rtn" (no scales, plain rounding of the original)
+    linears: dict  # full linear name -> PackedLinear
+    params: dict = field(default_factory=dict)  # full parameter name -> tensor (the norms' weights before folding)
+
+
 @torch.no_grad()
-def gate_clips(
+def gate_sub_blocks(
     model: nn.Module,
     family: Family,
-    clipped: dict,
-    unclipped: dict,
+    chosen: dict,
+    candidates: list[Candidate],
     windows: torch.Tensor,
     group_size: int,
     dtype: torch.dtype = torch.bfloat16,
@@ -140,8 +163,9 @@ def gate_clips(
     progress: Callable | None = None,
 ) -> GateOutcome:
     """model: the fp *ForCausalLM with AWQ's scales folded in (its linears still unquantized: the reference).
-    clipped / unclipped: full linear name -> PackedLinear; unclipped holds only linears whose clips differ.
-    windows [B, S] held-out token ids. Returns the outcome; `clipped` is updated in place with the decisions."""
+    chosen: full linear name -> PackedLinear, the search's result, updated in place with the decisions.
+    candidates: alternatives for some sub-blocks. windows [B, S] held-out token ids. Per sub-block, first block to
+    last, the candidate with the lowest KL replaces the current weights if it is better() than them."""
     tail = _Tail(model, family, windows, dtype)
     ref = _Reference(tail, tail.hidden(0, tail.inputs))  # before any weight is quantized
 
@@ -150,27 +174,45 @@ def gate_clips(
             p = packed[n]
             lin = tail.model.get_submodule(n)
             lin.weight.data = dequantize(p.qweight, p.qzeros, p.scales, group_size).t().to(dtype).contiguous()
+            if p.bias is not None:
+                lin.bias.data = p.bias.to(dtype)
 
-    load(list(clipped), clipped)
+    def set_params(values: dict) -> None:
+        for name, v in values.items():
+            tail.model.get_parameter(name).data = v.to(dtype)
+
+    load(list(chosen), chosen)
     hs = tail.inputs
     current = ref.kl(tail.hidden(0, hs))
-    first, dropped, tested = float(current.mean()), [], 0
+    first, decisions, tested = float(current.mean()), {}, 0
+    parts = sub_blocks(family)
     blocks = range(len(tail.layers))
     for i in progress(blocks) if progress else blocks:
-        for part in SUB_BLOCKS:
+        for part, norms in parts:
             prefix = f"{family.layers}.{i}.{part}"
-            names = [n for n in unclipped if n.startswith(prefix)]
-            if not names:
+            norm_params = [f"{family.layers}.{i}.{n}.{w}" for n in norms for w, _ in tail.model.get_submodule(f"{family.layers}.{i}.{n}").named_parameters()]
+            own = [c for c in candidates if any(n.startswith(prefix) for n in c.linears)]
+            if not own:
                 continue
             tested += 1
-            load(names, unclipped)
-            kl = ref.kl(tail.hidden(i, hs))
-            if better(kl, current, z):
-                current = kl
-                dropped.append(prefix)
+            before = {k: tail.model.get_parameter(k).detach().clone() for k in norm_params}
+            best = None
+            for c in own:
+                names = [n for n in c.linears if n.startswith(prefix)]
+                params = {k: v for k, v in c.params.items() if k in before}
+                load(names, c.linears)
+                set_params(params)
+                kl = ref.kl(tail.hidden(i, hs))
+                if better(kl, current, z) and (best is None or kl.mean() < best[1].mean()):
+                    best = (c, kl, names, params)
+                load(names, chosen)
+                set_params(before)
+            if best is not None:
+                c, current, names, params = best
+                decisions[prefix] = (c.label, params)
                 for n in names:
-                    clipped[n] = unclipped[n]
-            else:
-                load(names, clipped)
+                    chosen[n] = c.linears[n]
+                load(names, chosen)
+                set_params(params)
         hs = [tail.block(i, h) for h in hs]
-    return GateOutcome(first, float(current.mean()), dropped, tested)
+    return GateOutcome(first, float(current.mean()), decisions, tested)

@@ -21,7 +21,7 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GROUP_SIZE = 64
 # Part of the cached AWQ folder's name. Bump it whenever the quantizer's defaults or arithmetic change what it writes,
 # so that a cache built by an older version is rebuilt instead of served (the golden test's ids depend on it).
-DEFAULT_RECIPE = 3
+DEFAULT_RECIPE = 4
 
 
 class DefaultModelError(RuntimeError):

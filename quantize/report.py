@@ -3,8 +3,8 @@
 JSON: {"summary": {...}, "layers": [one row per linear]}. A row (AWQ) holds the layer's name and shape, the chosen
 alpha of its scaling group (null: left unscaled), the mean clip ratio and share of clipped groups, the held-out output
 MSE per output element of RTN and of AWQ (same tokens, original input space), the share of activation mass in the
-top 1% of its input channels, and its bytes in fp16 and packed; a clipped linear also holds clip_gate ("kept", or
-"dropped" when the clip gate put its sub-block back to unclipped weights, whose numbers the row then shows).
+top 1% of its input channels, and its bytes in fp16 and packed; a linear the gate tested also holds gate ("kept", or
+"unclipped" / "rtn" when the gate gave its sub-block that candidate's weights, whose numbers the row then shows).
 GPTQ and AWQ + GPTQ rows hold mse_rtn and mse_gptq (the same held-out error of their weights), the damping used and
 the count of dead input channels (and, for AWQ + GPTQ, alpha).
 PNG: the per-linear output MSE of RTN and of the method on a log scale (drawn when rows have both).

@@ -67,7 +67,7 @@ def quantize_from_stats(model, family, spec, stats, search, windows) -> QuantRes
     result = QuantResult({})
     for i, block in enumerate(model.get_submodule(family.layers)):
         quantize_block(block, i, family, spec, search, stats[i], result)
-    if search.clip and search.clip_gate and result.unclipped:
+    if search.clip_gate and (result.unclipped or result.rtn):
         run_clip_gate(model, family, spec, windows, search, result, False, print)
     return result
 

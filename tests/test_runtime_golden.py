@@ -24,32 +24,33 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
         "chat",
         "What is the capital of France?",
         {
-            # "... I'm planning to create a business that helps people with their"
-            "int4pack": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248, 3946,
-                         288, 1464, 253, 1861, 338, 2311, 701, 351, 480],
-            # "... I'm planning to create a business that specializes in sustainable eco"
-            "native-amx serve": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248,
-                                 3946, 288, 1464, 253, 1861, 338, 26719, 281, 4510, 12143],
-            # "... I'm planning to create a business that helps people find affordable"
-            "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4649, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 5248,
-                               3946, 288, 1464, 253, 1861, 338, 2311, 701, 1042, 10994],
+            # "... It's a vibrant metropolis that's been a major cultural and economic hub since ancient times.\n"
+            "int4pack": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719, 253, 1739,
+                         2642, 284, 2536, 14157, 1675, 3201, 1711, 30, 2, 198, 2],
+            # "... It's a vibrant metropolis that's been transformed into a global cultural and economic powerhouse. Paris is renowned for"
+            "native-amx serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
+                                 9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
+            "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
+                               9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
         },
-        "The capital of France is Paris, France.",
+        "The capital of France is Paris, City of Light.",
     ),
     (
         "raw",
         "Once upon a time, in a small village,",
         {
-            # "... from the ground to the stars. He was known for his kindness and generosity, and everyone loved him.\n"
-            "int4pack": [665, 436, 253, 38688, 3365, 33138, 35177, 617, 1135, 3117, 429, 260, 2118, 288, 260, 5703, 30, 909, 436, 1343,
-                         327, 650, 11347, 284, 26677, 28, 284, 2573, 5732, 1272, 30, 198],
-            "native-amx serve": [665, 436, 253, 38688, 3365, 33138, 35177, 617, 1135, 3117, 429, 260, 2118, 288, 260, 5703, 30, 909, 436,
-                                 1343, 327, 650, 11347, 284, 26677, 28, 284, 2573, 5732, 1272, 30, 198],
-            # "... from the ground. He made everything from the ground, and he made everything from the ground. He made everything"
-            "int4pack serve": [665, 436, 253, 38688, 3365, 33138, 35177, 617, 1135, 3117, 429, 260, 2118, 30, 909, 1135, 3117, 429, 260,
-                               2118, 28, 284, 384, 1135, 3117, 429, 260, 2118, 30, 909, 1135, 3117],
+            # " there lived a wise and kind woman named Elara. She was known for her kindness and compassion. She had a
+            # daughter named Aria, who was a beautiful"
+            "int4pack": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30,
+                         2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
+            # " there was a wise old woman named Elara who lived in a cozy cottage. She was known for her kindness and
+            # generosity. One day, a young traveler named"
+            "native-amx serve": [665, 436, 253, 9357, 1573, 4166, 3365, 3906, 4075, 617, 4161, 281, 253, 18840, 31039, 30, 2306, 436,
+                                 1343, 327, 874, 11347, 284, 26677, 30, 1963, 1194, 28, 253, 1805, 32779, 3365],
+            "int4pack serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047,
+                               30, 2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
         },
-        " there was a blacksmith named Grimjack who made everything from the ground",
+        " there",
     ),
 ]
 
