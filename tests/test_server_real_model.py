@@ -40,9 +40,10 @@ def test_default_model_answers(client, awq_default):
     (model,) = client.models.list().data
     assert model.id == awq_default.name
     r = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                       max_tokens=30, temperature=0)
+                                       max_tokens=120, temperature=0)
     assert "Paris" in r.choices[0].message.content
-    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 30
+    # The model ends its answer itself (EOS) before max_tokens (recipe 4's default needs more than 30 tokens here).
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 120
 
 
 def test_pings_while_a_long_prompt_is_prefilled(server, awq_default):
