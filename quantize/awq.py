@@ -77,7 +77,7 @@ class QuantResult:
     unclipped: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
     rtn: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
     rtn_params: dict[str, torch.Tensor] = field(default_factory=dict)  # the folded norms' weights before folding
-    gate: dict | None = None  # the clip gate's outcome (KL before and after, sub-blocks dropped), for the report
+    gate: dict | None = None  # the gate's outcome (KL before and after, decision per sub-block), for the report
 
 
 def check_model(model: nn.Module, family: Family, spec: QuantSpec) -> None:
