@@ -165,7 +165,7 @@ def quantize_block(
     in_scale = {n: torch.ones(W0[n].shape[1]) for n in names}  # the linear's input is now x / in_scale
     out_scale = {n: torch.ones(W0[n].shape[0]) for n in names}  # its output is now y / out_scale
     site = {n: g.linears[0] for g in family.groups for n in g.linears}
-    alphas = {}
+    alphas, err_rtn = {}, {}  # per linear: its group's alpha; RTN's held-out output error
     for group in family.groups:
         lins = [block.get_submodule(n) for n in group.linears]
         alpha = None
@@ -205,13 +205,13 @@ def quantize_block(
             return float(weighted_error(W_q - W0[name], st.H_val)) / W.shape[0]
 
         err_awq = held_out_error(lo, hi)
-        err_rtn = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
+        err_rtn[name] = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
         if search.clip_gate and (clipped or refitted):
             result.unclipped[full] = (_pack(W, lin.bias, spec, full), dict(clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0,
                                                                             mse_awq=held_out_error(None, None)))
         result.report.append(
             _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped, refit_share=refitted,
-                 mse_rtn=err_rtn, mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
+                 mse_rtn=err_rtn[name], mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
         )
     if search.clip_gate:
         for prefix, norms in sub_blocks(family):
@@ -220,7 +220,7 @@ def quantize_block(
                 for n in part:
                     full = f"{family.layers}.{i}.{n}"
                     result.rtn[full] = (_pack(W0[n], b0[n], spec, full), dict(alpha=None, clip_mean_ratio=1.0, clipped_share=0.0,
-                                                                         refit_share=0.0, mse_awq=None))
+                                                                         refit_share=0.0, mse_awq=err_rtn[n]))
                 result.rtn_params.update({f"{family.layers}.{i}.{k}": v for k, v in norms0.items() if any(k.startswith(nm + ".") for nm in norms)})
 
 
@@ -276,13 +276,11 @@ def run_clip_gate(model, family, spec, windows, search, result, progress, log) -
         if row["name"] in result.unclipped or row["name"] in result.rtn:
             row["gate"] = taken[0] if taken else "kept"
         if taken and row["name"] in fields[taken[0]]:
-            row.update({k: v for k, v in fields[taken[0]][row["name"]][1].items() if v is not None})
-            if taken[0] == "rtn":
-                row["mse_awq"] = row["mse_rtn"]
+            row.update(fields[taken[0]][row["name"]][1])
     counts = {label: sum(1 for lb, _ in outcome.decisions.values() if lb == label) for label in ("unclipped", "rtn")}
-    result.gate = {"windows": len(picks), "kl_search": outcome.kl_clipped, "kl_final": outcome.kl_final,
+    result.gate = {"windows": len(picks), "kl_search": outcome.kl_search, "kl_final": outcome.kl_final,
                    "tested": outcome.tested, "decisions": {p: lb for p, (lb, _) in outcome.decisions.items()}}
-    log(f"gate: KL to fp {outcome.kl_clipped:.5f} -> {outcome.kl_final:.5f} nats/token on {len(picks)} held-out windows; "
+    log(f"gate: KL to fp {outcome.kl_search:.5f} -> {outcome.kl_final:.5f} nats/token on {len(picks)} held-out windows; "
         f"of {outcome.tested} sub-blocks, {counts['unclipped']} went unclipped, {counts['rtn']} back to RTN")
 
 

@@ -25,18 +25,16 @@ import torch
 from torch import nn
 
 from kernels.layout import dequantize
+from quantize.calibration import capture_block_inputs
 from quantize.model_families import Family
+
 
 @dataclass
 class GateOutcome:
-    kl_clipped: float  # mean KL per token (nats) with the search's choices
+    kl_search: float  # mean KL per token (nats) with the search's choices
     kl_final: float  # after the gate
     decisions: dict  # sub-block ("model.layers.3.mlp.") -> (label of the candidate it took, parameter values it set)
     tested: int  # sub-blocks that had candidates to test
-
-
-class _Stop(Exception):
-    pass
 
 
 class _Tail:
@@ -50,26 +48,8 @@ class _Tail:
         self.model = copy.deepcopy(model, memo)
         self.layers = self.model.get_submodule(family.layers)
         self.norm = self.model.get_submodule(family.norm)
-        self.dtype = dtype
-        h, kw = [], {}
-
-        def hook(module, args, kwargs):
-            h.append(args[0] if args else kwargs["hidden_states"])
-            if not kw:
-                kw.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache", "cache_position")})
-            raise _Stop
-
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for w in windows:
-                try:
-                    self.model(input_ids=w[None], use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-        self.inputs = h  # per window [1, S, H] at block 0
-        self.kwargs = kw
+        inputs, self.kwargs = capture_block_inputs(self.model, self.layers, windows)  # [B, S, H] fp32 (exact from dtype)
+        self.inputs = list(inputs.to(dtype).split(1))  # per window [1, S, H] at block 0
 
     def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         out = self.layers[i](h, **self.kwargs)
