@@ -170,16 +170,10 @@ TileFn pick_tile(int64_t mr, int nr) {
   return nullptr;
 }
 
-// Blocks [b_begin, b_end) for all M rows: groups of NR blocks (then single blocks), each for every chunk of MR_MAX
-// rows; the group's weights stay in L1 from one row chunk to the next.
+// Blocks [b_begin, b_end) for all M rows (for_blocks in cpu_common.h).
 void blocks_avx512(const Problem& p, int64_t b_begin, int64_t b_end) {
-  const int nr = nr_for(std::min<int64_t>(p.M, MR_MAX));
-  const auto run = [&](int step, int64_t b) {
-    for (int64_t m0 = 0; m0 < p.M; m0 += MR_MAX) pick_tile(std::min<int64_t>(MR_MAX, p.M - m0), step)(p, m0, b);
-  };
-  int64_t b = b_begin;
-  for (; b + nr <= b_end; b += nr) run(nr, b);
-  for (; b < b_end; ++b) run(1, b);
+  for_blocks(p.M, MR_MAX, nr_for(std::min<int64_t>(p.M, MR_MAX)), b_begin, b_end,
+             [&](int64_t m0, int64_t mr, int step, int64_t b) { pick_tile(mr, step)(p, m0, b); });
 }
 #endif  // TS_AVX512
 
