@@ -204,7 +204,9 @@ def load(variant: str) -> str:
     """Build (or find in torch's extension cache) and load one variant; returns the library path. Raises on failure."""
     from torch.utils import cpp_extension
 
-    flags = ["-O3", *VARIANTS[variant], f"-DTS_NAMESPACE={namespace(variant)}"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop, sequential in code built without it (the process's
+    # libgomp is torch's own: the loader resolves the extension's libgomp.so.1 to the copy torch already loaded).
+    flags = ["-O3", "-fopenmp", *VARIANTS[variant], f"-DTS_NAMESPACE={namespace(variant)}"]
     name = f"tinyserve_cpu_{variant}_{_build_key(flags)}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     fresh = not any(build_dir.glob(f"{name}*.so"))
@@ -215,7 +217,8 @@ def load(variant: str) -> str:
     if fresh:
         log.warning("compiling the CPU INT4 and int8 kernels (%s) into %s: once per machine and source version, 15-30 s ...", variant, build_dir)
     t0 = time.perf_counter()
-    path = cpp_extension.load(name, [str(f) for f in SOURCES], extra_cflags=flags, is_python_module=False, verbose=False)
+    path = cpp_extension.load(name, [str(f) for f in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              is_python_module=False, verbose=False)
     # Shape-only implementations, so torch.compile can trace through the ops.
     torch.library.register_fake(f"{namespace(variant)}::int4_mm")(_int4_mm_fake)
     torch.library.register_fake(f"{namespace(variant)}::int8_mm")(_int8_mm_fake)
