@@ -17,6 +17,7 @@ line of the installed copy clones (`v.detach().clone().cpu()`). Compute is fp32 
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,23 +43,24 @@ def quantize(a) -> None:
     import torch
     from awq import AutoAWQForCausalLM
     from awq.quantize import quantizer
-    from transformers import AutoTokenizer
 
     if ".detach().clone().cpu()" not in inspect.getsource(quantizer.AwqQuantizer._compute_best_scale):
         sys.exit(f"patch {inspect.getsourcefile(quantizer)} first: in _compute_best_scale, org_sd must clone (v.detach().clone().cpu())")
     torch.set_num_threads(a.threads or torch.get_num_threads())
     windows = json.loads(a.windows.read_text())
-    tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoAWQForCausalLM.from_pretrained(str(a.model), torch_dtype=torch.float32, device_map="cpu")
     cfg = {"zero_point": True, "q_group_size": a.group_size, "w_bit": a.w_bit, "version": "GEMM"}
     t0 = time.perf_counter()
     # token lists of exactly seqlen: AutoAWQ concatenates them and splits again at seqlen, giving the same windows
-    model.quantize(tok, quant_config=cfg, calib_data=windows, max_calib_samples=len(windows),
+    # no tokenizer: AutoAWQ uses it only to encode text, and transformers 4.x cannot read tokenizer files that 5.x wrote
+    model.quantize(None, quant_config=cfg, calib_data=windows, max_calib_samples=len(windows),
                    max_calib_seq_len=len(windows[0]), n_parallel_calib_samples=a.parallel)
     seconds = time.perf_counter() - t0
     model.model.half()
     model.save_quantized(str(a.out))
-    tok.save_pretrained(str(a.out))
+    for f in a.model.iterdir():  # tokenizer and generation files, as they are
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")) and not (a.out / f.name).exists():
+            shutil.copy2(f, a.out / f.name)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"quantize_s": round(seconds, 1), "peak_rss_gib": round(peak, 2), "threads": torch.get_num_threads(),
                       "windows": len(windows), "out": str(a.out)}))
