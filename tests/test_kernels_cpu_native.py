@@ -8,6 +8,7 @@ torch's extension cache (~15 s each the first time, milliseconds after). Without
 non-x86 CPU for the x86 variants, the tests skip with the reason.
 """
 
+import os
 import platform
 from functools import cache
 
@@ -297,6 +298,20 @@ def test_int8_rows_do_not_depend_on_the_batch(variant):
         for n in (1, 2):
             torch.set_num_threads(n)
             assert torch.equal(cpu_native.int8_linear(x[:17], w, bias, variant=variant), singles[:17]), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs")
+def test_kernels_run_on_torchs_threads():
+    # at::parallel_for is an inline OpenMP loop: built without -fopenmp it silently runs on one thread.
+    need("native")
+    op = getattr(torch.ops, cpu_native.namespace("native")).parallel_threads
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert op(64) == n
     finally:
         torch.set_num_threads(threads)
 

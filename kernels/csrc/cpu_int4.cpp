@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -448,6 +449,18 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::
 
 int64_t engine_id() { return static_cast<int64_t>(engine()); }
 
+// How many threads at::parallel_for runs n one-item tasks on, as the kernels call it (the largest thread number seen,
+// plus one): code built without OpenMP runs it sequentially whatever torch.set_num_threads says (a test checks this).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> top{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num();
+    for (int64_t seen = top.load(); t > seen && !top.compare_exchange_weak(seen, t);) {
+    }
+  });
+  return top.load() + 1;
+}
+
 }  // namespace
 
 // One library per variant, one op namespace per variant (cpu_common.h); cpu_int8.cpp adds its op as a fragment.
@@ -457,6 +470,7 @@ int64_t engine_id() { return static_cast<int64_t>(engine()); }
 TS_LIBRARY(TS_NAMESPACE, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor? bias, int N, int G) -> Tensor");
   m.def("engine() -> int", &engine_id);
+  m.def("parallel_threads(int n) -> int", &parallel_threads);
 }
 
 TS_LIBRARY_IMPL(TS_NAMESPACE, CPU, m) { m.impl("int4_mm", &int4_mm); }
