@@ -51,8 +51,8 @@ def quantize(a) -> None:
     model = AutoAWQForCausalLM.from_pretrained(str(a.model), torch_dtype=torch.float32, device_map="cpu")
     cfg = {"zero_point": True, "q_group_size": a.group_size, "w_bit": a.w_bit, "version": "GEMM"}
     t0 = time.perf_counter()
-    # token lists of exactly seqlen: AutoAWQ concatenates them and splits again at seqlen, giving the same windows
-    # no tokenizer: AutoAWQ uses it only to encode text, and transformers 4.x cannot read tokenizer files that 5.x wrote
+    # Token lists of exactly seqlen: AutoAWQ concatenates them and splits again at seqlen, giving the same windows.
+    # No tokenizer: AutoAWQ uses it only to encode text, and transformers 4.x cannot read tokenizer files 5.x wrote.
     model.quantize(None, quant_config=cfg, calib_data=windows, max_calib_samples=len(windows),
                    max_calib_seq_len=len(windows[0]), n_parallel_calib_samples=a.parallel)
     seconds = time.perf_counter() - t0
