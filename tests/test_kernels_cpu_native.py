@@ -62,6 +62,15 @@ def need(variant: str) -> None:
         pytest.skip(f"{variant}: this CPU cannot run it, or it is the native build's own engine")
 
 
+def assert_engines_agree(ys: dict, ref: torch.Tensor, scale: torch.Tensor) -> None:
+    """Every engine's fp32 output (engine name -> y) within fp32 accumulation error (1e-5 of the largest |x| @ |W|)
+    of the reference; avx512f and portable (the same FMAs in the same order) bit for bit."""
+    for e, y in ys.items():
+        assert (y - ref).abs().max() <= 1e-5 * scale, e
+    if "avx512f" in ys and "portable" in ys:
+        assert torch.equal(ys["avx512f"], ys["portable"])
+
+
 ALL_VARIANTS = ["native", "avx512bf16", "avx512f", "portable"]
 
 
@@ -144,10 +153,7 @@ def test_engines_agree_within_bf16_and_fma_engines_bit_for_bit():
     ys = {cpu_native.engine(v): cpu_native.linear(x, w, variant=v) for v in names}
     ref, _ = reference(x, qw, qz, s, G, None)
     scale = (x.bfloat16().float().abs() @ dequantize(qw, qz, s.float(), G).abs()).max()
-    for e, y in ys.items():
-        assert (y - ref).abs().max() <= 1e-5 * scale, e
-    if "avx512f" in ys and "portable" in ys:
-        assert torch.equal(ys["avx512f"], ys["portable"])
+    assert_engines_agree(ys, ref, scale)
 
 
 def test_repack_is_exact_and_aligned():
@@ -331,10 +337,7 @@ def test_int8_agrees_with_torchs_op_and_engines_with_each_other():
     ys = {cpu_native.engine(v): cpu_native.int8_linear(xf, w, variant=v) for v in variants()}
     ref, _ = int8_reference(xf, q, s, None)
     scale = (xf.bfloat16().float().abs() @ (q.float() * s.float()[:, None]).abs().T).max()
-    for e, ye in ys.items():
-        assert (ye - ref).abs().max() <= 1e-5 * scale, e
-    if "avx512f" in ys and "portable" in ys:
-        assert torch.equal(ys["avx512f"], ys["portable"])
+    assert_engines_agree(ys, ref, scale)
 
 
 def test_int8_repack_is_exact_and_aligned():

@@ -65,6 +65,29 @@ inline __m512i bf16_round16(__m512 v) {
 }
 #endif
 
+#if defined(TS_AVX512)
+// The (x[m, k], x[m, k + 1]) pair of one row, broadcast to every lane, as the AVX-512 engines' dot-product step reads
+// it: bf16 bits for VDPBF16PS, else two fp32 vectors. P is the kernel's problem: xb / xf rows of Kp values.
+#if defined(__AVX512BF16__)
+using XPair = __m512i;
+template <class P>
+inline XPair x_pair(const P& p, int64_t m, int64_t k) {
+  int32_t v;
+  std::memcpy(&v, p.xb + m * p.Kp + k, 4);
+  return _mm512_set1_epi32(v);
+}
+#else
+struct XPair {
+  __m512 x0, x1;
+};
+template <class P>
+inline XPair x_pair(const P& p, int64_t m, int64_t k) {
+  const float* x = p.xf + m * p.Kp + k;
+  return {_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1])};
+}
+#endif
+#endif
+
 #if defined(TS_HAVE_AMX)
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1, start_row = 0, reserved[14] = {0};

@@ -158,21 +158,8 @@ inline void store_acc(const Problem& p, int64_t m, int64_t b, __m512 acc) {
 
 // One inner-product step for one row and one column block: inner += x pair * weight pairs.
 #if defined(__AVX512BF16__)
-using XPair = __m512i;  // the (x[k], x[k+1]) bf16 pair, broadcast
-inline XPair x_pair(const Problem& p, int64_t m, int64_t k) {
-  int32_t v;
-  std::memcpy(&v, p.xb + m * p.Kp + k, 4);
-  return _mm512_set1_epi32(v);
-}
 inline __m512 dot2(__m512 acc, __m512i w, XPair x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
 #else
-struct XPair {
-  __m512 x0, x1;
-};
-inline XPair x_pair(const Problem& p, int64_t m, int64_t k) {
-  const float* x = p.xf + m * p.Kp + k;
-  return {_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1])};
-}
 // Even words are row k, odd words row k + 1: a bf16 word becomes an fp32 by moving it to the top half of its dword.
 inline __m512 dot2(__m512 acc, __m512i w, XPair x) {
   const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));

@@ -107,12 +107,6 @@ inline WPair decode_pair(const int8_t* q) {
   const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // words 0-15 from lo, 16-31 from hi
 }
-using XPair = __m512i;  // the (x[k], x[k+1]) bf16 pair, broadcast
-inline XPair x_pair(const Problem& p, int64_t m, int64_t k) {
-  int32_t v;
-  std::memcpy(&v, p.xb + m * p.Kp + k, 4);
-  return _mm512_set1_epi32(v);
-}
 inline __m512 dot2(__m512 acc, WPair w, XPair x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
 #else
 // One pair row -> the 16 columns' codes for row k (even bytes) and row k + 1 (odd bytes) as fp32.
@@ -122,13 +116,6 @@ struct WPair {
 inline WPair decode_pair(const int8_t* q) {
   const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));  // word 2c + e
   return {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16)), _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16))};
-}
-struct XPair {
-  __m512 x0, x1;
-};
-inline XPair x_pair(const Problem& p, int64_t m, int64_t k) {
-  const float* x = p.xf + m * p.Kp + k;
-  return {_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1])};
 }
 inline __m512 dot2(__m512 acc, WPair w, XPair x) { return _mm512_fmadd_ps(x.x1, w.w1, _mm512_fmadd_ps(x.x0, w.w0, acc)); }
 #endif
