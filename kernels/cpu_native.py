@@ -3,10 +3,12 @@ library built on first use, weights repacked once, one op per call.
 
 Why our own kernel: torch's `_weight_int4pack_mm_for_cpu` decodes every weight again for each few rows of x, so its
 cost grows about linearly with M (a 16-row decode step of continuous batching costs ~16 one-row steps), and it
-reaches about half the memory bandwidth at M = 1. Ours decodes each 64-byte piece of weights once for all rows,
-and computes every row with the same floating-point operations whatever M is and wherever the row sits in the batch
-(row invariance: greedy output cannot depend on what else is batched). See the C++ file for the layout, the
-arithmetic and the engines (AMX, AVX512-BF16, AVX512F, portable).
+reaches about half the memory bandwidth at M = 1. Ours decodes each 64-byte piece of weights once for all rows and
+multiplies codes by x in integers: x becomes 14-bit block floating point per group (finer than bf16, see the C++
+file), so the inner sums are exact int32 VPDPBUSD / AMX-INT8 dot products, 2.5x fewer instructions per weight than
+bf16 dot products on decoded weights. Exact sums make every row's result independent of M, of where the row sits in
+the batch, of the thread count and of the engine (AMX, AVX512-VNNI, AVX512BW, portable: all bit-identical), so greedy
+output cannot depend on what else is batched. See the C++ file for the layout and the arithmetic.
 
     w = repack(qweight, qzeros, scales, G)      # once, at load time: NativePacked
     y = linear(x, w, bias)                      # x [M, K] fp32/bf16 -> y [M, N] in x's dtype
@@ -21,11 +23,11 @@ The build uses torch.utils.cpp_extension (g++ and ninja, -O3 -march=native) into
 the source and this CPU's flags; later processes load the cached library in milliseconds. If the build fails (no
 compiler, no ninja), one warning is logged and callers fall back to torch's int4 op (kernels/cpu.py) and int8 op.
 
-When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides; the int8 lm_head follows the INT4 linears,
-tinyserve/weights.py):
-  auto (default)  only where the AMX engine runs: there it is 2.6x faster than torch's op at M = 8 and 4x at M = 16
-                  (BENCHMARKS.md, "INT4 kernels (issue 3)"); the AVX512-BF16 engine only ties with the op, so CPUs
-                  without AMX keep torch's op and never build this;
+When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides; tinyserve/runner.py decides the int8
+lm_head separately: ours for batched decode only):
+  auto (default)  where the AMX or the AVX512-BF16 engine runs (that CPU also has AVX512-VNNI): at M = 1 it is
+                  1.2-1.6x faster than torch's op, at M = 16 2-3.6x (BENCHMARKS.md, "INT4 kernels (issue 3)");
+                  other CPUs keep torch's op and never build this;
   1, on           on any CPU the build runs on (row-invariant decode everywhere, the speed of the engine it gets);
   0, off          never built or used.
 """
@@ -49,7 +51,7 @@ HEADERS = (CSRC / "cpu_common.h",)
 BLOCK_N = 16  # columns per block of the packed layout
 K_ALIGN = 32  # group rows (INT4), and K (int8), are padded to a multiple of this
 INT8_GROUP_N = 64  # the int8 layout pads N to a multiple of this (4 blocks: the AMX engine's unit)
-META_BYTES = 64  # per group and block: 16 fp16 scales, 16 zero points + 128 (u8), 16 zero bytes
+META_BYTES = 64  # per group and block: 16 fp16 scales, 16 zero points (u8), 16 zero bytes
 ENGINES = ("portable", "avx512f", "avx512bf16", "amx")  # index = the op's engine() value
 STALE_LOCK_S = 300  # a build takes 10-20 s: a lock this old belongs to a build that was killed
 ENV_SWITCH = "TINYSERVE_CPU_KERNEL"  # auto (default) | 1, on | 0, off: see the module docstring
@@ -59,7 +61,7 @@ ENV_SWITCH = "TINYSERVE_CPU_KERNEL"  # auto (default) | 1, on | 0, off: see the 
 VARIANTS = {
     "native": ["-march=native"],
     "avx512bf16": ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"],
-    "avx512f": ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8", "-mno-avx512bf16"],
+    "avx512f": ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8", "-mno-avx512bf16", "-mno-avx512vnni"],
     "portable": ["-march=x86-64-v2"],
 }
 
@@ -86,14 +88,13 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, gr
     Gp = -(-G // K_ALIGN) * K_ALIGN
     q = unpack(qweight).to(torch.uint8).view(NG, G, N)
     q = F.pad(q, (0, NB * BLOCK_N - N, 0, Gp - G))  # zero codes in padded rows and columns
-    # Row 8o + 4h + 2e + p of a group: octet o, byte h of a 16-bit word, nibble e of that byte, row parity p.
-    q = q.view(NG, Gp // 8, 2, 2, 2, NB, BLOCK_N)  # [g, o, h, e, p, block, column]
-    byte = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # [g, o, h, p, block, column]
-    # Byte 4 * column + 2 * p + h of each 64-byte octet (word 2 * column + p, little endian).
-    codes = byte.permute(4, 0, 1, 5, 3, 2).reshape(NB, NG, Gp * 8)
+    # Row 8o + 4h + j of a group: octet o, nibble h (0 low, 1 high) of byte 4 * column + j.
+    q = q.view(NG, Gp // 8, 2, 4, NB, BLOCK_N)  # [g, o, h, j, block, column]
+    byte = q[:, :, 0] | (q[:, :, 1] << 4)  # [g, o, j, block, column]
+    codes = byte.permute(3, 0, 1, 4, 2).reshape(NB, NG, Gp * 8)  # [block, g, o, column, j]
     s = F.pad(scales.to(torch.float16), (0, NB * BLOCK_N - N)).view(NG, NB, BLOCK_N).transpose(0, 1)
-    zb = F.pad(unpack(qzeros) + 128, (0, NB * BLOCK_N - N), value=128).to(torch.uint8).view(NG, NB, BLOCK_N).transpose(0, 1)
-    meta = torch.cat([s.contiguous().view(torch.uint8), zb, torch.zeros(NB, NG, META_BYTES - 48, dtype=torch.uint8)], dim=-1)
+    z = F.pad(unpack(qzeros), (0, NB * BLOCK_N - N)).to(torch.uint8).view(NG, NB, BLOCK_N).transpose(0, 1)
+    meta = torch.cat([s.contiguous().view(torch.uint8), z, torch.zeros(NB, NG, META_BYTES - 48, dtype=torch.uint8)], dim=-1)
     return NativePacked(torch.cat([codes, meta], dim=-1).contiguous(), G, K, N)
 
 
@@ -165,14 +166,14 @@ def enabled() -> bool:
 
 def use_by_default() -> bool:
     """Whether kernels.prepare should hold CPU weights for this kernel (see the module docstring). In auto mode a CPU
-    without AMX is ruled out from its flags, before any build; a CPU with them must also get the AMX engine (the
-    kernel asks Linux for permission to use the tiles), else torch's op is kept."""
+    without AVX512-BF16 and VNNI is ruled out from its flags, before any build; a CPU with them must also get one of the
+    two fast engines (AMX needs Linux's permission to use the tiles; without it the AVX512-BF16 engine runs)."""
     m = mode()
     if m == "off":
         return False
-    if m == "auto" and "amx_bf16" not in _cpu_flags().split():
+    if m == "auto" and not {"avx512_bf16", "avx512_vnni"} <= set(_cpu_flags().split()):
         return False
-    return available() and (m == "on" or engine() == "amx")
+    return available() and (m == "on" or engine() in ("amx", "avx512bf16"))
 
 
 @cache

@@ -74,20 +74,43 @@ def assert_engines_agree(ys: dict, ref: torch.Tensor, scale: torch.Tensor) -> No
 ALL_VARIANTS = ["native", "avx512bf16", "avx512f", "portable"]
 
 
+def x_bits(G: int) -> int:
+    """Bits of the kernel's block floating-point x for groups of G rows (cpu_int4.cpp, xbits): 14, fewer for huge G."""
+    Gp, b = -(-G // 32) * 32, 14
+    while b > 1 and 30 * Gp * 2**b >= 2**31:
+        b -= 1
+    return b
+
+
+def quantize_x(x: torch.Tensor, G: int) -> torch.Tensor:
+    """x as the kernel sees it, written from the arithmetic in cpu_int4.cpp's comment: per row and group of G, with
+    2^E <= max |x| < 2^(E+1), x rounded half to even to a multiple of 2^(E + 1 - B); groups with max |x| < 2^-100 are
+    zero, groups holding an inf or NaN are NaN. fp64 [M, K]."""
+    M, K = x.shape
+    xg = x.double().view(M, K // G, G)
+    amax = xg.abs().amax(-1, keepdim=True)
+    E = torch.frexp(amax).exponent - 1  # frexp: amax = m * 2^exponent, 0.5 <= m < 1
+    step = torch.pow(2.0, (E + 1 - x_bits(G)).double())
+    q = torch.round(xg / step) * step  # torch.round rounds half to even
+    q = torch.where(amax < 2.0**-100, torch.zeros_like(q), q)
+    q = torch.where(xg.isfinite().all(-1, keepdim=True), q, torch.full_like(q, float("nan")))
+    return q.view(M, K)
+
+
 def reference(x: torch.Tensor, qw, qz, s, G: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x @ dequantize(...) (+ bias) in fp32 with x rounded to bf16 as the kernel does, and a per-element error bound:
-    fp32 accumulation (1e-5 of sum |x| |W|, far above its ~2^-24 * K) plus the output's one rounding when it is bf16."""
-    W = dequantize(qw, qz, s.float(), G)  # [K, N] fp32
-    xb = x.to(torch.bfloat16).float()
-    ref = xb @ W + (bias.float() if bias is not None else 0.0)
-    bound = 1e-5 * (xb.abs() @ W.abs()) + 1e-6
+    """quantize_x(x) @ dequantize(...) (+ bias) in fp64, and a per-element error bound: the kernel's fp32 steps
+    (1e-5 of sum |x| |W|, far above their ~2^-24 * K / G) plus the output's one rounding when it is bf16."""
+    W = dequantize(qw, qz, s.float(), G).double()  # [K, N]
+    xq = quantize_x(x, G)
+    ref = xq @ W + (bias.double() if bias is not None else 0.0)
+    bound = 1e-5 * (xq.abs() @ W.abs()) + 1e-6
     if x.dtype == torch.bfloat16:
         bound = bound + ref.abs() * 2.0**-8
     return ref, bound
 
 
 def check(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
-    err = (y.float() - ref).abs()
+    err = (y.double() - ref).abs()
     bad = err > bound
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off; worst {err.max().item():.4g} (bound there {bound.flatten()[err.argmax()].item():.4g})"
 
@@ -138,22 +161,47 @@ def test_rows_do_not_depend_on_the_batch(variant):
             assert torch.equal(cpu_native.linear(x[:M], w, bias, variant=variant), singles[:M]), (dtype, M)
 
 
-def test_engines_agree_within_bf16_and_fma_engines_bit_for_bit():
-    # What was measured on an Intel Xeon with AMX: all engines agree to ~1e-6 (relative, fp32 output); avx512f
-    # and portable (the same fp32 FMAs in the same order) are bit-identical; amx and avx512bf16 differ in the last
-    # bits from them and from each other (the bf16 dot-product instructions round their two products their own
-    # way), so a greedy decode can differ by engine (tests/test_runtime_golden.py records ids per kernel).
+def test_engines_agree_bit_for_bit():
+    # The inner sums are exact integers and the fp32 steps after them are the same in every engine, so every engine
+    # (AMX tiles, VNNI, the AVX512BW emulation, plain C++) gives the same bits, fp32 and bf16 outputs alike.
     names = variants()
     if len(names) < 2:
         pytest.skip("fewer than two engines can be built on this CPU")
     K, N, G = 576, 200, 64
     qw, qz, s, _ = random_layer(K, N, G, seed=9)
     w = cpu_native.repack(qw, qz, s, G)
-    x = torch.randn(3, K)
-    ys = {cpu_native.engine(v): cpu_native.linear(x, w, variant=v) for v in names}
-    ref, _ = reference(x, qw, qz, s, G, None)
-    scale = (x.bfloat16().float().abs() @ dequantize(qw, qz, s.float(), G).abs()).max()
-    assert_engines_agree(ys, ref, scale)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, K).to(dtype)
+        ys = {cpu_native.engine(v): cpu_native.linear(x, w, variant=v) for v in names}
+        first = next(iter(ys.values()))
+        assert all(torch.equal(y, first) for y in ys.values()), (dtype, list(ys))
+        check(first, *reference(x, qw, qz, s, G, None))
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_x_edge_cases(variant):
+    # A zero group, a group far below fp32's resolution of the others, an inf and a NaN (each poisons its own row
+    # only), huge values, and one group per row (G = K = 4608: fewer bits of x so that no int32 sum overflows).
+    need(variant)
+    K, N, G = 128, 72, 32
+    qw, qz, s, _ = random_layer(K, N, G, seed=11)
+    w = cpu_native.repack(qw, qz, s, G)
+    x = torch.randn(6, K)
+    x[0, :32] = 0
+    x[1, 32:64] *= 2.0**-110
+    x[2, 5] = float("inf")
+    x[3, 70] = float("nan")
+    x[4] *= 1e30
+    y = cpu_native.linear(x, w, variant=variant)
+    assert y[2].isnan().all() and y[3].isnan().all()
+    keep = [0, 1, 4, 5]
+    check(y[keep], *reference(x[keep], qw, qz, s, G, None))
+    if variant != "portable":
+        K = G = 4608
+        assert x_bits(G) == 13
+        qw, qz, s, _ = random_layer(K, N, G, seed=12)
+        x = torch.randn(3, K) * 100
+        check(cpu_native.linear(x, cpu_native.repack(qw, qz, s, G), variant=variant), *reference(x, qw, qz, s, G, None))
 
 
 def test_repack_is_exact_and_aligned():

@@ -1,10 +1,10 @@
 // What the CPU kernels of this extension share (cpu_int4.cpp, cpu_int8.cpp): the engine choice, bf16 rounding and
 // the AMX setup. Built with them by kernels/cpu_native.py (one library per variant, -O3 -march=... flags).
 //
-// One engine is chosen at compile time from what the flags enable, best first:
-//   AMX         (__AMX_BF16__, Intel Sapphire Rapids and later): weights decoded to bf16 tiles, TDPBF16PS;
-//   AVX512-BF16 (__AVX512BF16__, e.g. AMD Zen 4, Intel Cooper Lake and later): VDPBF16PS on decoded weights;
-//   AVX512F     (__AVX512F__): the same decode, fp32 FMAs;
+// One engine is chosen at compile time from what the flags enable, best first (each op's file says what it does with it):
+//   AMX         (__AMX_BF16__ and __AMX_INT8__, Intel Sapphire Rapids and later): tiles;
+//   AVX512-BF16 (__AVX512BF16__, e.g. AMD Zen 4, Intel Cooper Lake and later; these CPUs also have AVX512-VNNI);
+//   AVX512F     (__AVX512F__ with BW and VL);
 //   portable    plain C++ loops (the compiler vectorizes what it can).
 // AMX also needs the kernel's permission (arch_prctl); without it that build runs the AVX512-BF16 engine instead.
 // The choice is made once per process, so every call of a process computes the same way, in every op.
@@ -23,7 +23,7 @@
 #define TS_AVX512 1
 #include <immintrin.h>
 #endif
-#if defined(TS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(TS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define TS_HAVE_AMX 1

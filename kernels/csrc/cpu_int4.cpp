@@ -1,27 +1,33 @@
 // CPU INT4 linear for small M (decode): y[M, N] = x[M, K] @ W[K, N] (+ bias), W = (q - z) * s per group of G rows.
 //
 // Built on first use by kernels/cpu_native.py (torch.utils.cpp_extension, -O3 -march=native), with cpu_int8.cpp (the
-// int8 lm_head) into one library; cpu_common.h says how the engine (AMX, AVX512-BF16, AVX512F, portable) is chosen.
+// int8 lm_head) into one library; cpu_common.h says how the engine is chosen. For this op the engines are:
+//   AMX         AMX-INT8 tiles (TDPBSUD: signed x bytes times unsigned code bytes, int32 sums);
+//   AVX512BF16  the same sums with VPDPBUSD (AVX512-VNNI, which every AVX512-BF16 CPU has);
+//   AVX512F     the same sums with VPMADDUBSW + VPMADDWD (AVX512BW);
+//   portable    plain C++ integer loops.
+// The inner sums are exact integers, so every engine, every blocking and every thread count gives the same bits.
 //
 // Packed layout (written by kernels/cpu_native.py:repack), uint8 [NB, NG, R], NB = ceil(N / 16) blocks of 16 columns,
 // NG = K / G groups, Gp = G rounded up to a multiple of 32 (rows G..Gp-1 of a group are zero codes), R = Gp * 8 + 64:
-//   bytes [0, Gp * 8): Gp / 8 "octets" of 64 bytes, octet o holding rows 8o..8o+7 of the group for the 16 columns.
-//     Read as 32 little-endian 16-bit words, word l belongs to column l / 2 and row parity l % 2, and its nibble i
-//     (bits 4i..4i+3) is the code of row 8o + 2i + l % 2. So (word & 0xF) | 0x4300 is, in every word, the bf16 number
-//     128 + q (0x4300 is 128.0; the low 7 mantissa bits count units there), and the 32 words are 16 (row, row + 1)
-//     pairs: exactly the operand layout of VDPBF16PS and of an AMX bf16 B-tile row. Nibble i gives row pair 4o + i.
-//   bytes [Gp * 8, +32): the 16 columns' fp16 scales s; [+32, +48): their zero points plus 128 (u8); then 16 zero bytes.
+//   bytes [0, Gp * 8): Gp / 8 "octets" of 64 bytes, octet o holding rows 8o..8o+7 of the group for the 16 columns:
+//     byte 4c + j holds the code of row 8o + j, column c, in its low nibble and that of row 8o + 4 + j in its high one.
+//     So (octet & 0x0F) and ((octet >> 4) & 0x0F) are 64 code bytes each, 16 columns x 4 consecutive rows: the operand
+//     layout of VPDPBUSD and one row of an AMX int8 B tile (two decode steps per 128 codes, no per-code shuffles).
+//   bytes [Gp * 8, +32): the 16 columns' fp16 scales s; [+32, +48): their zero points (u8); then 16 zero bytes.
 //
 // Arithmetic, identical for every row whatever M is and wherever the row sits (row invariance by construction):
-//   x is rounded to bf16 (round to nearest even) and each group zero-padded to Gp; xsum_g = sum of the rounded x of
-//   group g, in fp32 (16 lane partial sums, then a fixed reduction). Per output column and group g:
-//     inner_g = sum over the group's rows of x * (128 + q)     fp32 accumulation (products are exact in fp32)
-//     t_g     = inner_g - (z + 128) * xsum_g                    one rounding (FMA)
-//     acc    += s * t_g                                         one rounding (FMA)
-//   y = acc (+ bias), rounded once to x's dtype. Rows never share a floating-point operation: the row and column blocking
-//   below only decides which rows and columns are computed side by side, never how one output is summed. The 128
-//   offset makes the weight decode one AND-OR per 32 values; it cancels in t_g (the cancellation costs ~2^-24 * 140 of
-//   |x| per group, far below bf16's 2^-9).
+//   x (fp32, or bf16 widened exactly) becomes, per row and group, a block floating-point vector: with E the exponent
+//   of the group's largest |x| (2^E <= amax < 2^(E+1)), xscale = 2^(E + 1 - B) and xi = round_half_even(x / xscale),
+//   so |xi| <= 2^B and |x - xi * xscale| <= amax * 2^-B. B = 14 for G <= 4096 (fewer bits for larger groups, so
+//   no int32 sum below can overflow; xbits()). That is ~32x finer than rounding x to bf16 (2^-9 of each |x|) at the
+//   group's largest entries. xi = 256 * hi + lo with hi, lo signed bytes; xsum = sum of the group's xi.
+//   Per output column and group, in int32, exact:
+//     inner = 256 * sum(hi * q) + sum(lo * q)          (the two byte dot products the instructions compute)
+//     t     = inner - z * xsum                          = sum of xi * (q - z)
+//   then in fp32: acc = fma(s, float(t) * xscale, acc)  (float(t) rounds only when |t| > 2^24; * xscale is exact)
+//   y = acc (+ bias), rounded once to x's dtype. A group whose x holds an inf or NaN gives NaN in that row.
+//   A group with amax < 2^-100 counts as zero (its contribution would be below fp32's resolution of any output).
 
 // The narrowest ATen headers: with ATen/ATen.h a build took ~14 s here instead of ~10 s.
 #include <ATen/Parallel.h>
@@ -34,16 +40,26 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu_common.h"
 
 namespace {
 
-constexpr int64_t BN = 16;     // columns per block
-constexpr int64_t META = 64;   // metadata bytes after each group's codes
-constexpr int64_t KALIGN = 32;  // group rows are padded to a multiple of this (one AMX tile of bf16 pairs)
-constexpr int64_t MR_MAX = 8;  // rows computed side by side (register blocking) by the AVX-512 engines
+constexpr int64_t BN = 16;      // columns per block
+constexpr int64_t META = 64;    // metadata bytes after each group's codes
+constexpr int64_t KALIGN = 32;  // group rows are padded to a multiple of this (one AMX int8 step of 32 rows)
+constexpr int64_t MR_MAX = 8;   // rows computed side by side (register blocking) by the AVX-512 engines
+constexpr int XBITS = 14;       // bits of |xi| for groups of up to 4096 rows
+constexpr int ZERO_EXP = -100;  // a group whose largest |x| is below 2^this counts as zero
+
+// Bits of xi for padded groups of Gp rows: |t| <= 2 * 15 * Gp * 2^B must stay below 2^31.
+inline int xbits(int64_t Gp) {
+  int b = XBITS;
+  while (b > 1 && 30 * Gp * (int64_t{1} << b) >= (int64_t{1} << 31)) --b;
+  return b;
+}
 
 inline float half_float(uint16_t h) {  // IEEE fp16 bits -> float (normals, subnormals, inf, nan)
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -63,15 +79,17 @@ inline float half_float(uint16_t h) {  // IEEE fp16 bits -> float (normals, subn
 
 struct Problem {
   int64_t M, N, NB, NG, G, Gp, R, Kp;
-  const uint16_t* xb;  // [M, Kp] bf16 bits, Kp = NG * Gp: x rounded to bf16, each group zero-padded to Gp
-  const float* xf;     // [M, Kp] the same values as fp32 (AVX512F and portable engines), else null
-  const float* xsum;   // [M, NG]
-  const uint8_t* w;    // [NB, NG, R]
-  const float* bias;   // [N] or null
-  void* y;             // [M, N] fp32 or bf16
+  const int8_t* xq;      // [M, 2, Kp]: per row, hi bytes then lo bytes of xi, each group zero-padded to Gp
+  const float* xscale;   // [M, NG] 2^(E + 1 - B), or NaN for a group holding an inf or NaN
+  const int32_t* xsum;   // [M, NG] sum of the group's xi
+  const uint8_t* w;      // [NB, NG, R]
+  const float* bias;     // [N] or null
+  void* y;               // [M, N] fp32 or bf16
   bool y_bf16;
 
   const uint8_t* group(int64_t b, int64_t g) const { return w + (b * NG + g) * R; }
+  const int8_t* hi(int64_t m) const { return xq + m * 2 * Kp; }
+  const int8_t* lo(int64_t m) const { return xq + (m * 2 + 1) * Kp; }
 };
 
 // Write 16 columns of row m starting at block b: acc (+ bias), rounded once to y's dtype; columns >= N are dropped.
@@ -90,58 +108,73 @@ inline void store_row(const Problem& p, int64_t m, int64_t b, const float* acc16
 
 void rows_portable(const Problem& p, int64_t m0, int64_t mr, int64_t b) {
   for (int64_t r = 0; r < mr; ++r) {
-    const float* x = p.xf + (m0 + r) * p.Kp;
+    const int64_t m = m0 + r;
     float acc[BN] = {0};
     for (int64_t g = 0; g < p.NG; ++g) {
       const uint8_t* wg = p.group(b, g);
-      const float* xg = x + g * p.Gp;
-      float inner[BN] = {0};
-      for (int64_t o = 0; o < p.Gp / 8; ++o) {
-        const uint8_t* oct = wg + o * 64;
-        for (int i = 0; i < 4; ++i) {
-          const float x0 = xg[8 * o + 2 * i], x1 = xg[8 * o + 2 * i + 1];
-          for (int64_t c = 0; c < BN; ++c) {
-            const uint16_t w0 = oct[4 * c] | (oct[4 * c + 1] << 8), w1 = oct[4 * c + 2] | (oct[4 * c + 3] << 8);
-            inner[c] = std::fma(x0, static_cast<float>(128 + ((w0 >> (4 * i)) & 0xF)), inner[c]);
-            inner[c] = std::fma(x1, static_cast<float>(128 + ((w1 >> (4 * i)) & 0xF)), inner[c]);
+      const int8_t *xh = p.hi(m) + g * p.Gp, *xl = p.lo(m) + g * p.Gp;
+      int32_t dh[BN] = {0}, dl[BN] = {0};
+      for (int64_t o = 0; o < p.Gp / 8; ++o)
+        for (int64_t c = 0; c < BN; ++c)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = wg[o * 64 + 4 * c + j];
+            const int64_t k = 8 * o + j;
+            dh[c] += (byte & 0xF) * xh[k] + (byte >> 4) * xh[k + 4];
+            dl[c] += (byte & 0xF) * xl[k] + (byte >> 4) * xl[k + 4];
           }
-        }
-      }
       const uint8_t* meta = wg + p.Gp * 8;
-      const float xs = p.xsum[(m0 + r) * p.NG + g];
+      const int32_t xs = p.xsum[m * p.NG + g];
+      const float sc = p.xscale[m * p.NG + g];
       for (int64_t c = 0; c < BN; ++c) {
-        const float s = half_float(meta[2 * c] | (meta[2 * c + 1] << 8)), zb = static_cast<float>(meta[32 + c]);
-        acc[c] = std::fma(s, std::fma(-zb, xs, inner[c]), acc[c]);
+        const int32_t t = dh[c] * 256 + dl[c] - static_cast<int32_t>(meta[32 + c]) * xs;
+        acc[c] = std::fma(half_float(meta[2 * c] | (meta[2 * c + 1] << 8)), static_cast<float>(t) * sc, acc[c]);
       }
     }
-    store_row(p, m0 + r, b, acc);
+    store_row(p, m, b, acc);
   }
 }
 
 #if defined(TS_AVX512)
 // ------------------------------------------------------------------------------------------------ AVX-512 engines
 
-// Four vectors of 32 bf16 words (128 + q) from one 64-byte octet: vector i holds row pair 4o + i of the 16 columns.
-// Shifts are 32-bit (AVX512F only); the AND with 0xF drops whatever the shift carried in from the neighbouring word.
-struct Octet {
-  __m512i v[4];
+// The two code vectors of one 64-byte octet: rows 8o..8o+3 (low nibbles) and 8o+4..8o+7 (high nibbles), each 16
+// columns x 4 rows of bytes 0..15.
+struct Codes {
+  __m512i lo, hi;
 };
 
-inline Octet decode_octet(const uint8_t* p) {
-  const __m512i nib = _mm512_set1_epi16(0x000F), one28 = _mm512_set1_epi16(0x4300);
-  const __m512i w = _mm512_load_si512(p);
-  Octet o;
-  o.v[0] = _mm512_ternarylogic_epi32(w, nib, one28, 0xEA);  // (w & nib) | one28
-  o.v[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 4), nib, one28, 0xEA);
-  o.v[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 8), nib, one28, 0xEA);
-  o.v[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(w, 12), nib, one28, 0xEA);
-  return o;
+inline Codes decode_octet(const uint8_t* p) {
+  const __m512i nib = _mm512_set1_epi8(0x0F), w = _mm512_load_si512(p);
+  return {_mm512_and_si512(w, nib), _mm512_and_si512(_mm512_srli_epi16(w, 4), nib)};
 }
 
-// The group's 16 scales and zero points + 128 as fp32 vectors.
-inline void load_meta(const uint8_t* meta, __m512& s, __m512& zb) {
+// acc + the 16 lane sums of 4 products code byte * x byte (x: 4 signed bytes broadcast to every lane).
+#if defined(__AVX512VNNI__)
+inline __m512i dot4(__m512i acc, __m512i codes, const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(v));
+}
+#else
+// Pairs of products fit int16 without saturation (2 * 15 * 128 < 2^15); VPMADDWD with ones adds the pairs.
+inline __m512i dot4(__m512i acc, __m512i codes, const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  const __m512i pairs = _mm512_maddubs_epi16(codes, _mm512_set1_epi32(v));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+}
+#endif
+
+// The group's 16 fp32 scales and int32 zero points.
+inline void load_meta(const uint8_t* meta, __m512& s, __m512i& z) {
   s = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(meta)));
-  zb = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(meta + 32))));
+  z = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(meta + 32)));
+}
+
+// acc + s * float(256 * dh + dl - z * xsum) * xscale: one group of one row folded into its fp32 accumulator.
+inline __m512 fold(__m512 acc, __m512 s, __m512i z, __m512i dh, __m512i dl, int32_t xsum, float xscale) {
+  const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(dh, 8), dl), _mm512_mullo_epi32(z, _mm512_set1_epi32(xsum)));
+  return _mm512_fmadd_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(xscale)), acc);
 }
 
 inline void store_acc(const Problem& p, int64_t m, int64_t b, __m512 acc) {
@@ -156,43 +189,34 @@ inline void store_acc(const Problem& p, int64_t m, int64_t b, __m512 acc) {
   _mm512_mask_cvtepi32_storeu_epi16(static_cast<uint16_t*>(p.y) + m * p.N + n0, mask, bf16_round16(acc));
 }
 
-// One inner-product step for one row and one column block: inner += x pair * weight pairs.
-#if defined(__AVX512BF16__)
-inline __m512 dot2(__m512 acc, __m512i w, XPair x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
-#else
-// Even words are row k, odd words row k + 1: a bf16 word becomes an fp32 by moving it to the top half of its dword.
-inline __m512 dot2(__m512 acc, __m512i w, XPair x) {
-  const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-  return _mm512_fmadd_ps(x.x1, w1, _mm512_fmadd_ps(x.x0, w0, acc));
-}
-#endif
-
-// MR rows x NR column blocks, the whole K, accumulators in registers.
+// MR rows x NR column blocks, the whole K; fp32 accumulators in registers, int32 sums per group.
 template <int MR, int NR>
 void tile_avx512(const Problem& p, int64_t m0, int64_t b0) {
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.NG; ++g) {
-    __m512 inner[MR][NR];
+    __m512i dh[MR][NR], dl[MR][NR];
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) inner[r][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NR; ++j) dh[r][j] = dl[r][j] = _mm512_setzero_si512();
     const int64_t k0 = g * p.Gp;
     for (int64_t o = 0; o < p.Gp / 8; ++o) {
+      const int64_t k = k0 + 8 * o;
       for (int j = 0; j < NR; ++j) {
-        const Octet w = decode_octet(p.group(b0 + j, g) + o * 64);
-        for (int i = 0; i < 4; ++i)
-          for (int r = 0; r < MR; ++r) inner[r][j] = dot2(inner[r][j], w.v[i], x_pair(p, m0 + r, k0 + 8 * o + 2 * i));
+        const Codes w = decode_octet(p.group(b0 + j, g) + o * 64);
+        for (int r = 0; r < MR; ++r) {
+          const int8_t *xh = p.hi(m0 + r) + k, *xl = p.lo(m0 + r) + k;
+          dh[r][j] = dot4(dot4(dh[r][j], w.lo, xh), w.hi, xh + 4);
+          dl[r][j] = dot4(dot4(dl[r][j], w.lo, xl), w.hi, xl + 4);
+        }
       }
     }
     for (int j = 0; j < NR; ++j) {
-      __m512 s, zb;
-      load_meta(p.group(b0 + j, g) + p.Gp * 8, s, zb);
-      for (int r = 0; r < MR; ++r) {
-        const __m512 xs = _mm512_set1_ps(p.xsum[(m0 + r) * p.NG + g]);
-        acc[r][j] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(zb, xs, inner[r][j]), acc[r][j]);
-      }
+      __m512 s;
+      __m512i z;
+      load_meta(p.group(b0 + j, g) + p.Gp * 8, s, z);
+      for (int r = 0; r < MR; ++r)
+        acc[r][j] = fold(acc[r][j], s, z, dh[r][j], dl[r][j], p.xsum[(m0 + r) * p.NG + g], p.xscale[(m0 + r) * p.NG + g]);
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -201,9 +225,9 @@ void tile_avx512(const Problem& p, int64_t m0, int64_t b0) {
 
 using TileFn = void (*)(const Problem&, int64_t, int64_t);
 
-// Column blocks computed side by side for a chunk of MR rows: enough independent accumulator chains to hide the
-// dot-product latency at M = 1, at most 16 accumulator registers (acc + inner) in all.
-constexpr int nr_for(int64_t mr) { return mr <= 1 ? 8 : mr == 2 ? 4 : mr <= 4 ? 2 : 1; }
+// Column blocks computed side by side for a chunk of MR rows: enough independent dot-product chains to hide their
+// latency at M = 1, at most 24 accumulator registers (acc + two int32 sums per row and block) in all.
+constexpr int nr_for(int64_t mr) { return mr <= 1 ? 4 : mr <= 3 ? 2 : 1; }
 
 template <int NR>
 TileFn tile_fn(int64_t mr) {
@@ -240,42 +264,39 @@ void blocks_avx512(const Problem& p, int64_t b_begin, int64_t b_end) {
 #if defined(TS_HAVE_AMX)
 // ------------------------------------------------------------------------------------------------ AMX engine
 //
-// Tiles: C0..C3 = tmm0..3 (up to 16 rows x 16 fp32: one column block each), A = tmm4 (the rows' 32 bf16 of x),
-// B = tmm5..7 (32 rows of 16 columns as 16 pair-rows: one decoded 32-row step of a block). Per group: C = x * (128+q)
-// over the group's rows in Gp / 32 TDPBF16PS steps, then stored and folded into fp32 accumulators exactly as above.
-// TDPBF16PS computes each row of C from the same row of A only, so rows stay independent whatever M is.
+// Tiles: C0..C3 = tmm0..3 (2 * mr rows x 16 int32: row 2r the hi sums, row 2r + 1 the lo sums of x row m0 + r; one
+// column block each), A = tmm4 (those 2 * mr byte rows of x over one K step), B = tmm5..7 (one K step of a block: KS / 4
+// rows of 64 code bytes, row i holding rows 4i..4i+3 of the step for the 16 columns, exactly a decoded code vector).
+// Per group: C = sum over the group's K steps of TDPBSUD, then stored and folded as above. x row pairs are adjacent
+// in xq, so A is one strided load.
 
 constexpr int AMX_NR = 4;
-constexpr int64_t AMX_MR = 16;
+constexpr int64_t AMX_MR = 8;  // x rows per pass (2 byte rows each: 16 tile rows)
+// Fewer rows than this run on the AVX-512 code of the same build (the same bits): one VPDPBUSD pass over a decoded
+// vector beats storing it for a tile load at M = 1 (0.63-0.76x the AMX time) and ties at M = 2 (BENCHMARKS.md).
+constexpr int64_t AMX_MIN_M = 3;
 
-void configure_tiles(int64_t mr) {
+// ks: rows of K per step (64 when the group's padded rows allow it, else 32).
+void configure_tiles(int64_t mr, int64_t ks) {
   TileConfig cfg;
-  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(mr), cfg.colsb[t] = 64;  // C: mr x 16 fp32
-  cfg.rows[4] = static_cast<uint8_t>(mr), cfg.colsb[4] = 64;                              // A: mr x 32 bf16
-  for (int t = 5; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;                        // B: 16 pair-rows
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(2 * mr), cfg.colsb[t] = 64;  // C: 2mr x 16 int32
+  cfg.rows[4] = static_cast<uint8_t>(2 * mr), cfg.colsb[4] = static_cast<uint16_t>(ks);      // A: 2mr x ks bytes
+  for (int t = 5; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(ks / 4), cfg.colsb[t] = 64;  // B: ks/4 x 64 bytes
   _tile_loadconfig(&cfg);
 }
 
-// Decode the 32-row step `step` of one block's group into a B tile image: 16 rows of 64 bytes, pair-row 4o + i.
-inline void decode_b(const uint8_t* wg, int64_t step, uint8_t* buf) {
-  for (int o = 0; o < 4; ++o) {
-    const Octet w = decode_octet(wg + (step * 4 + o) * 64);
-    for (int i = 0; i < 4; ++i) _mm512_store_si512(buf + (4 * o + i) * 64, w.v[i]);
-  }
-}
+constexpr int64_t AMX_CHUNK = 4;  // K steps decoded ahead of their tile loads (a tile load that reads a line just
+                                  // written stalls until the store retires: keep stores and loads apart)
 
-constexpr int64_t AMX_CHUNK = 4;  // 32-row steps decoded ahead of their tile loads (a tile load that reads a line
-                                  // just written stalls until the store retires: keep stores and loads apart)
-
-// Rows m0..m0+mr-1 (mr <= 16, tiles configured for mr rows) x blocks b0..b0+NR-1 (NR <= 4).
+// Rows m0..m0+mr-1 (mr <= 8, tiles configured for mr rows and K steps of ks) x blocks b0..b0+NR-1 (NR <= 4).
 template <int NR>
-void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t b0) {
+void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t ks, int64_t b0) {
   alignas(64) uint8_t bbuf[AMX_CHUNK][NR][16 * 64];
-  alignas(64) float cbuf[NR][AMX_MR * BN];
+  alignas(64) int32_t cbuf[NR][2 * AMX_MR * BN];
   alignas(64) float acc[NR][AMX_MR * BN];
   std::fill(&acc[0][0], &acc[0][0] + NR * AMX_MR * BN, 0.f);
-  const uint16_t* xa = p.xb + m0 * p.Kp;
-  const int64_t xstride = p.Kp * 2, steps = p.Gp / 32;
+  const int8_t* xa = p.hi(m0);
+  const int64_t steps = p.Gp / ks, octs = ks / 8;
   for (int64_t g = 0; g < p.NG; ++g) {
     const uint8_t* wg[NR];
     for (int j = 0; j < NR; ++j) wg[j] = p.group(b0 + j, g);
@@ -286,22 +307,27 @@ void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t b0) {
     for (int64_t c0 = 0; c0 < steps; c0 += AMX_CHUNK) {
       const int64_t nc = std::min<int64_t>(AMX_CHUNK, steps - c0);
       for (int64_t c = 0; c < nc; ++c)
-        for (int j = 0; j < NR; ++j) decode_b(wg[j], c0 + c, bbuf[c][j]);
+        for (int j = 0; j < NR; ++j)
+          for (int64_t o = 0; o < octs; ++o) {
+            const Codes w = decode_octet(wg[j] + ((c0 + c) * octs + o) * 64);
+            _mm512_store_si512(bbuf[c][j] + 128 * o, w.lo);
+            _mm512_store_si512(bbuf[c][j] + 128 * o + 64, w.hi);
+          }
       for (int64_t c = 0; c < nc; ++c) {
-        _tile_loadd(4, xa + g * p.Gp + (c0 + c) * 32, xstride);
+        _tile_loadd(4, xa + g * p.Gp + (c0 + c) * ks, p.Kp);
         _tile_loadd(5, bbuf[c][0], 64);
-        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbsud(0, 4, 5);
         if constexpr (NR > 1) {
           _tile_loadd(6, bbuf[c][1], 64);
-          _tile_dpbf16ps(1, 4, 6);
+          _tile_dpbsud(1, 4, 6);
         }
         if constexpr (NR > 2) {
           _tile_loadd(7, bbuf[c][2], 64);
-          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbsud(2, 4, 7);
         }
         if constexpr (NR > 3) {
           _tile_loadd(5, bbuf[c][3], 64);
-          _tile_dpbf16ps(3, 4, 5);
+          _tile_dpbsud(3, 4, 5);
         }
       }
     }
@@ -310,12 +336,13 @@ void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t b0) {
     if constexpr (NR > 2) _tile_stored(2, cbuf[2], 64);
     if constexpr (NR > 3) _tile_stored(3, cbuf[3], 64);
     for (int j = 0; j < NR; ++j) {
-      __m512 s, zb;
-      load_meta(wg[j] + p.Gp * 8, s, zb);
+      __m512 s;
+      __m512i z;
+      load_meta(wg[j] + p.Gp * 8, s, z);
       for (int64_t r = 0; r < mr; ++r) {
-        const __m512 xs = _mm512_set1_ps(p.xsum[(m0 + r) * p.NG + g]);
-        const __m512 c = _mm512_load_ps(cbuf[j] + r * BN);
-        _mm512_store_ps(acc[j] + r * BN, _mm512_fmadd_ps(s, _mm512_fnmadd_ps(zb, xs, c), _mm512_load_ps(acc[j] + r * BN)));
+        const __m512i dh = _mm512_load_si512(cbuf[j] + 2 * r * BN), dl = _mm512_load_si512(cbuf[j] + (2 * r + 1) * BN);
+        const __m512 a = fold(_mm512_load_ps(acc[j] + r * BN), s, z, dh, dl, p.xsum[(m0 + r) * p.NG + g], p.xscale[(m0 + r) * p.NG + g]);
+        _mm512_store_ps(acc[j] + r * BN, a);
       }
     }
   }
@@ -324,66 +351,110 @@ void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t b0) {
 }
 
 void blocks_amx(const Problem& p, int64_t b_begin, int64_t b_end) {
+  const int64_t ks = p.Gp % 64 == 0 ? 64 : 32;
   int64_t configured = -1;
   for (int64_t m0 = 0; m0 < p.M; m0 += AMX_MR) {
     const int64_t mr = std::min<int64_t>(AMX_MR, p.M - m0);
-    if (mr != configured) configure_tiles(mr), configured = mr;
+    if (mr != configured) configure_tiles(mr, ks), configured = mr;
     int64_t b = b_begin;
-    for (; b + AMX_NR <= b_end; b += AMX_NR) tile_amx<AMX_NR>(p, m0, mr, b);
-    for (; b < b_end; ++b) tile_amx<1>(p, m0, mr, b);
+    for (; b + AMX_NR <= b_end; b += AMX_NR) tile_amx<AMX_NR>(p, m0, mr, ks, b);
+    for (; b < b_end; ++b) tile_amx<1>(p, m0, mr, ks, b);
   }
   _tile_release();
 }
 #endif  // TS_HAVE_AMX
 
-// x [M, K] (fp32 or bf16) -> xb [M, Kp] bf16 bits (and xf, the same values in fp32, when the engine reads fp32),
-// groups zero-padded to Gp, and xsum [M, NG]: per group, 16 lane-wise partial sums (lane l adds rows l, l + 16, ...
-// in order), then lanes 0 to 15 added in order. Only row m's values enter row m's numbers; the vector and the scalar
-// code below compute the same sums.
-void prepare_x(const at::Tensor& x, int64_t G, int64_t Gp, int64_t NG, uint16_t* xb, float* xf, float* xsum) {
+// Quantize one group (n values, n <= G) of one row: hi and lo bytes of xi, returns xsum; xscale set. Multiplying by
+// factor = 2^(B - 1 - e) (a normal float for amax >= 2^ZERO_EXP) is exact, and the conversion rounds half to even
+// (the default rounding mode, in the vector and the scalar code alike).
+#if defined(TS_AVX512)
+inline __m512 load16(const float* x32, const uint16_t* x16, int64_t n) {
+  const __mmask16 mask = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  if (x32) return _mm512_maskz_loadu_ps(mask, x32);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x16)), 16));
+}
+
+int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16)
+    amax = _mm512_max_ps(amax, _mm512_and_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k), abs_mask));
+  // max_ps drops a NaN operand when the other is a number: look for one separately.
+  bool finite = true;
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v = load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k);
+    finite = finite && !_mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+  }
+  const float a = _mm512_reduce_max_ps(amax);
+  if (!finite) {
+    xscale = std::numeric_limits<float>::quiet_NaN();
+    return 0;
+  }
+  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
+    xscale = 1.f;
+    return 0;
+  }
+  const int e = std::ilogb(a);
+  xscale = std::ldexp(1.f, e + 1 - bits);
+  const __m512 factor = _mm512_set1_ps(std::ldexp(1.f, bits - 1 - e));
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t k = 0; k < n; k += 16) {
+    const int64_t c = std::min<int64_t>(16, n - k);
+    const __mmask16 mask = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
+    const __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, c), factor));
+    const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
+    _mm512_mask_cvtepi32_storeu_epi8(hi + k, mask, h);
+    _mm512_mask_cvtepi32_storeu_epi8(lo + k, mask, _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8)));
+    sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, xi));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+#else
+int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
+  float a = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = x32 ? x32[k] : bf16_float(x16[k]);
+    finite = finite && std::isfinite(v);
+    a = std::max(a, std::fabs(v));
+  }
+  if (!finite) {
+    xscale = std::numeric_limits<float>::quiet_NaN();
+    return 0;
+  }
+  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
+    xscale = 1.f;
+    return 0;
+  }
+  const int e = std::ilogb(a);
+  xscale = std::ldexp(1.f, e + 1 - bits);
+  const float factor = std::ldexp(1.f, bits - 1 - e);
+  int32_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t xi = static_cast<int32_t>(std::nearbyint((x32 ? x32[k] : bf16_float(x16[k])) * factor));
+    const int32_t h = (xi + 128) >> 8;
+    hi[k] = static_cast<int8_t>(h);
+    lo[k] = static_cast<int8_t>(xi - 256 * h);
+    sum += xi;
+  }
+  return sum;
+}
+#endif
+
+// x [M, K] (fp32 or bf16) -> xq [M, 2, Kp] (hi and lo bytes of xi, groups zero-padded to Gp), xscale and xsum [M, NG]
+// (the file comment says how).
+void prepare_x(const at::Tensor& x, int64_t G, int64_t Gp, int64_t NG, int bits, int8_t* xq, float* xscale, int32_t* xsum) {
   const int64_t M = x.size(0), K = x.size(1), Kp = NG * Gp;
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
   const float* x32 = is_bf16 ? nullptr : x.data_ptr<float>();
   const uint16_t* x16 = is_bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
-  for (int64_t m = 0; m < M; ++m) {
+  std::memset(xq, 0, static_cast<size_t>(M * 2 * Kp));
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < NG; ++g) {
-      const int64_t src = m * K + g * G, dst = m * Kp + g * Gp;
-      alignas(64) float part[16] = {0};
-#if defined(TS_AVX512)
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < Gp; k += 16) {
-        const int64_t n = std::clamp<int64_t>(G - k, 0, 16);
-        const __mmask16 mask = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-        __m512i h;  // 16 bf16 values in the low halves of 32-bit lanes
-        if (is_bf16) {
-          h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x16 + src + k));
-        } else {
-          const __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, x32 + src + k));
-          h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
-          const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-          h = _mm512_mask_mov_epi32(h, nan, _mm512_set1_epi32(0x7fc0));
-        }
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + dst + k), _mm512_cvtepi32_epi16(h));
-        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-        if (xf) _mm512_storeu_ps(xf + dst + k, v);
-        acc = _mm512_add_ps(acc, v);
-      }
-      _mm512_store_ps(part, acc);
-#else
-      for (int64_t k = 0; k < Gp; ++k) {
-        uint16_t h = 0;
-        if (k < G) h = is_bf16 ? x16[src + k] : bf16_round(x32[src + k]);
-        xb[dst + k] = h;
-        const float v = bf16_float(h);
-        if (xf) xf[dst + k] = v;
-        part[k % 16] += v;
-      }
-#endif
-      float s = 0.f;
-      for (int l = 0; l < 16; ++l) s += part[l];
-      xsum[m * NG + g] = s;
+      const int64_t src = m * K + g * G, dst = m * 2 * Kp + g * Gp;
+      xsum[m * NG + g] = quantize_group(x32 ? x32 + src : nullptr, x16 ? x16 + src : nullptr, G, bits, xq + dst, xq + dst + Kp,
+                                        xscale[m * NG + g]);
     }
-  }
 }
 
 // y = x @ W (+ bias). x: [M, K] fp32 or bf16 (contiguous); packed: [NB, NG, R] uint8; bias: [N] or None.
@@ -403,25 +474,26 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::
   if (M == 0 || N == 0) return y;
   const Engine eng = engine();
   const int64_t Kp = NG * Gp;
-  std::vector<uint16_t> xb_store(static_cast<size_t>(M * Kp));
-  uint16_t* xb = xb_store.data();
-  std::vector<float> xf, xsum(static_cast<size_t>(M * NG));
-  if (eng == PORTABLE || eng == AVX512F) xf.resize(static_cast<size_t>(M * Kp));
-  prepare_x(x, G, Gp, NG, xb, xf.empty() ? nullptr : xf.data(), xsum.data());
+  std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));
+  std::vector<float> xscale(static_cast<size_t>(M * NG));
+  std::vector<int32_t> xsum(static_cast<size_t>(M * NG));
+  prepare_x(x, G, Gp, NG, xbits(Gp), xq.data(), xscale.data(), xsum.data());
   std::vector<float> bias32;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have N = ", N, " elements");
     const at::Tensor b = bias->to(at::kFloat).contiguous();
     bias32.assign(b.data_ptr<float>(), b.data_ptr<float>() + N);
   }
-  const Problem p{M, N, NB, NG, G, Gp, R, Kp, xb, xf.empty() ? nullptr : xf.data(), xsum.data(), packed.data_ptr<uint8_t>(),
+  const Problem p{M, N, NB, NG, G, Gp, R, Kp, xq.data(), xscale.data(), xsum.data(), packed.data_ptr<uint8_t>(),
                   bias32.empty() ? nullptr : bias32.data(), y.data_ptr(), x.scalar_type() == at::kBFloat16};
   // Enough blocks per task that a thread's share is worth waking it (~64k weights).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (K * BN));
   at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
     switch (eng) {
 #if defined(TS_HAVE_AMX)
-      case AMX: blocks_amx(p, b0, b1); return;
+      case AMX:
+        if (M >= AMX_MIN_M) return blocks_amx(p, b0, b1);
+        return blocks_avx512(p, b0, b1);
 #endif
 #if defined(TS_AVX512)
       case AVX512BF16:
