@@ -117,17 +117,18 @@ inline Engine engine() {
 #endif
 }
 
-// Column blocks [b_begin, b_end) for all M rows: groups of nr blocks (then single blocks), each for every chunk of
-// mr_max rows, so a group's weights stay in cache from one row chunk to the next. tile(m0, mr, step, b) computes rows
-// [m0, m0 + mr) of blocks [b, b + step).
+// Column blocks [b_begin, b_end) for all M rows: groups of nr blocks, then of nr / 2, ... 1 for what is left (a
+// one-block tile has too few independent sums to hide their latency), each for every chunk of mr_max rows, so a
+// group's weights stay in cache from one row chunk to the next. tile(m0, mr, step, b) computes rows [m0, m0 + mr) of
+// blocks [b, b + step).
 template <class Tile>
 void for_blocks(int64_t M, int64_t mr_max, int nr, int64_t b_begin, int64_t b_end, const Tile& tile) {
   const auto run = [&](int step, int64_t b) {
     for (int64_t m0 = 0; m0 < M; m0 += mr_max) tile(m0, std::min<int64_t>(mr_max, M - m0), step, b);
   };
   int64_t b = b_begin;
-  for (; b + nr <= b_end; b += nr) run(nr, b);
-  for (; b < b_end; ++b) run(1, b);
+  for (int step = nr; step >= 1; step /= 2)
+    for (; b + step <= b_end; b += step) run(step, b);
 }
 
 }  // namespace

@@ -203,9 +203,11 @@ void tile_avx512(const Problem& p, int64_t m0, int64_t b0) {
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NR; ++j) dh[r][j] = dl[r][j] = _mm512_setzero_si512();
     const int64_t k0 = g * p.Gp;
-    if (MR == 1 && g + PREFETCH_GROUPS < p.NG)
-      for (int j = 0; j < NR; ++j)
-        for (int64_t l = 0; l < p.R; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p.group(b0 + j, g + PREFETCH_GROUPS) + l), _MM_HINT_T0);
+    if (MR == 1) {  // the group PREFETCH_GROUPS ahead, in the next tile's blocks once this tile's run out
+      const int64_t ahead = g + PREFETCH_GROUPS, bp = ahead < p.NG ? b0 : b0 + NR, gp = ahead < p.NG ? ahead : ahead - p.NG;
+      for (int j = 0; j < NR && bp + j < p.NB && gp < p.NG; ++j)
+        for (int64_t l = 0; l < p.R; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p.group(bp + j, gp) + l), _MM_HINT_T0);
+    }
     for (int64_t o = 0; o < p.Gp / 8; ++o) {
       const int64_t k = k0 + 8 * o;
       for (int j = 0; j < NR; ++j) {
@@ -270,31 +272,56 @@ void blocks_avx512(const Problem& p, int64_t b_begin, int64_t b_end) {
 #if defined(TS_HAVE_AMX)
 // ------------------------------------------------------------------------------------------------ AMX engine
 //
-// Tiles: C0..C3 = tmm0..3 (2 * mr rows x 16 int32: row 2r the hi sums, row 2r + 1 the lo sums of x row m0 + r; one
-// column block each), A = tmm4 (those 2 * mr byte rows of x over one K step), B = tmm5..7 (one K step of a block: KS / 4
-// rows of 64 code bytes, row i holding rows 4i..4i+3 of the step for the 16 columns, exactly a decoded code vector).
-// Per group: C = sum over the group's K steps of TDPBSUD, then stored and folded as above. x row pairs are adjacent
-// in xq, so A is one strided load.
+// TDPBSUD multiplies A (signed bytes: x) by B (unsigned bytes: codes) into C (int32). One x row is two A rows, its hi
+// and lo bytes (adjacent in xq, so A is one strided load), so a tile of 16 rows holds a "chunk" of up to 8 x rows.
+// B is one K step of a block: ks / 4 rows of 64 code bytes, row i holding rows 4i..4i+3 of the step for the 16
+// columns, exactly a decoded code vector. C row 2r holds the hi sums, row 2r + 1 the lo sums of x row r of the chunk.
+// Per group: C = sum over the group's K steps, then stored and folded as above. Two tile layouts:
+//   one chunk:  C = tmm0..3 (4 blocks), A = tmm4, B = tmm5..7 (tmm5 again for the 4th block);
+//   two chunks: C = tmm0..3 (chunk c, block j: tmm 2c + j), A = tmm4, 5, B = tmm6, 7: each decoded B serves 16 rows.
 
-constexpr int AMX_NR = 4;
-constexpr int64_t AMX_MR = 8;  // x rows per pass (2 byte rows each: 16 tile rows)
+constexpr int64_t AMX_MR = 8;  // x rows per chunk (2 byte rows each: 16 tile rows)
 // Fewer rows than this run on the AVX-512 code of the same build (the same bits): one VPDPBUSD pass over a decoded
 // vector beats storing it for a tile load at M = 1 (0.63-0.76x the AMX time) and ties at M = 2 (BENCHMARKS.md).
 constexpr int64_t AMX_MIN_M = 3;
-
-// ks: rows of K per step (64 when the group's padded rows allow it, else 32).
-void configure_tiles(int64_t mr, int64_t ks) {
-  TileConfig cfg;
-  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(2 * mr), cfg.colsb[t] = 64;  // C: 2mr x 16 int32
-  cfg.rows[4] = static_cast<uint8_t>(2 * mr), cfg.colsb[4] = static_cast<uint16_t>(ks);      // A: 2mr x ks bytes
-  for (int t = 5; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(ks / 4), cfg.colsb[t] = 64;  // B: ks/4 x 64 bytes
-  _tile_loadconfig(&cfg);
-}
-
 constexpr int64_t AMX_CHUNK = 4;  // K steps decoded ahead of their tile loads (a tile load that reads a line just
                                   // written stalls until the store retires: keep stores and loads apart)
 
-// Rows m0..m0+mr-1 (mr <= 8, tiles configured for mr rows and K steps of ks) x blocks b0..b0+NR-1 (NR <= 4).
+// mr[c]: x rows of chunk c (0 for no second chunk); ks: rows of K per step (64 when the padded group allows, else 32).
+void configure_tiles(const int64_t* mr, int64_t ks) {
+  TileConfig cfg;
+  const bool two = mr[1] > 0;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(2 * mr[two ? t / 2 : 0]), cfg.colsb[t] = 64;
+  for (int c = 0; c < (two ? 2 : 1); ++c) cfg.rows[4 + c] = static_cast<uint8_t>(2 * mr[c]), cfg.colsb[4 + c] = static_cast<uint16_t>(ks);
+  for (int t = two ? 6 : 5; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(ks / 4), cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// K steps [c0, c0 + nc) of NR blocks' group (wg[j]: block j's group) decoded into B tile images bbuf[step][j].
+template <int NR>
+inline void decode_steps(const uint8_t* const* wg, int64_t c0, int64_t nc, int64_t ks, uint8_t (*bbuf)[NR][16 * 64]) {
+  for (int64_t c = 0; c < nc; ++c)
+    for (int j = 0; j < NR; ++j)
+      for (int64_t o = 0; o < ks / 8; ++o) {
+        const Codes w = decode_octet(wg[j] + ((c0 + c) * ks / 8 + o) * 64);
+        _mm512_store_si512(bbuf[c][j] + 128 * o, w.lo);
+        _mm512_store_si512(bbuf[c][j] + 128 * o + 64, w.hi);
+      }
+}
+
+// One group's C image (2 * mr rows x 16 int32) of one block folded into acc (mr rows x 16 fp32) for x rows m0...
+inline void fold_tile(const Problem& p, const uint8_t* meta, const int32_t* cbuf, float* acc, int64_t m0, int64_t mr, int64_t g) {
+  __m512 s;
+  __m512i z;
+  load_meta(meta, s, z);
+  for (int64_t r = 0; r < mr; ++r) {
+    const __m512i dh = _mm512_load_si512(cbuf + 2 * r * BN), dl = _mm512_load_si512(cbuf + (2 * r + 1) * BN);
+    const __m512 a = fold(_mm512_load_ps(acc + r * BN), s, z, dh, dl, p.xsum[(m0 + r) * p.NG + g], p.xscale[(m0 + r) * p.NG + g]);
+    _mm512_store_ps(acc + r * BN, a);
+  }
+}
+
+// One chunk: rows m0..m0+mr-1 (mr <= 8) x blocks b0..b0+NR-1 (NR <= 4).
 template <int NR>
 void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t ks, int64_t b0) {
   alignas(64) uint8_t bbuf[AMX_CHUNK][NR][16 * 64];
@@ -302,7 +329,7 @@ void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t ks, int64_t b0) 
   alignas(64) float acc[NR][AMX_MR * BN];
   std::fill(&acc[0][0], &acc[0][0] + NR * AMX_MR * BN, 0.f);
   const int8_t* xa = p.hi(m0);
-  const int64_t steps = p.Gp / ks, octs = ks / 8;
+  const int64_t steps = p.Gp / ks;
   for (int64_t g = 0; g < p.NG; ++g) {
     const uint8_t* wg[NR];
     for (int j = 0; j < NR; ++j) wg[j] = p.group(b0 + j, g);
@@ -312,13 +339,7 @@ void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t ks, int64_t b0) 
     if constexpr (NR > 3) _tile_zero(3);
     for (int64_t c0 = 0; c0 < steps; c0 += AMX_CHUNK) {
       const int64_t nc = std::min<int64_t>(AMX_CHUNK, steps - c0);
-      for (int64_t c = 0; c < nc; ++c)
-        for (int j = 0; j < NR; ++j)
-          for (int64_t o = 0; o < octs; ++o) {
-            const Codes w = decode_octet(wg[j] + ((c0 + c) * octs + o) * 64);
-            _mm512_store_si512(bbuf[c][j] + 128 * o, w.lo);
-            _mm512_store_si512(bbuf[c][j] + 128 * o + 64, w.hi);
-          }
+      decode_steps<NR>(wg, c0, nc, ks, bbuf);
       for (int64_t c = 0; c < nc; ++c) {
         _tile_loadd(4, xa + g * p.Gp + (c0 + c) * ks, p.Kp);
         _tile_loadd(5, bbuf[c][0], 64);
@@ -341,30 +362,77 @@ void tile_amx(const Problem& p, int64_t m0, int64_t mr, int64_t ks, int64_t b0) 
     if constexpr (NR > 1) _tile_stored(1, cbuf[1], 64);
     if constexpr (NR > 2) _tile_stored(2, cbuf[2], 64);
     if constexpr (NR > 3) _tile_stored(3, cbuf[3], 64);
-    for (int j = 0; j < NR; ++j) {
-      __m512 s;
-      __m512i z;
-      load_meta(wg[j] + p.Gp * 8, s, z);
-      for (int64_t r = 0; r < mr; ++r) {
-        const __m512i dh = _mm512_load_si512(cbuf[j] + 2 * r * BN), dl = _mm512_load_si512(cbuf[j] + (2 * r + 1) * BN);
-        const __m512 a = fold(_mm512_load_ps(acc[j] + r * BN), s, z, dh, dl, p.xsum[(m0 + r) * p.NG + g], p.xscale[(m0 + r) * p.NG + g]);
-        _mm512_store_ps(acc[j] + r * BN, a);
-      }
-    }
+    for (int j = 0; j < NR; ++j) fold_tile(p, wg[j] + p.Gp * 8, cbuf[j], acc[j], m0, mr, g);
   }
   for (int j = 0; j < NR; ++j)
     for (int64_t r = 0; r < mr; ++r) store_acc(p, m0 + r, b0 + j, _mm512_load_ps(acc[j] + r * BN));
 }
 
+// Two chunks: rows m0..m0+7 and m0+8..m0+7+mr1 (mr1 <= 8) x blocks b0..b0+NR-1 (NR <= 2).
+template <int NR>
+void tile_amx2(const Problem& p, int64_t m0, int64_t mr1, int64_t ks, int64_t b0) {
+  alignas(64) uint8_t bbuf[AMX_CHUNK][NR][16 * 64];
+  alignas(64) int32_t cbuf[2][NR][2 * AMX_MR * BN];
+  alignas(64) float acc[2][NR][AMX_MR * BN];
+  std::fill(&acc[0][0][0], &acc[0][0][0] + 2 * NR * AMX_MR * BN, 0.f);
+  const int8_t *xa0 = p.hi(m0), *xa1 = p.hi(m0 + AMX_MR);
+  const int64_t steps = p.Gp / ks, mr[2] = {AMX_MR, mr1};
+  for (int64_t g = 0; g < p.NG; ++g) {
+    const uint8_t* wg[NR];
+    for (int j = 0; j < NR; ++j) wg[j] = p.group(b0 + j, g);
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (NR > 1) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
+    for (int64_t c0 = 0; c0 < steps; c0 += AMX_CHUNK) {
+      const int64_t nc = std::min<int64_t>(AMX_CHUNK, steps - c0);
+      decode_steps<NR>(wg, c0, nc, ks, bbuf);
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t k = g * p.Gp + (c0 + c) * ks;
+        _tile_loadd(4, xa0 + k, p.Kp);
+        _tile_loadd(5, xa1 + k, p.Kp);
+        _tile_loadd(6, bbuf[c][0], 64);
+        _tile_dpbsud(0, 4, 6);
+        _tile_dpbsud(2, 5, 6);
+        if constexpr (NR > 1) {
+          _tile_loadd(7, bbuf[c][1], 64);
+          _tile_dpbsud(1, 4, 7);
+          _tile_dpbsud(3, 5, 7);
+        }
+      }
+    }
+    _tile_stored(0, cbuf[0][0], 64);
+    _tile_stored(2, cbuf[1][0], 64);
+    if constexpr (NR > 1) {
+      _tile_stored(1, cbuf[0][1], 64);
+      _tile_stored(3, cbuf[1][1], 64);
+    }
+    for (int c = 0; c < 2; ++c)
+      for (int j = 0; j < NR; ++j) fold_tile(p, wg[j] + p.Gp * 8, cbuf[c][j], acc[c][j], m0 + c * AMX_MR, mr[c], g);
+  }
+  for (int c = 0; c < 2; ++c)
+    for (int j = 0; j < NR; ++j)
+      for (int64_t r = 0; r < mr[c]; ++r) store_acc(p, m0 + c * AMX_MR + r, b0 + j, _mm512_load_ps(acc[c][j] + r * BN));
+}
+
+// Rows in passes of 16 (two chunks; a last pass of up to 8 rows takes one), blocks [b_begin, b_end).
 void blocks_amx(const Problem& p, int64_t b_begin, int64_t b_end) {
   const int64_t ks = p.Gp % 64 == 0 ? 64 : 32;
-  int64_t configured = -1;
-  for (int64_t m0 = 0; m0 < p.M; m0 += AMX_MR) {
-    const int64_t mr = std::min<int64_t>(AMX_MR, p.M - m0);
-    if (mr != configured) configure_tiles(mr, ks), configured = mr;
+  for (int64_t m0 = 0; m0 < p.M; m0 += 2 * AMX_MR) {
+    const int64_t rows = std::min<int64_t>(2 * AMX_MR, p.M - m0);
+    const int64_t mr[2] = {std::min(rows, AMX_MR), std::max<int64_t>(0, rows - AMX_MR)};
+    configure_tiles(mr, ks);
     int64_t b = b_begin;
-    for (; b + AMX_NR <= b_end; b += AMX_NR) tile_amx<AMX_NR>(p, m0, mr, ks, b);
-    for (; b < b_end; ++b) tile_amx<1>(p, m0, mr, ks, b);
+    if (mr[1] > 0) {
+      for (; b + 2 <= b_end; b += 2) tile_amx2<2>(p, m0, mr[1], ks, b);
+      for (; b < b_end; ++b) tile_amx2<1>(p, m0, mr[1], ks, b);
+    } else {
+      for (; b + 4 <= b_end; b += 4) tile_amx<4>(p, m0, mr[0], ks, b);
+      for (; b + 2 <= b_end; b += 2) tile_amx<2>(p, m0, mr[0], ks, b);
+      for (; b < b_end; ++b) tile_amx<1>(p, m0, mr[0], ks, b);
+    }
   }
   _tile_release();
 }
