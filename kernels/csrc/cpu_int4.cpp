@@ -281,9 +281,10 @@ void blocks_avx512(const Problem& p, int64_t b_begin, int64_t b_end) {
 //   two chunks: C = tmm0..3 (chunk c, block j: tmm 2c + j), A = tmm4, 5, B = tmm6, 7: each decoded B serves 16 rows.
 
 constexpr int64_t AMX_MR = 8;  // x rows per chunk (2 byte rows each: 16 tile rows)
-// Fewer rows than this run on the AVX-512 code of the same build (the same bits): one VPDPBUSD pass over a decoded
-// vector beats storing it for a tile load at M = 1 (0.63-0.76x the AMX time) and ties at M = 2 (BENCHMARKS.md).
-constexpr int64_t AMX_MIN_M = 3;
+// One row runs on the AVX-512 code of the same build (the same bits): one VPDPBUSD pass over a decoded vector beats
+// storing it for a tile load there (the AMX path took 1.14-1.41x its time on cold weights, 576x576 to 11008x4096);
+// from 2 rows on AMX wins (0.89-1.02x the AVX-512 time at M = 2). BENCHMARKS.md, "Exact integer sums".
+constexpr int64_t AMX_MIN_M = 2;
 constexpr int64_t AMX_CHUNK = 4;  // K steps decoded ahead of their tile loads (a tile load that reads a line just
                                   // written stalls until the store retires: keep stores and loads apart)
 
