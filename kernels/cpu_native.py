@@ -25,9 +25,10 @@ compiler, no ninja), one warning is logged and callers fall back to torch's int4
 
 When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides; tinyserve/runner.py decides the int8
 lm_head separately: ours for batched decode only):
-  auto (default)  where the AMX or the AVX512-BF16 engine runs (that CPU also has AVX512-VNNI): at M = 1 it is
-                  1.2-1.6x faster than torch's op, at M = 16 2-3.6x (BENCHMARKS.md, "INT4 kernels (issue 3)");
-                  other CPUs keep torch's op and never build this;
+  auto (default)  where the AMX or the AVX512-BF16 engine runs (that CPU also has AVX512-VNNI): with AMX it is
+                  1.4-1.9x faster than torch's op at M = 1 and 2-4.4x at M = 16; the AVX512-BF16 engine alone (the
+                  avx512bf16 build on the same Xeon, an earlier build; no CPU without AMX was measured) 1.2-1.3x and 1.6-1.9x
+                  (BENCHMARKS.md, "Exact integer sums"); other CPUs keep torch's op and never build this;
   1, on           on any CPU the build runs on (row-invariant decode everywhere, the speed of the engine it gets);
   0, off          never built or used.
 """
