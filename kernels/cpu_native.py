@@ -50,7 +50,8 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "cpu_int4.cpp", CSRC / "cpu_int8.cpp")  # one library; both include csrc/cpu_common.h
 HEADERS = (CSRC / "cpu_common.h",)
 BLOCK_N = 16  # columns per block of the packed layout
-K_ALIGN = 32  # group rows (INT4), and K (int8), are padded to a multiple of this
+K_ALIGN = 32  # INT4 group rows are padded to a multiple of this
+INT8_K_ALIGN = 64  # the int8 layout pads K to a multiple of this (its x group, XG in cpu_int8.cpp)
 INT8_GROUP_N = 64  # the int8 layout pads N to a multiple of this (4 blocks: the AMX engine's unit)
 META_BYTES = 64  # per group and block: 16 fp16 scales, 16 zero points (u8), 16 zero bytes
 ENGINES = ("portable", "avx512f", "avx512bf16", "amx")  # index = the op's engine() value
@@ -111,7 +112,7 @@ def linear(x: torch.Tensor, w: NativePacked, bias: torch.Tensor | None = None, v
 class NativeInt8:
     """One weight-only int8 linear (one scale per output row) in the kernel's layout (see kernels/csrc/cpu_int8.cpp)."""
 
-    packed: torch.Tensor  # [Np // 16, Kp // 2, 32] int8, Np = N rounded up to 64, Kp = K rounded up to 32
+    packed: torch.Tensor  # [Np // 16, Kp // 4, 64] uint8 (code + 128), Np = N rounded up to 64, Kp = K rounded up to 64
     scales: torch.Tensor  # [Np] fp32 (zero in padded columns)
     in_features: int  # K
     out_features: int  # N
@@ -119,20 +120,20 @@ class NativeInt8:
 
 def repack_int8(qweight: torch.Tensor, scales: torch.Tensor) -> NativeInt8:
     """qweight [N, K] int8, scales [N] (any float dtype) -> the kernel's layout. Exact: codes and scale values are
-    copied (a bf16 or fp16 scale is exact in fp32). Block b, pair row j, byte 2c + e holds qweight[16b + c, 2j + e]."""
+    copied (a bf16 or fp16 scale is exact in fp32). Block b, quad j, byte 4c + e holds qweight[16b + c, 4j + e] + 128."""
     N, K = qweight.shape
-    Np, Kp = -(-N // INT8_GROUP_N) * INT8_GROUP_N, -(-K // K_ALIGN) * K_ALIGN
-    q = F.pad(qweight.to(torch.int8), (0, Kp - K, 0, Np - N))  # zero codes in padded rows and columns
-    packed = q.view(Np // BLOCK_N, BLOCK_N, Kp // 2, 2).transpose(1, 2).contiguous()  # [block, pair row, column, e]
+    Np, Kp = -(-N // INT8_GROUP_N) * INT8_GROUP_N, -(-K // INT8_K_ALIGN) * INT8_K_ALIGN
+    q = F.pad(qweight.to(torch.int16), (0, Kp - K, 0, Np - N)) + 128  # code 128 (q = 0) in padded rows and columns
+    packed = q.to(torch.uint8).view(Np // BLOCK_N, BLOCK_N, Kp // 4, 4).transpose(1, 2).contiguous()  # [block, quad, column, e]
     s = F.pad(scales.float(), (0, Np - N)).contiguous()
-    return NativeInt8(packed.view(Np // BLOCK_N, Kp // 2, 2 * BLOCK_N), s, K, N)
+    return NativeInt8(packed.view(Np // BLOCK_N, Kp // 4, 4 * BLOCK_N), s, K, N)
 
 
 def unpack_int8(w: NativeInt8) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of repack_int8: qweight [N, K] int8 and scales [N] fp32."""
     NB, J, _ = w.packed.shape
-    q = w.packed.view(NB, J, BLOCK_N, 2).transpose(1, 2).reshape(NB * BLOCK_N, 2 * J)
-    return q[: w.out_features, : w.in_features].contiguous(), w.scales[: w.out_features].clone()
+    q = w.packed.view(NB, J, BLOCK_N, 4).transpose(1, 2).reshape(NB * BLOCK_N, 4 * J).to(torch.int16) - 128
+    return q[: w.out_features, : w.in_features].to(torch.int8).contiguous(), w.scales[: w.out_features].clone()
 
 
 def int8_linear(x: torch.Tensor, w: NativeInt8, bias: torch.Tensor | None = None, variant: str = "native") -> torch.Tensor:

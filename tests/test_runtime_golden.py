@@ -6,12 +6,10 @@ The ids were recorded from this runtime on the 2-core CPU VM; they were the same
 when the quantizer's output, the CPU INT4 kernels' arithmetic or the decoder change: then check the new text reads
 as well as this one before recording new ids.
 
-They also depend on which CPU INT4 kernel runs, so they are recorded per kernel: torch's int4 op ("int4pack": CPUs
-without AVX512-BF16, or TINYSERVE_CPU_KERNEL=0) and our own kernel (kernels/cpu_native.py). Our kernel's INT4 sums are
-exact integers, so all its engines give the same bits: one-sequence decode ("native", which keeps torch's int8 op
-for the lm_head) has one set of ids for every engine. Batched decode ("native-<engine> serve") also runs the int8
-lm_head through our kernel (kernels/csrc/cpu_int8.cpp), whose engines round bf16 products their own ways, so those
-ids are per engine, and an engine without recorded ids skips rather than compare against another engine's.
+They also depend on which CPU kernels run, so they are recorded per kernel: torch's int4 and int8 ops ("int4pack":
+CPUs without AVX512-BF16 and VNNI, or TINYSERVE_CPU_KERNEL=0) and our own (kernels/cpu_native.py: the INT4 linears
+and the int8 lm_head). Our kernels' inner sums are exact integers, so all their engines (AMX, AVX512-VNNI, AVX512BW,
+portable) give the same bits and one set of ids serves every CPU that runs them.
 """
 
 import pytest
@@ -28,8 +26,8 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
             # "... It's a vibrant metropolis that's been transformed into a global cultural and economic powerhouse. Paris is renowned for"
             "native": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719, 9543, 618,
                        253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
-            "native-amx serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
-                                 9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
+            "native serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
+                             9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
             "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
                                9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
         },
@@ -47,8 +45,8 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
             "native": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30,
                        2306, 761, 800, 1122, 28, 564, 582, 282, 601, 28, 253, 1805],
             # "... She had a daughter named Aria, who was a beautiful" (as torch's ops)
-            "native-amx serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284,
-                                 8047, 30, 2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
+            "native serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284,
+                             8047, 30, 2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
             "int4pack serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047,
                                30, 2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
         },
@@ -67,15 +65,13 @@ def test_first_32_greedy_tokens_of_the_awq_default_model(serving):
     from tinyserve.sampling import SamplingParams
     from tinyserve.tokenizer import Tokenizer
 
-    from kernels import cpu_native
-
     folder = ensure_awq_default()
     # serve on 2 cores: batch-invariant decode, 1 compute thread (its default: all cores but one). The batched path's
     # greedy ids depend on the thread count (2 threads changed token 31 of the chat prompt), the one-sequence path's not.
     rc = RunnerConfig(device="cpu", num_slots=4, batch_invariant=True, threads=1) if serving else RunnerConfig(device="cpu")
     runner = ModelRunner(folder, rc)
-    # Our INT4 kernel's sums are exact, so its engines give the same bits; the int8 lm_head's engines (serve) do not.
-    kernel = "int4pack" if runner.weights.layers[0].qkv.w.native is None else f"native-{cpu_native.engine()}" if serving else "native"
+    # Our kernels' sums are exact integers: every engine gives the same bits, so one set of ids covers them all.
+    kernel = "int4pack" if runner.weights.layers[0].qkv.w.native is None else "native"
     kernel += " serve" if serving else ""
     if kernel not in GOLDEN[0][2]:
         pytest.skip(f"no golden ids recorded for the {kernel} kernel (its last bits differ from the recorded ones)")

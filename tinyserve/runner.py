@@ -120,8 +120,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         if weights is None:
             weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype, lm_head=self.lm_head_mode(),
-                                   dense_prefill=self.dense_prefill(), cpu_native=self.cpu_native(),
-                                   cpu_native_head=self.cpu_native_head())
+                                   dense_prefill=self.dense_prefill())
         self.weights = weights
         self.load_s = time.perf_counter() - t0
 
@@ -149,17 +148,6 @@ class ModelRunner:
         if mode == "int8" and self.device.type != "cpu":
             raise ConfigError("--lm-head int8 uses a CPU kernel (torch's int8 weight-only matmul); use dense on CUDA")
         return mode
-
-    def cpu_native(self) -> bool | None:
-        """Our own CPU INT4 kernel wherever kernels.cpu_native.use_by_default says it wins (None), one sequence or many:
-        at one row it is 1.2-1.6x faster than torch's op since its integer rewrite (BENCHMARKS.md, "INT4 kernels
-        (issue 3)"), and SmolLM2's one-sequence decode went from 101.6 / 93.9 to 104.1 / 102.1 tok/s ("Decode")."""
-        return None
-
-    def cpu_native_head(self) -> bool | None:
-        """Our int8 lm_head kernel only where rows are batched: at one row torch's op is faster (1.01 vs 1.96 ms for
-        SmolLM2's head, BENCHMARKS.md "Decode (issue 4)"); batches of up to 32 rows gain from reading it once."""
-        return None if self.config.batch_invariant or self.config.num_slots > 1 else False
 
     def dense_prefill(self) -> bool:
         """On CPU, also keep a bf16 copy of each INT4 weight for prompts (a dense GEMM beats the INT4 op beyond a few

@@ -99,13 +99,12 @@ class _Part:
 class Loader:
     def __init__(
         self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, dense_prefill: bool = False,
-        cpu_native: bool | None = None, cpu_native_head: bool | None = None,
+        cpu_native: bool | None = None,
     ):
         self.ck = Checkpoint(folder)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.dense_prefill = dense_prefill  # CPU: keep a bf16 copy of INT4 weights for long prompts (kernels.prepare)
         self.cpu_native = cpu_native  # CPU: our own INT4 kernel (True), torch's op (False), or where it wins (None)
-        self.cpu_native_head = cpu_native_head  # the same for the int8 lm_head (None: wherever the INT4 linears use ours)
 
     def part(self, name: str, k: int, n: int, bias: bool) -> _Part:
         """Read linear `name` (K = in_features, N = out_features) in whichever form the checkpoint has it."""
@@ -182,9 +181,8 @@ class Loader:
         else:
             head = self.fused([self.part("lm_head", H, c.vocab_size, False)])
         if lm_head == "int8" and isinstance(head, DenseLinear):
-            # Our CPU kernel as asked, else wherever the INT4 linears would use it (self.cpu_native; None: where it wins).
-            native = self.cpu_native_head if self.cpu_native_head is not None else self.cpu_native
-            native = native if native is not None else kernels.cpu_native.use_by_default()
+            # Our CPU kernel wherever the INT4 linears would use it (self.cpu_native; None: where it wins).
+            native = self.cpu_native if self.cpu_native is not None else kernels.cpu_native.use_by_default()
             head = Int8Linear.quantize(head.weight, self.dtype, native=native and self.device.type == "cpu")
         weights = ModelWeights(embed=embed, layers=layers, norm=self.vector("model.norm.weight", H), lm_head=head)
         self.ck.close()
@@ -198,6 +196,6 @@ def p_n(p: _Part) -> int:
 
 def load_weights(
     folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, lm_head: str = "dense", dense_prefill: bool = False,
-    cpu_native: bool | None = None, cpu_native_head: bool | None = None,
+    cpu_native: bool | None = None,
 ) -> ModelWeights:
-    return Loader(folder, cfg, device, dtype, dense_prefill, cpu_native, cpu_native_head).load(lm_head)
+    return Loader(folder, cfg, device, dtype, dense_prefill, cpu_native).load(lm_head)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 // The AVX-512 engines need F, BW and VL (every AVX-512 CPU since Skylake-SP has all three).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -66,24 +67,28 @@ inline __m512i bf16_round16(__m512 v) {
 #endif
 
 #if defined(TS_AVX512)
-// The (x[m, k], x[m, k + 1]) pair of one row, broadcast to every lane, as the AVX-512 engines' dot-product step reads
-// it: bf16 bits for VDPBF16PS, else two fp32 vectors. P is the kernel's problem: xb / xf rows of Kp values.
-#if defined(__AVX512BF16__)
-using XPair = __m512i;
-template <class P>
-inline XPair x_pair(const P& p, int64_t m, int64_t k) {
+// acc + the 16 lane sums of 4 products code byte * x byte, exact in int32 (codes: 64 unsigned bytes, lane l holding 4
+// consecutive rows of one column; x: 4 signed bytes broadcast to every lane). dot4 takes codes up to 15 (INT4),
+// dot4_u8 any byte (the int8 kernel's q + 128).
+inline __m512i x4(const int8_t* x) {
   int32_t v;
-  std::memcpy(&v, p.xb + m * p.Kp + k, 4);
+  std::memcpy(&v, x, 4);
   return _mm512_set1_epi32(v);
 }
+#if defined(__AVX512VNNI__)
+inline __m512i dot4(__m512i acc, __m512i codes, const int8_t* x) { return _mm512_dpbusd_epi32(acc, codes, x4(x)); }
+inline __m512i dot4_u8(__m512i acc, __m512i codes, const int8_t* x) { return _mm512_dpbusd_epi32(acc, codes, x4(x)); }
 #else
-struct XPair {
-  __m512 x0, x1;
-};
-template <class P>
-inline XPair x_pair(const P& p, int64_t m, int64_t k) {
-  const float* x = p.xf + m * p.Kp + k;
-  return {_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1])};
+// VPMADDUBSW adds two products into a saturating int16: exact for codes up to 15 (2 * 15 * 128 < 2^15); VPMADDWD
+// with ones adds the pairs. Wider codes go through their two nibbles.
+inline __m512i dot4(__m512i acc, __m512i codes, const int8_t* x) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x4(x)), _mm512_set1_epi16(1)));
+}
+inline __m512i dot4_u8(__m512i acc, __m512i codes, const int8_t* x) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const __m512i lo = dot4(_mm512_setzero_si512(), _mm512_and_si512(codes, nib), x);
+  const __m512i hi = dot4(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(codes, 4), nib), x);
+  return _mm512_add_epi32(acc, _mm512_add_epi32(lo, _mm512_slli_epi32(hi, 4)));
 }
 #endif
 #endif
@@ -131,4 +136,100 @@ void for_blocks(int64_t M, int64_t mr_max, int nr, int64_t b_begin, int64_t b_en
     for (; b + step <= b_end; b += step) run(step, b);
 }
 
+// x as block floating point, for the integer kernels (cpu_int4.cpp says the arithmetic): per row and group, with
+// 2^e <= max |x| < 2^(e + 1), xi = round_half_even(x * 2^(bits - 1 - e)) split into a signed high and low byte
+// (xi = 256 * hi + lo), xscale = 2^(e + 1 - bits), xsum = sum of xi. A group holding an inf or NaN gets xscale NaN;
+// one whose largest |x| is below 2^ZERO_EXP counts as zero.
+constexpr int ZERO_EXP = -100;
+
+// Quantize one group (n values, n <= G) of one row: hi and lo bytes of xi, returns xsum; xscale set. Multiplying by
+// factor = 2^(B - 1 - e) (a normal float for amax >= 2^ZERO_EXP) is exact, and the conversion rounds half to even
+// (the default rounding mode, in the vector and the scalar code alike).
+#if defined(TS_AVX512)
+inline __m512 load16(const float* x32, const uint16_t* x16, int64_t n) {
+  const __mmask16 mask = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  if (x32) return _mm512_maskz_loadu_ps(mask, x32);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x16)), 16));
+}
+
+inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16)
+    amax = _mm512_max_ps(amax, _mm512_and_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k), abs_mask));
+  // max_ps drops a NaN operand when the other is a number: look for one separately.
+  bool finite = true;
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 v = load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k);
+    finite = finite && !_mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+  }
+  const float a = _mm512_reduce_max_ps(amax);
+  if (!finite) {
+    xscale = std::numeric_limits<float>::quiet_NaN();
+    return 0;
+  }
+  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
+    xscale = 1.f;
+    return 0;
+  }
+  const int e = std::ilogb(a);
+  xscale = std::ldexp(1.f, e + 1 - bits);
+  const __m512 factor = _mm512_set1_ps(std::ldexp(1.f, bits - 1 - e));
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t k = 0; k < n; k += 16) {
+    const int64_t c = std::min<int64_t>(16, n - k);
+    const __mmask16 mask = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
+    const __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, c), factor));
+    const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
+    _mm512_mask_cvtepi32_storeu_epi8(hi + k, mask, h);
+    _mm512_mask_cvtepi32_storeu_epi8(lo + k, mask, _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8)));
+    sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, xi));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+#else
+inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
+  float a = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = x32 ? x32[k] : bf16_float(x16[k]);
+    finite = finite && std::isfinite(v);
+    a = std::max(a, std::fabs(v));
+  }
+  if (!finite) {
+    xscale = std::numeric_limits<float>::quiet_NaN();
+    return 0;
+  }
+  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
+    xscale = 1.f;
+    return 0;
+  }
+  const int e = std::ilogb(a);
+  xscale = std::ldexp(1.f, e + 1 - bits);
+  const float factor = std::ldexp(1.f, bits - 1 - e);
+  int32_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int32_t xi = static_cast<int32_t>(std::nearbyint((x32 ? x32[k] : bf16_float(x16[k])) * factor));
+    const int32_t h = (xi + 128) >> 8;
+    hi[k] = static_cast<int8_t>(h);
+    lo[k] = static_cast<int8_t>(xi - 256 * h);
+    sum += xi;
+  }
+  return sum;
+}
+#endif
+
+// x [M, K] (fp32 x32 or bf16 bits x16) -> xq [M, 2, Kp] (hi and lo bytes of xi, groups of G zero-padded to Gp; the
+// last group may hold fewer than G values), xscale and xsum [M, NG]. Kp = NG * Gp.
+inline void prepare_x(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t G, int64_t Gp, int64_t NG, int bits,
+                      int8_t* xq, float* xscale, int32_t* xsum) {
+  const int64_t Kp = NG * Gp;
+  std::memset(xq, 0, static_cast<size_t>(M * 2 * Kp));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < NG; ++g) {
+      const int64_t src = m * K + g * G, dst = m * 2 * Kp + g * Gp, n = std::min(G, K - g * G);
+      xsum[m * NG + g] = quantize_group(x32 ? x32 + src : nullptr, x16 ? x16 + src : nullptr, n, bits, xq + dst, xq + dst + Kp,
+                                        xscale[m * NG + g]);
+    }
+}
 }  // namespace

@@ -55,7 +55,6 @@ constexpr int64_t MR_MAX = 8;   // rows computed side by side (register blocking
 // 11008x4096); one group ahead did the same, four was slower (BENCHMARKS.md).
 constexpr int64_t PREFETCH_GROUPS = 2;
 constexpr int XBITS = 14;       // bits of |xi| for groups of up to 4096 rows
-constexpr int ZERO_EXP = -100;  // a group whose largest |x| is below 2^this counts as zero
 
 // Bits of xi for padded groups of Gp rows: |t| <= 2 * 15 * Gp * 2^B must stay below 2^31.
 inline int xbits(int64_t Gp) {
@@ -150,23 +149,6 @@ inline Codes decode_octet(const uint8_t* p) {
   const __m512i nib = _mm512_set1_epi8(0x0F), w = _mm512_load_si512(p);
   return {_mm512_and_si512(w, nib), _mm512_and_si512(_mm512_srli_epi16(w, 4), nib)};
 }
-
-// acc + the 16 lane sums of 4 products code byte * x byte (x: 4 signed bytes broadcast to every lane).
-#if defined(__AVX512VNNI__)
-inline __m512i dot4(__m512i acc, __m512i codes, const int8_t* x) {
-  int32_t v;
-  std::memcpy(&v, x, 4);
-  return _mm512_dpbusd_epi32(acc, codes, _mm512_set1_epi32(v));
-}
-#else
-// Pairs of products fit int16 without saturation (2 * 15 * 128 < 2^15); VPMADDWD with ones adds the pairs.
-inline __m512i dot4(__m512i acc, __m512i codes, const int8_t* x) {
-  int32_t v;
-  std::memcpy(&v, x, 4);
-  const __m512i pairs = _mm512_maddubs_epi16(codes, _mm512_set1_epi32(v));
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
-}
-#endif
 
 // The group's 16 fp32 scales and int32 zero points.
 inline void load_meta(const uint8_t* meta, __m512& s, __m512i& z) {
@@ -439,99 +421,6 @@ void blocks_amx(const Problem& p, int64_t b_begin, int64_t b_end) {
 }
 #endif  // TS_HAVE_AMX
 
-// Quantize one group (n values, n <= G) of one row: hi and lo bytes of xi, returns xsum; xscale set. Multiplying by
-// factor = 2^(B - 1 - e) (a normal float for amax >= 2^ZERO_EXP) is exact, and the conversion rounds half to even
-// (the default rounding mode, in the vector and the scalar code alike).
-#if defined(TS_AVX512)
-inline __m512 load16(const float* x32, const uint16_t* x16, int64_t n) {
-  const __mmask16 mask = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-  if (x32) return _mm512_maskz_loadu_ps(mask, x32);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x16)), 16));
-}
-
-int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16)
-    amax = _mm512_max_ps(amax, _mm512_and_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k), abs_mask));
-  // max_ps drops a NaN operand when the other is a number: look for one separately.
-  bool finite = true;
-  for (int64_t k = 0; k < n; k += 16) {
-    const __m512 v = load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k);
-    finite = finite && !_mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
-  }
-  const float a = _mm512_reduce_max_ps(amax);
-  if (!finite) {
-    xscale = std::numeric_limits<float>::quiet_NaN();
-    return 0;
-  }
-  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
-    xscale = 1.f;
-    return 0;
-  }
-  const int e = std::ilogb(a);
-  xscale = std::ldexp(1.f, e + 1 - bits);
-  const __m512 factor = _mm512_set1_ps(std::ldexp(1.f, bits - 1 - e));
-  __m512i sum = _mm512_setzero_si512();
-  for (int64_t k = 0; k < n; k += 16) {
-    const int64_t c = std::min<int64_t>(16, n - k);
-    const __mmask16 mask = c == 16 ? 0xFFFF : static_cast<__mmask16>((1u << c) - 1);
-    const __m512i xi = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, c), factor));
-    const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
-    _mm512_mask_cvtepi32_storeu_epi8(hi + k, mask, h);
-    _mm512_mask_cvtepi32_storeu_epi8(lo + k, mask, _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8)));
-    sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, xi));
-  }
-  return _mm512_reduce_add_epi32(sum);
-}
-#else
-int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
-  float a = 0.f;
-  bool finite = true;
-  for (int64_t k = 0; k < n; ++k) {
-    const float v = x32 ? x32[k] : bf16_float(x16[k]);
-    finite = finite && std::isfinite(v);
-    a = std::max(a, std::fabs(v));
-  }
-  if (!finite) {
-    xscale = std::numeric_limits<float>::quiet_NaN();
-    return 0;
-  }
-  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
-    xscale = 1.f;
-    return 0;
-  }
-  const int e = std::ilogb(a);
-  xscale = std::ldexp(1.f, e + 1 - bits);
-  const float factor = std::ldexp(1.f, bits - 1 - e);
-  int32_t sum = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const int32_t xi = static_cast<int32_t>(std::nearbyint((x32 ? x32[k] : bf16_float(x16[k])) * factor));
-    const int32_t h = (xi + 128) >> 8;
-    hi[k] = static_cast<int8_t>(h);
-    lo[k] = static_cast<int8_t>(xi - 256 * h);
-    sum += xi;
-  }
-  return sum;
-}
-#endif
-
-// x [M, K] (fp32 or bf16) -> xq [M, 2, Kp] (hi and lo bytes of xi, groups zero-padded to Gp), xscale and xsum [M, NG]
-// (the file comment says how).
-void prepare_x(const at::Tensor& x, int64_t G, int64_t Gp, int64_t NG, int bits, int8_t* xq, float* xscale, int32_t* xsum) {
-  const int64_t M = x.size(0), K = x.size(1), Kp = NG * Gp;
-  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  const float* x32 = is_bf16 ? nullptr : x.data_ptr<float>();
-  const uint16_t* x16 = is_bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
-  std::memset(xq, 0, static_cast<size_t>(M * 2 * Kp));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < NG; ++g) {
-      const int64_t src = m * K + g * G, dst = m * 2 * Kp + g * Gp;
-      xsum[m * NG + g] = quantize_group(x32 ? x32 + src : nullptr, x16 ? x16 + src : nullptr, G, bits, xq + dst, xq + dst + Kp,
-                                        xscale[m * NG + g]);
-    }
-}
-
 // y = x @ W (+ bias). x: [M, K] fp32 or bf16 (contiguous); packed: [NB, NG, R] uint8; bias: [N] or None.
 // Returns [M, N] in x's dtype.
 at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N,
@@ -552,7 +441,9 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::
   std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));
   std::vector<float> xscale(static_cast<size_t>(M * NG));
   std::vector<int32_t> xsum(static_cast<size_t>(M * NG));
-  prepare_x(x, G, Gp, NG, xbits(Gp), xq.data(), xscale.data(), xsum.data());
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  prepare_x(is_bf16 ? nullptr : x.data_ptr<float>(), is_bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr,
+            M, K, G, Gp, NG, xbits(Gp), xq.data(), xscale.data(), xsum.data());
   std::vector<float> bias32;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have N = ", N, " elements");

@@ -1,26 +1,24 @@
-// CPU int8 weight-only linear for small M (the lm_head of batched decode): y[M, N] = (x[M, K] @ q[N, K]^T) * s[N]
-// (+ bias), one symmetric scale per output row (tinyserve/model.py, Int8Linear).
+// CPU int8 weight-only linear (the lm_head): y[M, N] = (x[M, K] @ q[N, K]^T) * s[N] (+ bias), one symmetric scale per
+// output row (tinyserve/model.py, Int8Linear).
 //
 // Why: torch's _weight_int8pack_mm reads the whole [N, K] weight again for every row of x, so a 16-row decode step
-// pays for the lm_head 16 times. This kernel decodes each 32-byte piece of weights once for all rows (one AMX B tile
-// serves up to 16 rows, one decoded vector up to 8 rows in registers). Built with cpu_int4.cpp into one library by
-// kernels/cpu_native.py; the engines (AMX, AVX512-BF16, AVX512F, portable) are chosen as cpu_common.h says.
+// pays for the lm_head 16 times, and at one row it reaches about a third of the memory bandwidth. This kernel reads
+// each 64-byte piece of codes once for all rows and multiplies it as it is stored (no decode): VPDPBUSD for one row,
+// AMX TDPBSUD tiles loaded straight from the packed weight for more. Built with cpu_int4.cpp into one library by
+// kernels/cpu_native.py; the engines (AMX, AVX512-BF16 (which has VNNI), AVX512F, portable) as cpu_common.h says.
 //
-// Packed layout (written by kernels/cpu_native.py:repack_int8), int8 [NB, Kp / 2, 32]: NB blocks of 16 output columns,
-// N padded to a multiple of 64 (NB % 4 == 0: the AMX engine takes 4 blocks at a time), Kp = K rounded up to a multiple
-// of 32; padded rows and columns hold zero codes. Byte 2c + e of pair row j of block b is q[16b + c, 2j + e]: after
-// sign extension to 16-bit words, the 32 words of a pair row are 16 (k, k + 1) pairs, one per column, which is the
-// operand layout of VDPBF16PS and of one row of an AMX bf16 B tile. int8 codes are exact in bf16 (8 significant bits),
-// so decoding is a conversion, not a rounding. scales: fp32 [NB * 16], zero in padded columns.
+// Packed layout (written by kernels/cpu_native.py:repack_int8), uint8 [NB, Kp / 4, 64]: NB blocks of 16 output
+// columns, N padded to a multiple of 64 (NB % 4 == 0: 4 blocks are the unit of parallel work), Kp = K rounded up to
+// a multiple of XG = 64. Byte 4c + e of quad j of block b is q[16b + c, 4j + e] + 128: 16 columns x 4 consecutive k
+// of unsigned bytes, the operand layout of VPDPBUSD, and 16 quads (one x group) are one AMX int8 B tile. Padded rows
+// and columns hold code 128 (q = 0). scales: fp32 [NB * 16], zero in padded columns.
 //
-// Arithmetic per output (m, n), identical whatever M is and wherever the row sits (row invariance by construction):
-//   x is rounded to bf16 (round to nearest even) and zero-padded to Kp;
-//   acc = sum over k of x[m, k] * q[n, k] in fp32, k in increasing order, by the engine's own instruction: AMX one
-//         TDPBF16PS per 32-k step (the accumulator stays in fp32: kept in a tile, or stored and reloaded exactly);
-//         AVX512-BF16 one VDPBF16PS per k pair; AVX512F and portable two FMAs per pair (bit-identical to each other);
+// Arithmetic per output (m, n), the same bits whatever M, the row's place in the batch, the thread count or the engine:
+//   x becomes block floating point per group of XG = 64 k (cpu_common.h, prepare_x; 14 bits, |x - xi * xscale| <= 2^-14
+//   of the group's largest |x|), each xi split into signed bytes hi and lo (xi = 256 hi + lo). Per group, in int32:
+//     t = 256 * sum(hi * c) + sum(lo * c) - 128 * xsum  = sum of xi * q    (c = q + 128; exact: |t| < 2^28)
+//   acc = fma(float(t), xscale, acc) over the groups in order (float(t) rounds only when |t| > 2^24);
 //   y = acc * s[n], or fma(acc, s[n], bias[n]) with a bias; rounded once to x's dtype.
-// Row and column blocking decide only which outputs are computed side by side, never how one output is summed.
-// Engines differ from each other in the last bits (the bf16 dot-product instructions round their own way).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,23 +35,28 @@
 
 namespace {
 
-constexpr int64_t BN = 16;       // columns per block
-constexpr int64_t GROUP = 4;     // blocks per column group: N is padded to GROUP * BN, the unit of parallel work
-constexpr int64_t KALIGN = 32;   // K is padded to a multiple of this (one AMX step of bf16 pairs)
-constexpr int64_t MR_MAX = 8;    // rows computed side by side (register blocking) by the AVX-512 engines
-constexpr int64_t AMX_MR = 16;   // rows per AMX tile (x is zero-padded to whole chunks of this when M > 16)
+constexpr int64_t BN = 16;      // columns per block
+constexpr int64_t GROUP = 4;    // blocks per column group: N is padded to GROUP * BN, the unit of parallel work
+constexpr int64_t XG = 64;      // k per x group (and the K padding): one AMX int8 step, 16 quads
+constexpr int XBITS = 14;       // |t| <= 64 * 127 * 2^14 + ... < 2^28: far from int32 overflow
+constexpr int64_t MR_MAX = 8;   // rows computed side by side (register blocking) by the AVX-512 engines
+constexpr int64_t AMX_MR = 8;   // x rows per AMX pass (2 byte rows each: 16 tile rows)
+constexpr int64_t AMX_MIN_M = 2;  // one row runs the AVX-512 code of the same build (the same bits)
 
 struct Problem {
-  int64_t M, N, NB, Kp, J;  // J = Kp / 2 pair rows per block
-  const uint16_t* xb;       // [Mx, Kp] bf16 bits: x rounded, zero-padded (Mx = M, or M rounded up to 16 for AMX)
-  const float* xf;          // [M, Kp] the same values as fp32 (AVX512F and portable engines), else null
-  const int8_t* w;          // [NB, J, 32]
-  const float* s;           // [NB * 16]
-  const float* bias;        // [N] or null
-  void* y;                  // [M, N] fp32 or bf16
+  int64_t M, N, NB, Kp, NQ, NXG;  // NQ = Kp / 4 quads per block, NXG = Kp / XG x groups
+  const int8_t* xq;     // [M, 2, Kp] hi bytes then lo bytes of xi per row
+  const float* xscale;  // [M, NXG]
+  const int32_t* xsum;  // [M, NXG]
+  const uint8_t* w;     // [NB, NQ, 64]
+  const float* s;       // [NB * 16]
+  const float* bias;    // [N] or null
+  void* y;              // [M, N] fp32 or bf16
   bool y_bf16;
 
-  const int8_t* pair(int64_t b, int64_t j) const { return w + (b * J + j) * 32; }
+  const uint8_t* quad(int64_t b, int64_t j) const { return w + (b * NQ + j) * 64; }
+  const int8_t* hi(int64_t m) const { return xq + m * 2 * Kp; }
+  const int8_t* lo(int64_t m) const { return xq + (m * 2 + 1) * Kp; }
 };
 
 // ------------------------------------------------------------------------------------------------ portable engine
@@ -68,18 +71,22 @@ inline void store_one(const Problem& p, int64_t m, int64_t n, float acc) {
 
 void block_portable(const Problem& p, int64_t b) {
   const int64_t n0 = b * BN, nc = std::min<int64_t>(BN, p.N - n0);
-  for (int64_t m = 0; m < p.M; ++m) {
-    const float* x = p.xf + m * p.Kp;
+  for (int64_t m = 0; m < p.M; ++m)
     for (int64_t c = 0; c < nc; ++c) {
       float acc = 0.f;
-      for (int64_t j = 0; j < p.J; ++j) {
-        const int8_t* q = p.pair(b, j) + 2 * c;
-        acc = std::fma(x[2 * j], static_cast<float>(q[0]), acc);
-        acc = std::fma(x[2 * j + 1], static_cast<float>(q[1]), acc);
+      for (int64_t g = 0; g < p.NXG; ++g) {
+        int32_t dh = 0, dl = 0;
+        for (int64_t j = g * XG / 4; j < (g + 1) * XG / 4; ++j)
+          for (int e = 0; e < 4; ++e) {
+            const int32_t code = p.quad(b, j)[4 * c + e];
+            dh += code * p.hi(m)[4 * j + e];
+            dl += code * p.lo(m)[4 * j + e];
+          }
+        const int32_t t = dh * 256 + dl - 128 * p.xsum[m * p.NXG + g];
+        acc = std::fma(static_cast<float>(t), p.xscale[m * p.NXG + g], acc);
       }
       store_one(p, m, n0 + c, acc);
     }
-  }
 }
 
 #if defined(TS_AVX512)
@@ -98,41 +105,33 @@ inline void store16(const Problem& p, int64_t m, int64_t b, __m512 acc) {
     _mm512_mask_storeu_ps(static_cast<float*>(p.y) + m * p.N + n0, mask, v);
 }
 
-#if defined(__AVX512BF16__)
-// One pair row (32 int8) -> 32 bf16 words in the same order: bytes 0-15 and 16-31 to fp32 (exact), then both halves
-// to bf16 (exact: |q| <= 128 has at most 8 significant bits).
-using WPair = __m512i;
-inline WPair decode_pair(const int8_t* q) {
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // words 0-15 from lo, 16-31 from hi
+// acc + float(256 * dh + dl - 128 * xsum) * xscale: one x group of one row folded into its fp32 accumulator.
+inline __m512 fold(__m512 acc, __m512i dh, __m512i dl, int32_t xsum, float xscale) {
+  const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(dh, 8), dl), _mm512_set1_epi32(128 * xsum));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(xscale), acc);
 }
-inline __m512 dot2(__m512 acc, WPair w, XPair x) { return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x); }
-#else
-// One pair row -> the 16 columns' codes for row k (even bytes) and row k + 1 (odd bytes) as fp32.
-struct WPair {
-  __m512 w0, w1;
-};
-inline WPair decode_pair(const int8_t* q) {
-  const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));  // word 2c + e
-  return {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16)), _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16))};
-}
-inline __m512 dot2(__m512 acc, WPair w, XPair x) { return _mm512_fmadd_ps(x.x1, w.w1, _mm512_fmadd_ps(x.x0, w.w0, acc)); }
-#endif
 
-// MR rows x NR blocks, the whole K, accumulators in registers (MR * NR <= 16).
+// MR rows x NR blocks, the whole K; fp32 accumulators in registers, int32 sums per x group.
 template <int MR, int NR>
 void tile_avx512(const Problem& p, int64_t m0, int64_t b0) {
   __m512 acc[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t k2 = 0; k2 < p.J; ++k2) {
-    WPair w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = decode_pair(p.pair(b0 + j, k2));
-    for (int r = 0; r < MR; ++r) {
-      const XPair x = x_pair(p, m0 + r, 2 * k2);
-      for (int j = 0; j < NR; ++j) acc[r][j] = dot2(acc[r][j], w[j], x);
-    }
+  for (int64_t g = 0; g < p.NXG; ++g) {
+    __m512i dh[MR][NR], dl[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) dh[r][j] = dl[r][j] = _mm512_setzero_si512();
+    for (int64_t q = g * XG / 4; q < (g + 1) * XG / 4; ++q)
+      for (int j = 0; j < NR; ++j) {
+        const __m512i w = _mm512_load_si512(p.quad(b0 + j, q));
+        for (int r = 0; r < MR; ++r) {
+          dh[r][j] = dot4_u8(dh[r][j], w, p.hi(m0 + r) + 4 * q);
+          dl[r][j] = dot4_u8(dl[r][j], w, p.lo(m0 + r) + 4 * q);
+        }
+      }
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j)
+        acc[r][j] = fold(acc[r][j], dh[r][j], dl[r][j], p.xsum[(m0 + r) * p.NXG + g], p.xscale[(m0 + r) * p.NXG + g]);
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) store16(p, m0 + r, b0 + j, acc[r][j]);
@@ -140,18 +139,17 @@ void tile_avx512(const Problem& p, int64_t m0, int64_t b0) {
 
 using TileFn = void (*)(const Problem&, int64_t, int64_t);
 
-// Blocks side by side for a chunk of mr rows: enough independent accumulator chains to hide the dot-product latency
-// at M = 1, at most 16 accumulators.
-constexpr int nr_for(int64_t mr) { return mr <= 2 ? 8 : mr <= 4 ? 4 : 2; }
+// Blocks side by side for a chunk of mr rows: enough independent sums to hide the dot-product latency at M = 1, at
+// most 24 accumulator registers (acc + two int32 sums per row and block).
+constexpr int nr_for(int64_t mr) { return mr <= 1 ? 4 : mr <= 3 ? 2 : 1; }
 
-// Every (mr, nr) blocks_avx512 asks for: nr = nr_for(min(M, MR_MAX)) with the last row chunk's mr <= that, or 1.
+// Every (mr, nr) blocks_avx512 asks for: nr_for(min(M, MR_MAX)) or less, halving (for_blocks).
 TileFn pick_tile(int64_t mr, int nr) {
 #define TS_TILE(MR, NR) \
   if (mr == MR && nr == NR) return tile_avx512<MR, NR>;
-  TS_TILE(1, 8) TS_TILE(2, 8)
-  TS_TILE(1, 4) TS_TILE(2, 4) TS_TILE(3, 4) TS_TILE(4, 4)
-  TS_TILE(1, 2) TS_TILE(2, 2) TS_TILE(3, 2) TS_TILE(4, 2) TS_TILE(5, 2) TS_TILE(6, 2) TS_TILE(7, 2) TS_TILE(8, 2)
-  TS_TILE(1, 1) TS_TILE(2, 1) TS_TILE(3, 1) TS_TILE(4, 1) TS_TILE(5, 1) TS_TILE(6, 1) TS_TILE(7, 1) TS_TILE(8, 1)
+  TS_TILE(1, 4) TS_TILE(1, 2) TS_TILE(1, 1)
+  TS_TILE(2, 2) TS_TILE(3, 2) TS_TILE(2, 1) TS_TILE(3, 1)
+  TS_TILE(4, 1) TS_TILE(5, 1) TS_TILE(6, 1) TS_TILE(7, 1) TS_TILE(8, 1)
 #undef TS_TILE
   TORCH_CHECK(false, "no AVX-512 tile for ", mr, " rows x ", nr, " blocks");
   return nullptr;
@@ -167,149 +165,108 @@ void blocks_avx512(const Problem& p, int64_t b_begin, int64_t b_end) {
 #if defined(TS_HAVE_AMX)
 // ------------------------------------------------------------------------------------------------ AMX engine
 //
-// Tiles: C0..C3 = tmm0..3 (up to 16 rows x 16 fp32: one block each), A = tmm4 (16 rows' 32 bf16 of x), B = tmm5..7
-// (one decoded 32-k step of a block: 16 pair rows of 16 columns). A column group of 4 blocks is decoded AMX_KC steps
-// at a time into a 16 KB buffer (in L1), then multiplied with every 16-row chunk of x. With M <= 16 (one chunk,
-// tiles configured for M rows) C stays in the tiles for the whole K; with more rows x is zero-padded to 16-row chunks
-// and each chunk's C is stored to memory and reloaded between steps (exact fp32 copies: the sums do not change).
-// TDPBF16PS computes each row of C from the same row of A only, so rows stay independent whatever M is.
+// Tiles: C0..C3 = tmm0..3 (2 * mr rows x 16 int32, one block each: row 2r the hi sums, 2r + 1 the lo sums of x row
+// m0 + r), A = tmm4 (those 2 * mr byte rows over one x group: hi and lo rows are adjacent in xq, one strided load),
+// B = tmm5..7 (one x group of a block: 16 quads of 64 bytes, loaded straight from the packed weight). Each x group's
+// C is stored and folded into fp32 accumulators as above.
 
-constexpr int64_t AMX_KC = 4;  // 32-k steps decoded at a time: GROUP * AMX_KC * 1 KB = 16 KB (8: 32 KB was no faster)
-
-void configure_tiles(int64_t rows) {
+void configure_tiles(int64_t mr) {
   TileConfig cfg;
-  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(rows), cfg.colsb[t] = 64;  // C: rows x 16 fp32
-  cfg.rows[4] = static_cast<uint8_t>(rows), cfg.colsb[4] = 64;                              // A: rows x 32 bf16
-  for (int t = 5; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;                          // B: 16 pair rows
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = static_cast<uint8_t>(2 * mr), cfg.colsb[t] = 64;  // C: 2mr x 16 int32
+  cfg.rows[4] = static_cast<uint8_t>(2 * mr), cfg.colsb[4] = XG;                              // A: 2mr x 64 bytes
+  for (int t = 5; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;                           // B: 16 quads
   _tile_loadconfig(&cfg);
 }
 
-// Decode 32-k step `step` of block b into a B tile image: 16 pair rows of 32 bf16 words.
-inline void decode_b(const Problem& p, int64_t b, int64_t step, uint8_t* buf) {
-  for (int i = 0; i < 16; ++i) _mm512_store_si512(buf + i * 64, decode_pair(p.pair(b, step * 16 + i)));
-}
-
-inline void zero_c() {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-}
-inline void load_c(const float* c) {  // c: [GROUP][16 rows][16]
-  _tile_loadd(0, c, 64);
-  _tile_loadd(1, c + 256, 64);
-  _tile_loadd(2, c + 512, 64);
-  _tile_loadd(3, c + 768, 64);
-}
-inline void store_c(float* c) {
-  _tile_stored(0, c, 64);
-  _tile_stored(1, c + 256, 64);
-  _tile_stored(2, c + 512, 64);
-  _tile_stored(3, c + 768, 64);
-}
-
-// Column groups [g_begin, g_end), all rows. bbuf: [AMX_KC][GROUP][1024] bytes, cacc: [chunks][GROUP][16][16] fp32.
-void groups_amx(const Problem& p, int64_t g_begin, int64_t g_end, uint8_t* bbuf, float* cacc) {
-  const int64_t rows = std::min<int64_t>(p.M, AMX_MR), chunks = (p.M + AMX_MR - 1) / AMX_MR;
-  const int64_t steps = p.Kp / 32, nk = (steps + AMX_KC - 1) / AMX_KC, kc = (steps + nk - 1) / nk;  // even chunks
-  const bool keep = chunks == 1;  // C stays in the tiles for the whole K
-  const int64_t xstride = p.Kp * 2;
-  configure_tiles(rows);
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t b0 = g * GROUP;
-    if (keep) zero_c();
-    for (int64_t s0 = 0; s0 < steps; s0 += kc) {
-      const int64_t ns = std::min<int64_t>(kc, steps - s0);
-      for (int64_t c = 0; c < ns; ++c)
-        for (int j = 0; j < GROUP; ++j) decode_b(p, b0 + j, s0 + c, bbuf + (c * GROUP + j) * 1024);
-      for (int64_t mc = 0; mc < chunks; ++mc) {
-        float* cm = cacc + mc * GROUP * 256;
-        if (!keep) s0 == 0 ? zero_c() : load_c(cm);
-        const uint16_t* xa = p.xb + mc * AMX_MR * p.Kp + s0 * 32;
-        for (int64_t c = 0; c < ns; ++c) {
-          const uint8_t* bb = bbuf + c * GROUP * 1024;
-          _tile_loadd(4, xa + c * 32, xstride);
-          _tile_loadd(5, bb, 64);
-          _tile_dpbf16ps(0, 4, 5);
-          _tile_loadd(6, bb + 1024, 64);
-          _tile_dpbf16ps(1, 4, 6);
-          _tile_loadd(7, bb + 2048, 64);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_loadd(5, bb + 3072, 64);
-          _tile_dpbf16ps(3, 4, 5);
-        }
-        if (!keep) store_c(cm);
+// Rows m0..m0+mr-1 (mr <= 8, tiles configured for mr) x the 4 blocks of column group cg.
+void group_amx(const Problem& p, int64_t m0, int64_t mr, int64_t cg) {
+  alignas(64) int32_t cbuf[GROUP][2 * AMX_MR * BN];
+  alignas(64) float acc[GROUP][AMX_MR * BN];
+  std::fill(&acc[0][0], &acc[0][0] + GROUP * AMX_MR * BN, 0.f);
+  const int64_t b0 = cg * GROUP, bstride = p.NQ * 64;
+  const uint8_t* w0 = p.quad(b0, 0);
+  for (int64_t g = 0; g < p.NXG; ++g) {
+    const uint8_t* wg = w0 + g * XG * 16;  // quad 16g of block b0; block b0 + j is j * bstride further
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, p.hi(m0) + g * XG, p.Kp);
+    _tile_loadd(5, wg, 64);
+    _tile_dpbsud(0, 4, 5);
+    _tile_loadd(6, wg + bstride, 64);
+    _tile_dpbsud(1, 4, 6);
+    _tile_loadd(7, wg + 2 * bstride, 64);
+    _tile_dpbsud(2, 4, 7);
+    _tile_loadd(5, wg + 3 * bstride, 64);
+    _tile_dpbsud(3, 4, 5);
+    _tile_stored(0, cbuf[0], 64);
+    _tile_stored(1, cbuf[1], 64);
+    _tile_stored(2, cbuf[2], 64);
+    _tile_stored(3, cbuf[3], 64);
+    for (int j = 0; j < GROUP; ++j)
+      for (int64_t r = 0; r < mr; ++r) {
+        const __m512i dh = _mm512_load_si512(cbuf[j] + 2 * r * BN), dl = _mm512_load_si512(cbuf[j] + (2 * r + 1) * BN);
+        _mm512_store_ps(acc[j] + r * BN, fold(_mm512_load_ps(acc[j] + r * BN), dh, dl, p.xsum[(m0 + r) * p.NXG + g], p.xscale[(m0 + r) * p.NXG + g]));
       }
-    }
-    if (keep) store_c(cacc);
-    for (int64_t mc = 0; mc < chunks; ++mc)
-      for (int j = 0; j < GROUP; ++j)
-        for (int64_t r = 0; r < AMX_MR && mc * AMX_MR + r < p.M; ++r)
-          store16(p, mc * AMX_MR + r, b0 + j, _mm512_load_ps(cacc + (mc * GROUP + j) * 256 + r * 16));
   }
+  for (int j = 0; j < GROUP; ++j)
+    for (int64_t r = 0; r < mr; ++r) store16(p, m0 + r, b0 + j, _mm512_load_ps(acc[j] + r * BN));
+}
+
+// Column groups [g_begin, g_end): each for every chunk of 8 rows, so its codes stay in cache from chunk to chunk.
+void groups_amx(const Problem& p, int64_t g_begin, int64_t g_end) {
+  int64_t configured = -1;
+  for (int64_t cg = g_begin; cg < g_end; ++cg)
+    for (int64_t m0 = 0; m0 < p.M; m0 += AMX_MR) {
+      const int64_t mr = std::min<int64_t>(AMX_MR, p.M - m0);
+      if (mr != configured) configure_tiles(mr), configured = mr;
+      group_amx(p, m0, mr, cg);
+    }
   _tile_release();
 }
 #endif  // TS_HAVE_AMX
 
-// A 64-byte aligned scratch buffer of n floats.
-struct Scratch {
-  std::vector<float> v;
-  float* p;
-  explicit Scratch(size_t n) : v(n + 16) { p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63}); }
-};
-
-// y = (x @ q^T) * s (+ bias). x: [M, K] fp32 or bf16; packed: [NB, Kp / 2, 32] int8; scales: [NB * 16] fp32;
+// y = (x @ q^T) * s (+ bias). x: [M, K] fp32 or bf16; packed: [NB, Kp / 4, 64] uint8; scales: [NB * 16] fp32;
 // bias: [N] or None. Returns [M, N] in x's dtype.
 at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
                    int64_t N) {
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.size(2) == 32,
-              "packed must be [NB, Kp / 2, 32] int8");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(2) == 64,
+              "packed must be [NB, Kp / 4, 64] uint8");
   const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), J = packed.size(1), Kp = 2 * J;
-  TORCH_CHECK(Kp == (K + KALIGN - 1) / KALIGN * KALIGN, "packed does not match K = ", K);
+  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), NQ = packed.size(1), Kp = 4 * NQ;
+  TORCH_CHECK(Kp == (K + XG - 1) / XG * XG, "packed does not match K = ", K);
   TORCH_CHECK(NB % GROUP == 0 && NB * BN >= N && NB * BN - N < GROUP * BN, "packed holds ", NB, " blocks of 16 columns, N = ", N);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == NB * BN, "scales must be [NB * 16] fp32");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0, "packed must be 64-byte aligned");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const Engine eng = engine();
-
-  // x rounded to bf16, zero-padded to Kp columns (and, for AMX with M > 16, to whole 16-row chunks).
-  const int64_t Mx = eng == AMX && M > AMX_MR ? (M + AMX_MR - 1) / AMX_MR * AMX_MR : M;
-  std::vector<uint16_t> xb(static_cast<size_t>(Mx * Kp), 0);
-  std::vector<float> xf;
+  const int64_t NXG = Kp / XG;
+  std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));
+  std::vector<float> xscale(static_cast<size_t>(M * NXG));
+  std::vector<int32_t> xsum(static_cast<size_t>(M * NXG));
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  for (int64_t m = 0; m < M; ++m) {
-    if (is_bf16)
-      std::memcpy(xb.data() + m * Kp, x.data_ptr<at::BFloat16>() + m * K, K * 2);
-    else
-      for (int64_t k = 0; k < K; ++k) xb[m * Kp + k] = bf16_round(x.data_ptr<float>()[m * K + k]);
-  }
-  if (eng == PORTABLE || eng == AVX512F) {
-    xf.resize(static_cast<size_t>(M * Kp));
-    for (int64_t i = 0; i < M * Kp; ++i) xf[i] = bf16_float(xb[i]);
-  }
+  prepare_x(is_bf16 ? nullptr : x.data_ptr<float>(), is_bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr,
+            M, K, XG, XG, NXG, XBITS, xq.data(), xscale.data(), xsum.data());
   std::vector<float> bias32;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N, "bias must have N = ", N, " elements");
     const at::Tensor b = bias->to(at::kFloat).contiguous();
     bias32.assign(b.data_ptr<float>(), b.data_ptr<float>() + N);
   }
-  const Problem p{M, N, NB, Kp, J, xb.data(), xf.empty() ? nullptr : xf.data(), packed.data_ptr<int8_t>(), scales.data_ptr<float>(),
+  const Problem p{M, N, NB, Kp, NQ, NXG, xq.data(), xscale.data(), xsum.data(), packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                   bias32.empty() ? nullptr : bias32.data(), y.data_ptr(), is_bf16};
   // Column groups per task: enough that a thread's share is worth waking it (~64k weights).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (Kp * GROUP * BN));
   at::parallel_for(0, NB / GROUP, grain, [&](int64_t g0, int64_t g1) {
     switch (eng) {
 #if defined(TS_HAVE_AMX)
-      case AMX: {
-        alignas(64) uint8_t bbuf[AMX_KC * GROUP * 1024];
-        Scratch cacc(static_cast<size_t>((M + AMX_MR - 1) / AMX_MR * GROUP * 256));
-        groups_amx(p, g0, g1, bbuf, cacc.p);
-        return;
-      }
+      case AMX:
+        if (M >= AMX_MIN_M) return groups_amx(p, g0, g1);
+        return blocks_avx512(p, g0 * GROUP, g1 * GROUP);
 #endif
 #if defined(TS_AVX512)
       case AVX512BF16:
