@@ -2,7 +2,7 @@
 // the AMX setup. Built with them by kernels/cpu_native.py (one library per variant, -O3 -march=... flags).
 //
 // One engine is chosen at compile time from what the flags enable, best first (each op's file says what it does with it):
-//   AMX         (__AMX_BF16__ and __AMX_INT8__, Intel Sapphire Rapids and later): tiles;
+//   AMX         (__AMX_BF16__ and __AMX_INT8__, Intel Sapphire Rapids and later): int8 tiles;
 //   AVX512-BF16 (__AVX512BF16__, e.g. AMD Zen 4, Intel Cooper Lake and later; these CPUs also have AVX512-VNNI);
 //   AVX512F     (__AVX512F__ with BW and VL);
 //   portable    plain C++ loops (the compiler vectorizes what it can).
