@@ -142,6 +142,23 @@ void for_blocks(int64_t M, int64_t mr_max, int nr, int64_t b_begin, int64_t b_en
 // one whose largest |x| is below 2^ZERO_EXP counts as zero.
 constexpr int ZERO_EXP = -100;
 
+// From a group's largest |x| and whether all its values are finite: xscale and the factor 2^(bits - 1 - e) that
+// scales x to xi; false when every xi is zero (the group contributes nothing, or NaN through xscale).
+inline bool group_scale(float amax, bool finite, int bits, float& xscale, float& factor) {
+  if (!finite) {
+    xscale = std::numeric_limits<float>::quiet_NaN();
+    return false;
+  }
+  if (!(amax >= std::ldexp(1.f, ZERO_EXP))) {
+    xscale = 1.f;
+    return false;
+  }
+  const int e = std::ilogb(amax);
+  xscale = std::ldexp(1.f, e + 1 - bits);
+  factor = std::ldexp(1.f, bits - 1 - e);
+  return true;
+}
+
 // Quantize one group (n values, n <= G) of one row: hi and lo bytes of xi, returns xsum; xscale set. Multiplying by
 // factor = 2^(B - 1 - e) (a normal float for amax >= 2^ZERO_EXP) is exact, and the conversion rounds half to even
 // (the default rounding mode, in the vector and the scalar code alike).
@@ -163,18 +180,9 @@ inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, 
     const __m512 v = load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k);
     finite = finite && !_mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
   }
-  const float a = _mm512_reduce_max_ps(amax);
-  if (!finite) {
-    xscale = std::numeric_limits<float>::quiet_NaN();
-    return 0;
-  }
-  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
-    xscale = 1.f;
-    return 0;
-  }
-  const int e = std::ilogb(a);
-  xscale = std::ldexp(1.f, e + 1 - bits);
-  const __m512 factor = _mm512_set1_ps(std::ldexp(1.f, bits - 1 - e));
+  float f;
+  if (!group_scale(_mm512_reduce_max_ps(amax), finite, bits, xscale, f)) return 0;
+  const __m512 factor = _mm512_set1_ps(f);
   __m512i sum = _mm512_setzero_si512();
   for (int64_t k = 0; k < n; k += 16) {
     const int64_t c = std::min<int64_t>(16, n - k);
@@ -196,17 +204,8 @@ inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, 
     finite = finite && std::isfinite(v);
     a = std::max(a, std::fabs(v));
   }
-  if (!finite) {
-    xscale = std::numeric_limits<float>::quiet_NaN();
-    return 0;
-  }
-  if (!(a >= std::ldexp(1.f, ZERO_EXP))) {
-    xscale = 1.f;
-    return 0;
-  }
-  const int e = std::ilogb(a);
-  xscale = std::ldexp(1.f, e + 1 - bits);
-  const float factor = std::ldexp(1.f, bits - 1 - e);
+  float factor;
+  if (!group_scale(a, finite, bits, xscale, factor)) return 0;
   int32_t sum = 0;
   for (int64_t k = 0; k < n; ++k) {
     const int32_t xi = static_cast<int32_t>(std::nearbyint((x32 ? x32[k] : bf16_float(x16[k])) * factor));
