@@ -48,7 +48,11 @@ class Int4Linear:
 
     def one_row(self, x: torch.Tensor) -> torch.Tensor:
         """x [1, K] -> [1, N] in x's dtype; the same numbers as __call__. For one bf16 row held for torch's op (no
-        padding, no bias) it calls the op directly: dispatch's choice and reshapes cost ~5 us a call, 120 calls a step."""
+        padding, no bias), or any bf16/fp32 row held for our kernel, it calls the kernel directly: dispatch's choice
+        and reshapes cost ~5 us a call, 120 calls a step."""
+        n = self.w.native
+        if n is not None and x.dtype in (torch.bfloat16, torch.float32):
+            return cpu_native.linear(x, n, self.bias)  # int4_linear's path for one row: ours at every M <= CPU_NATIVE_MAX_M
         p = self.w.int4pack
         if p is not None and self.bias is None and self.w.native is None and x.dtype == torch.bfloat16 and p.packed.shape[0] == p.out_features:
             return torch._weight_int4pack_mm_for_cpu(x, p.packed, p.op_group, p.scale_zero)
@@ -88,7 +92,9 @@ class Int8Linear:
 
     def one_row(self, x: torch.Tensor) -> torch.Tensor:
         """x [1, K] -> [1, N]; the same numbers as __call__, without its reshapes."""
-        if self.native is None and self.bias is None:
+        if self.native is not None:
+            return cpu_native.int8_linear(x, self.native, self.bias)
+        if self.bias is None:
             return torch._weight_int8pack_mm(x, self.qweight, self.scales)
         return self(x)
 
