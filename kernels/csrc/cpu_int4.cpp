@@ -40,7 +40,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -51,8 +50,9 @@ constexpr int64_t BN = 16;      // columns per block
 constexpr int64_t META = 64;    // metadata bytes after each group's codes
 constexpr int64_t KALIGN = 32;  // group rows are padded to a multiple of this (one AMX int8 step of 32 rows)
 constexpr int64_t MR_MAX = 8;   // rows computed side by side (register blocking) by the AVX-512 engines
-// One-row tiles prefetch the group this far ahead into L1: 5-21% faster on cold weights at M = 1 (576x576 to
-// 11008x4096); one group ahead did the same, four was slower (BENCHMARKS.md).
+// One-row tiles prefetch the group this far ahead into L1 (into the next tile's blocks near a tile's end): 5-21%
+// faster on cold weights at M = 1 (576x576 to 11008x4096); one group ahead did the same, four 2-9% slower, four or
+// eight into L2 1-13% slower (BENCHMARKS.md, "Exact integer sums").
 constexpr int64_t PREFETCH_GROUPS = 2;
 constexpr int XBITS = 14;       // bits of |xi| for groups of up to 4096 rows
 
