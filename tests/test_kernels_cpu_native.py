@@ -168,6 +168,12 @@ def test_engines_agree_bit_for_bit():
         first = next(iter(ys.values()))
         assert all(torch.equal(y, first) for y in ys.values()), (dtype, list(ys))
         check(first, *reference(x, qw, qz, s, G, None))
+    # Against x itself (not its quantized form): each x off by at most 2^-14 of its group's largest |x|.
+    W = dequantize(qw, qz, s.float(), G).double()
+    x = torch.randn(5, K) * torch.logspace(-3, 3, K)  # groups spanning magnitudes
+    amax = x.double().abs().view(5, K // G, G).amax(-1, keepdim=True).expand(5, K // G, G).reshape(5, K)
+    bound = 2.0**-14 * (amax @ W.abs()) + 1e-5 * (x.double().abs() @ W.abs())
+    assert ((cpu_native.linear(x, w).double() - x.double() @ W).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
