@@ -5,8 +5,8 @@ Why our own kernel: torch's `_weight_int4pack_mm_for_cpu` decodes every weight a
 cost grows about linearly with M (a 16-row decode step of continuous batching costs ~16 one-row steps), and it
 reaches about half the memory bandwidth at M = 1. Ours decodes each 64-byte piece of weights once for all rows and
 multiplies codes by x in integers: x becomes 14-bit block floating point per group (finer than bf16, see the C++
-file), so the inner sums are exact int32 VPDPBUSD / AMX-INT8 dot products, 2.5x fewer instructions per weight than
-bf16 dot products on decoded weights. Exact sums make every row's result independent of M, of where the row sits in
+file), so the inner sums are exact int32 VPDPBUSD / AMX-INT8 dot products: 2.5x less time per weight than bf16 dot products
+on decoded weights in a microbenchmark (BENCHMARKS.md, "Exact integer sums"). Exact sums make every row's result independent of M, of where the row sits in
 the batch, of the thread count and of the engine (AMX, AVX512-VNNI, AVX512BW, portable: all bit-identical), so greedy
 output cannot depend on what else is batched. See the C++ file for the layout and the arithmetic.
 

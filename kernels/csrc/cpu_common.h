@@ -171,15 +171,15 @@ inline __m512 load16(const float* x32, const uint16_t* x16, int64_t n) {
 
 inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, int bits, int8_t* hi, int8_t* lo, float& xscale) {
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16)
-    amax = _mm512_max_ps(amax, _mm512_and_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k), abs_mask));
-  // max_ps drops a NaN operand when the other is a number: look for one separately.
-  bool finite = true;
+  __mmask16 bad = 0;  // lanes that saw an inf or NaN (max_ps drops a NaN operand when the other is a number)
   for (int64_t k = 0; k < n; k += 16) {
-    const __m512 v = load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k);
-    finite = finite && !_mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+    const __m512 a = _mm512_and_ps(load16(x32 ? x32 + k : nullptr, x16 ? x16 + k : nullptr, n - k), abs_mask);
+    amax = _mm512_max_ps(amax, a);
+    bad |= _mm512_cmp_ps_mask(a, fmax, _CMP_NLE_UQ);
   }
+  const bool finite = bad == 0;
   float f;
   if (!group_scale(_mm512_reduce_max_ps(amax), finite, bits, xscale, f)) return 0;
   const __m512 factor = _mm512_set1_ps(f);
@@ -191,7 +191,7 @@ inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, 
     const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
     _mm512_mask_cvtepi32_storeu_epi8(hi + k, mask, h);
     _mm512_mask_cvtepi32_storeu_epi8(lo + k, mask, _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8)));
-    sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mask, xi));
+    sum = _mm512_add_epi32(sum, xi);  // lanes past n loaded 0
   }
   return _mm512_reduce_add_epi32(sum);
 }
@@ -219,11 +219,10 @@ inline int32_t quantize_group(const float* x32, const uint16_t* x16, int64_t n, 
 #endif
 
 // x [M, K] (fp32 x32 or bf16 bits x16) -> xq [M, 2, Kp] (hi and lo bytes of xi, groups of G zero-padded to Gp; the
-// last group may hold fewer than G values), xscale and xsum [M, NG]. Kp = NG * Gp.
+// last group may hold fewer than G values), xscale and xsum [M, NG]. Kp = NG * Gp. xq must come zeroed (the padding).
 inline void prepare_x(const float* x32, const uint16_t* x16, int64_t M, int64_t K, int64_t G, int64_t Gp, int64_t NG, int bits,
                       int8_t* xq, float* xscale, int32_t* xsum) {
   const int64_t Kp = NG * Gp;
-  std::memset(xq, 0, static_cast<size_t>(M * 2 * Kp));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < NG; ++g) {
       const int64_t src = m * K + g * G, dst = m * 2 * Kp + g * Gp, n = std::min(G, K - g * G);

@@ -80,7 +80,7 @@ inline float half_float(uint16_t h) {  // IEEE fp16 bits -> float (normals, subn
 }
 
 struct Problem {
-  int64_t M, N, NB, NG, G, Gp, R, Kp;
+  int64_t M, N, NB, NG, Gp, R, Kp;
   const int8_t* xq;      // [M, 2, Kp]: per row, hi bytes then lo bytes of xi, each group zero-padded to Gp
   const float* xscale;   // [M, NG] 2^(E + 1 - B), or NaN for a group holding an inf or NaN
   const int32_t* xsum;   // [M, NG] sum of the group's xi
@@ -438,7 +438,7 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::
   if (M == 0 || N == 0) return y;
   const Engine eng = engine();
   const int64_t Kp = NG * Gp;
-  std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));
+  std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));  // zeroed: the groups' padding
   std::vector<float> xscale(static_cast<size_t>(M * NG));
   std::vector<int32_t> xsum(static_cast<size_t>(M * NG));
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
@@ -450,8 +450,8 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::
     const at::Tensor b = bias->to(at::kFloat).contiguous();
     bias32.assign(b.data_ptr<float>(), b.data_ptr<float>() + N);
   }
-  const Problem p{M, N, NB, NG, G, Gp, R, Kp, xq.data(), xscale.data(), xsum.data(), packed.data_ptr<uint8_t>(),
-                  bias32.empty() ? nullptr : bias32.data(), y.data_ptr(), x.scalar_type() == at::kBFloat16};
+  const Problem p{M, N, NB, NG, Gp, R, Kp, xq.data(), xscale.data(), xsum.data(), packed.data_ptr<uint8_t>(),
+                  bias32.empty() ? nullptr : bias32.data(), y.data_ptr(), is_bf16};
   // Enough blocks per task that a thread's share is worth waking it (~64k weights).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (K * BN));
   at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {

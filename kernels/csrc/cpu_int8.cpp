@@ -245,7 +245,7 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::T
   if (M == 0 || N == 0) return y;
   const Engine eng = engine();
   const int64_t NXG = Kp / XG;
-  std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));
+  std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));  // zeroed: K's padding
   std::vector<float> xscale(static_cast<size_t>(M * NXG));
   std::vector<int32_t> xsum(static_cast<size_t>(M * NXG));
   const bool is_bf16 = x.scalar_type() == at::kBFloat16;
