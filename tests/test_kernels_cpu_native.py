@@ -412,6 +412,23 @@ def test_int8_bad_input_is_rejected():
         cpu_native.int8_linear(torch.randn(2, 2, 64), w)
 
 
+def test_torch_compile_traces_the_registered_ops():
+    """Eager calls take the direct Python bindings; under torch.compile the calls go to the torch.ops registrations
+    (their fake implementations give dynamo the shapes, so the whole function is one graph). Same bits either way."""
+    need("native")
+    qw, qz, s, _ = random_layer(576, 200, 64, seed=5)
+    w4 = cpu_native.repack(qw, qz, s, 64)
+    w8 = cpu_native.repack_int8(*int8_layer(200, 72))
+    bias = torch.randn(200)
+
+    def two_layers(x):
+        return cpu_native.int8_linear(cpu_native.linear(x, w4, bias).relu(), w8)
+
+    x = torch.randn(3, 576)
+    compiled = torch.compile(two_layers, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), two_layers(x))
+
+
 def test_int8_lm_head_uses_it_when_asked():
     # tinyserve's Int8Linear holds our layout when native (what the loader picks where the INT4 linears use our
     # kernel), with the same codes and scales as torch's op gets.

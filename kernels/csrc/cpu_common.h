@@ -19,6 +19,8 @@
 #include <cstring>
 #include <limits>
 
+#include "ops.h"  // TS_NAMESPACE, the op namespace of this build variant
+
 // The AVX-512 engines need F, BW and VL (every AVX-512 CPU since Skylake-SP has all three).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TS_AVX512 1
@@ -30,11 +32,6 @@
 #define TS_HAVE_AMX 1
 #endif
 
-// The op namespace comes from the build (kernels/cpu_native.py): variants built with other flags (the tests build the
-// portable and AVX512F engines too) can then be loaded into one process side by side.
-#ifndef TS_NAMESPACE
-#define TS_NAMESPACE tinyserve_cpu
-#endif
 
 namespace {
 

@@ -421,10 +421,26 @@ void blocks_amx(const Problem& p, int64_t b_begin, int64_t b_end) {
 }
 #endif  // TS_HAVE_AMX
 
+int64_t engine_id() { return static_cast<int64_t>(engine()); }
+
+// How many threads at::parallel_for runs n one-item tasks on, as the kernels call it (the largest thread number seen,
+// plus one): code built without OpenMP runs it sequentially whatever torch.set_num_threads says (a test checks this).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> top{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num();
+    for (int64_t seen = top.load(); t > seen && !top.compare_exchange_weak(seen, t);) {
+    }
+  });
+  return top.load() + 1;
+}
+
+}  // namespace
+
 // y = x @ W (+ bias). x: [M, K] fp32 or bf16 (contiguous); packed: [NB, NG, R] uint8; bias: [N] or None.
 // Returns [M, N] in x's dtype.
-at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N,
-                   int64_t G) {
+at::Tensor TS_NAMESPACE::int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                 int64_t N, int64_t G) {
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be [NB, NG, R] uint8");
@@ -472,23 +488,7 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::
   return y;
 }
 
-int64_t engine_id() { return static_cast<int64_t>(engine()); }
-
-// How many threads at::parallel_for runs n one-item tasks on, as the kernels call it (the largest thread number seen,
-// plus one): code built without OpenMP runs it sequentially whatever torch.set_num_threads says (a test checks this).
-int64_t parallel_threads(int64_t n) {
-  std::atomic<int64_t> top{0};
-  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
-    const int64_t t = at::get_thread_num();
-    for (int64_t seen = top.load(); t > seen && !top.compare_exchange_weak(seen, t);) {
-    }
-  });
-  return top.load() + 1;
-}
-
-}  // namespace
-
-// One library per variant, one op namespace per variant (cpu_common.h); cpu_int8.cpp adds its op as a fragment.
+// One library per variant, one op namespace per variant (ops.h); cpu_int8.cpp adds its op as a fragment.
 #define TS_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
 #define TS_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
@@ -498,4 +498,4 @@ TS_LIBRARY(TS_NAMESPACE, m) {
   m.def("parallel_threads(int n) -> int", &parallel_threads);
 }
 
-TS_LIBRARY_IMPL(TS_NAMESPACE, CPU, m) { m.impl("int4_mm", &int4_mm); }
+TS_LIBRARY_IMPL(TS_NAMESPACE, CPU, m) { m.impl("int4_mm", &TS_NAMESPACE::int4_mm); }

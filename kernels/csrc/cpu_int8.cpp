@@ -227,10 +227,12 @@ void groups_amx(const Problem& p, int64_t g_begin, int64_t g_end) {
 }
 #endif  // TS_HAVE_AMX
 
+}  // namespace
+
 // y = (x @ q^T) * s (+ bias). x: [M, K] fp32 or bf16; packed: [NB, Kp / 4, 64] uint8; scales: [NB * 16] fp32;
 // bias: [N] or None. Returns [M, N] in x's dtype.
-at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
-                   int64_t N) {
+at::Tensor TS_NAMESPACE::int8_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                                 const c10::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(2) == 64,
@@ -279,13 +281,11 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::T
   return y;
 }
 
-}  // namespace
-
-// Added to the op namespace that cpu_int4.cpp defines (one namespace per build variant, cpu_common.h). The wrappers
+// Added to the op namespace that cpu_int4.cpp defines (one namespace per build variant, ops.h). The wrappers
 // expand TS_NAMESPACE before torch's macros paste it.
 #define TS_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define TS_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 TS_LIBRARY_FRAGMENT(TS_NAMESPACE, m) { m.def("int8_mm(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int N) -> Tensor"); }
 
-TS_LIBRARY_IMPL(TS_NAMESPACE, CPU, m) { m.impl("int8_mm", &int8_mm); }
+TS_LIBRARY_IMPL(TS_NAMESPACE, CPU, m) { m.impl("int8_mm", &TS_NAMESPACE::int8_mm); }
