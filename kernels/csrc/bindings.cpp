@@ -2,12 +2,32 @@
 // the C++ functions, about 1.7 us less per call than going through torch.ops, whose Python path matches the schema and
 // boxes every argument (BENCHMARKS.md, "Call overhead"). A decode step of SmolLM2 makes 121 such calls. torch.compile
 // keeps using the torch.ops registration, which has a fake implementation to trace with.
+#include <ATen/record_function.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "ops.h"
 
+#define TS_STR2(x) #x
+#define TS_STR(x) TS_STR2(x)
+
+namespace {
+
+// What torch.ops would have recorded: torch.profiler shows each call under the op's name (free when not profiling).
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, int64_t N, int64_t G) {
+  RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::int4_mm", std::vector<c10::IValue>());
+  return TS_NAMESPACE::int4_mm(x, packed, bias, N, G);
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                   int64_t N) {
+  RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::int8_mm", std::vector<c10::IValue>());
+  return TS_NAMESPACE::int8_mm(x, packed, scales, bias, N);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (as torch.ops does): the server's event loop keeps serving meanwhile.
-  m.def("int4_mm", &TS_NAMESPACE::int4_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("int8_mm", &TS_NAMESPACE::int8_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("int4_mm", &int4_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("int8_mm", &int8_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
