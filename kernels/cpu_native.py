@@ -1,5 +1,6 @@
-"""Our CPU INT4 kernel (kernels/csrc/cpu_int4.cpp) and int8 lm_head kernel (kernels/csrc/cpu_int8.cpp): one C++
-library built on first use, weights repacked once, one op per call.
+"""Our CPU INT4 kernel (kernels/csrc/cpu_int4.cpp), int8 lm_head kernel (kernels/csrc/cpu_int8.cpp) and decode
+attention (kernels/csrc/cpu_attention.cpp): one C++ library built on first use, weights repacked once, one op per
+call, called through direct Python bindings (csrc/bindings.cpp).
 
 Why our own kernel: torch's `_weight_int4pack_mm_for_cpu` decodes every weight again for each few rows of x, so its
 cost grows about linearly with M (a 16-row decode step of continuous batching costs ~16 one-row steps), and it
@@ -15,6 +16,12 @@ output cannot depend on what else is batched. See the C++ file for the layout an
 
     h = repack_int8(qweight8, scales8)          # weight-only int8 rows [N, K] + scales [N]: NativeInt8
     y = int8_linear(x, h, bias)                 # the same for the lm_head (tinyserve/model.py, Int8Linear)
+
+    o = decode_attention(q, k, v, lengths)      # decode: q [M, Hkv, R, D] over cache views k, v [M, Hkv, L, D]
+
+decode_attention replaces torch's SDPA in CPU decode steps wherever these kernels run (tinyserve/runner.py): a decode
+query block is only the R query heads of one kv head, and SDPA's CPU flash kernel took ~2x our time per layer
+(BENCHMARKS.md, "Decode attention"). It never reads past a row's length, so rows are batch-invariant by construction.
 
 The int8 op exists for the same reasons: torch's `_weight_int8pack_mm` reads the whole weight again for every row of x
 (the SmolLM2 lm_head: ~3.5 ms per row, 46% of a 16-row decode step) and reaches about a third of the bandwidth at one
@@ -48,8 +55,8 @@ import torch.nn.functional as F
 from kernels.layout import unpack
 
 CSRC = Path(__file__).parent / "csrc"
-# One library: the two ops (both include csrc/cpu_common.h) and their direct Python bindings.
-SOURCES = (CSRC / "cpu_int4.cpp", CSRC / "cpu_int8.cpp", CSRC / "bindings.cpp")
+# One library: the ops (each includes csrc/cpu_common.h) and their direct Python bindings.
+SOURCES = (CSRC / "cpu_int4.cpp", CSRC / "cpu_int8.cpp", CSRC / "cpu_attention.cpp", CSRC / "bindings.cpp")
 HEADERS = (CSRC / "cpu_common.h", CSRC / "ops.h")
 BLOCK_N = 16  # columns per block of the packed layout
 K_ALIGN = 32  # INT4 group rows are padded to a multiple of this
@@ -146,6 +153,18 @@ def int8_linear(x: torch.Tensor, w: NativeInt8, bias: torch.Tensor | None = None
     return ops.int8_mm(x.to(torch.bfloat16), w.packed, w.scales, bias, w.out_features).to(x.dtype)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, variant: str = "native") -> torch.Tensor:
+    """Decode attention (csrc/cpu_attention.cpp): q [M, Hkv, R, D] (the R query heads sharing kv head h), k and v
+    [M, Hkv, L, D] (views of the cache are fine: unit stride along D), lengths [M] int64 (row m attends to positions
+    0..lengths[m]-1). fp32 or bf16. Returns [M, Hkv, R, D] in q's dtype, softmax(q k^T / sqrt(D)) v per row and head."""
+    return _ops(variant).decode_attention(q, k, v, lengths, q.shape[-1] ** -0.5)
+
+
+def decode_attention_fits(R: int, D: int, dtype: torch.dtype) -> bool:
+    """Whether decode_attention takes R query heads per kv head, head dim D and this dtype (cpu_attention.cpp)."""
+    return 1 <= R <= 8 and D % 16 == 0 and D <= 256 and dtype in (torch.float32, torch.bfloat16)
+
+
 def _ops(variant: str):
     """Where to call int4_mm and int8_mm: their direct Python bindings (csrc/bindings.cpp: ~1.7 us less per call than
     torch.ops, at 10-30 us per SmolLM2 call), or their torch.ops registrations while torch.compile traces (those have
@@ -231,6 +250,7 @@ def load(variant: str):
     # Shape-only implementations, so torch.compile can trace through the ops.
     torch.library.register_fake(f"{namespace(variant)}::int4_mm")(_int4_mm_fake)
     torch.library.register_fake(f"{namespace(variant)}::int8_mm")(_int8_mm_fake)
+    torch.library.register_fake(f"{namespace(variant)}::decode_attention")(_attention_fake)
     if fresh:
         log.warning("CPU kernels (%s) built in %.0f s: engine %s", variant, time.perf_counter() - t0,
                     ENGINES[getattr(torch.ops, namespace(variant)).engine()])
@@ -243,6 +263,10 @@ def _int4_mm_fake(x, packed, bias, N, G):
 
 def _int8_mm_fake(x, packed, scales, bias, N):
     return x.new_empty((x.shape[0], N))
+
+
+def _attention_fake(q, k, v, lengths, scale):
+    return torch.empty_like(q)
 
 
 def _build_key(flags: list[str]) -> str:

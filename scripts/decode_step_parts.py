@@ -37,7 +37,9 @@ def main() -> None:
             outs[id(self)] = torch.zeros(1, n, dtype=x.dtype)
         return outs[id(self)]
 
-    real = {"int4": model.Int4Linear.one_row, "lm_head": model.Int8Linear.one_row, "sdpa": F.scaled_dot_product_attention}
+    # Attention is our CPU decode attention where the runner uses it (r.attention), else torch's SDPA: stub whichever runs.
+    real = {"int4": model.Int4Linear.one_row, "lm_head": model.Int8Linear.one_row, "sdpa": F.scaled_dot_product_attention,
+            "attention": r.attention}
     variants = {
         "step": (),
         "without INT4 linears": ("int4",),
@@ -50,6 +52,8 @@ def main() -> None:
         model.Int4Linear.one_row = stub if "int4" in stubbed else real["int4"]
         model.Int8Linear.one_row = stub if "lm_head" in stubbed else real["lm_head"]
         F.scaled_dot_product_attention = (lambda q, k, v: torch.zeros_like(q)) if "sdpa" in stubbed else real["sdpa"]
+        if real["attention"] is not None:
+            r.attention = (lambda q, k, v, lengths: torch.zeros_like(q)) if "sdpa" in stubbed else real["attention"]
         for _ in range(5):
             r.decode([slot], [1], positions=[a.context - 1])
         t = time.perf_counter()

@@ -448,3 +448,76 @@ def test_int8_lm_head_uses_it_when_asked():
     t = theirs(x).float()
     scale = x.float().abs() @ (theirs.qweight.float().abs() * theirs.scales.float()[:, None]).T  # as the test above
     assert ((y.float() - t).abs() <= t.abs() * 2.0**-7 + scale * 2.0**-12).all()
+
+
+ATTN_SHAPES = [(1, 3, 3, 7, 64), (5, 2, 1, 37, 128), (3, 1, 8, 130, 48), (4, 4, 4, 17, 16)]  # (M, Hkv, R, L, D)
+
+
+def attention_case(M, Hkv, R, L, D, dtype, seed=0):
+    """q, and k / v as views of a longer cache (the runtime's layout: [M, Hkv, S, D] sliced to L), lengths 1..L."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(M, Hkv, R, D, generator=g).to(dtype)
+    k = torch.randn(M, Hkv, L + 5, D, generator=g).to(dtype)[:, :, :L]
+    v = torch.randn(M, Hkv, L + 5, D, generator=g).to(dtype)[:, :, :L]
+    lengths = torch.randint(1, L + 1, (M,), generator=g)
+    lengths[0] = L
+    return q, k, v, lengths
+
+
+def attention_reference(q, k, v, lengths):
+    mask = (torch.arange(k.shape[2])[None] < lengths[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_decode_attention_matches_sdpa(variant, dtype, shape):
+    need(variant)
+    q, k, v, lengths = attention_case(*shape, dtype)
+    out = cpu_native.decode_attention(q, k, v, lengths, variant=variant)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = attention_reference(q, k, v, lengths)
+    # fp32: a few ulp of the inputs' scale; bf16: the output's one rounding (2^-8 relative) on top.
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-8 * ref.abs().max().item() + 1e-5
+    assert (out.double() - ref).abs().max().item() <= tol
+
+
+def test_decode_attention_rows_do_not_depend_on_the_batch():
+    """A row's output is the same bits alone, in a batch, and over any padded length L >= its own length."""
+    need("native")
+    q, k, v, lengths = attention_case(6, 3, 3, 70, 64, torch.bfloat16, seed=1)
+    full = cpu_native.decode_attention(q, k, v, lengths)
+    for m in range(6):
+        n = int(lengths[m])
+        for L in (n, min(70, n + 33)):
+            alone = cpu_native.decode_attention(q[m : m + 1], k[m : m + 1, :, :L], v[m : m + 1, :, :L], lengths[m : m + 1])
+            assert torch.equal(alone[0], full[m]), (m, L)
+
+
+def test_decode_attention_engines_agree():
+    """The AVX-512 engines run the same code (same bits); the portable build sums in another order (close)."""
+    need("native")
+    q, k, v, lengths = attention_case(4, 2, 3, 90, 64, torch.float32, seed=2)
+    base = cpu_native.decode_attention(q, k, v, lengths)
+    for variant in variants()[1:]:
+        out = cpu_native.decode_attention(q, k, v, lengths, variant=variant)
+        if variant == "portable":
+            torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out, base), variant
+
+
+def test_decode_attention_bad_input_is_rejected():
+    need("native")
+    q, k, v, lengths = attention_case(2, 2, 3, 10, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="lengths must be in 1..L"):
+        cpu_native.decode_attention(q, k, v, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="lengths must be in 1..L"):
+        cpu_native.decode_attention(q, k, v, torch.tensor([11, 3]))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        cpu_native.decode_attention(q.bfloat16(), k, v, lengths)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_native.decode_attention(q[..., :40], k[..., :40], v[..., :40], lengths)
+    assert not cpu_native.decode_attention_fits(9, 64, torch.bfloat16) and not cpu_native.decode_attention_fits(3, 72, torch.float32)
+    assert cpu_native.decode_attention_fits(3, 64, torch.bfloat16) and not cpu_native.decode_attention_fits(3, 64, torch.float16)

@@ -247,7 +247,7 @@ def test_one_sequence_decode_is_bit_identical_to_batched_decode(tiny_int4_dir, d
     tok = 5
     for pos in range(9, 30):
         expected = model.decode(runner.cfg, runner.weights, k, v, torch.tensor([slot]), torch.tensor([tok]), torch.tensor([pos]),
-                                pos + 1, runner.cos, runner.sin, first_slot=slot, masked=False)
+                                pos + 1, runner.cos, runner.sin, first_slot=slot, masked=False, attention=runner.attention)
         got = runner.decode([slot], [tok])  # decode_one underneath
         assert torch.equal(got, expected.float()), pos
         tok = int(got.argmax())

@@ -310,7 +310,7 @@ def _greedy(runner, slot: int, ids: list[int], new_tokens: int) -> tuple[float, 
 
 def time_breakdown(runner, slot: int, context: int, token_ms: float, n: int = 30) -> dict:
     """Where one decode token's time goes, in ms: the linear kernels alone (run back to back on inputs of the right
-    shapes), attention alone (the same SDPA calls), the rest of the step (norms, RoPE, cache writes, residuals,
+    shapes), attention alone (the same calls: our CPU decode attention where the runner uses it, else SDPA), the rest of the step (norms, RoPE, cache writes, residuals,
     dispatch and Python), and the generation loop around the step (argmax, bookkeeping)."""
     import torch.nn.functional as F
 
@@ -341,10 +341,14 @@ def time_breakdown(runner, slot: int, context: int, token_ms: float, n: int = 30
     q = torch.randn(1, c.num_kv_heads, R, c.head_dim, dtype=runner.dtype, device=dev)
     k = runner.cache.k[0, slot : slot + 1, :, : pos + 1]
     v = runner.cache.v[0, slot : slot + 1, :, : pos + 1]
+    lengths = torch.tensor([pos + 1], device=dev)
 
     def attention():
         for _ in range(c.num_layers):
-            F.scaled_dot_product_attention(q, k, v)
+            if runner.attention is not None:
+                runner.attention(q, k, v, lengths)
+            else:
+                F.scaled_dot_product_attention(q, k, v)
 
     lin_ms, attn_ms = timed(linears), timed(attention)
     return {

@@ -8,6 +8,7 @@ V vocabulary, T prompt tokens, M sequences in a decode batch, S max_seq_len of t
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -241,6 +242,11 @@ def prefill(
     return w.lm_head(rms_norm(x[0, -1], w.norm, cfg.rms_norm_eps))
 
 
+# A decode attention kernel: (q [M, Hkv, R, D], k [M, Hkv, L, D], v [M, Hkv, L, D], lengths [M] int64) -> [M, Hkv, R, D],
+# row m attending to its positions 0..lengths[m]-1 with scale 1/sqrt(D) (kernels.cpu_native.decode_attention).
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def decode(
     cfg: ModelConfig,
     w: ModelWeights,
@@ -254,19 +260,22 @@ def decode(
     sin: torch.Tensor,
     first_slot: int | None = None,  # when slots == first_slot + arange(M): read the cache as a view (no gather)
     masked: bool = True,  # False only when M == 1 and length == positions[0] + 1 (nothing to hide)
+    attention: DecodeAttention | None = None,  # None: torch's SDPA with a mask
 ) -> torch.Tensor:
     """One token for each of M sequences in their own slots; returns logits [M, V].
 
-    Each row only attends to its own slot's positions 0..positions[m] (the rest is masked), so a row's result does
-    not depend on which other rows share the batch.
+    Each row only attends to its own slot's positions 0..positions[m] (the rest is masked, or never read by
+    `attention`), so a row's result does not depend on which other rows share the batch.
     """
     M, Hq, Hkv, D = tokens.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     R = Hq // Hkv
     x = F.embedding(tokens, w.embed)  # [M, H]
     c, s = cos[positions][:, None], sin[positions][:, None]  # [M, 1, D]
     # [M, 1, 1, L] True where a row may attend. A lone sequence attending exactly 0..pos needs no mask.
-    mask = None
-    if masked:
+    mask = lengths = None
+    if attention is not None:
+        lengths = positions + 1  # [M]: row m attends to positions 0..positions[m]
+    elif masked:
         mask = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
     # Per-layer views, taken once per step: [slots, Hkv, S, D] each. A lone sequence (or a run of consecutive
     # slots) reads its rows as a view; other batches gather their rows (a copy of L positions per row).
@@ -282,7 +291,10 @@ def decode(
         # Grouped-query attention without copying keys: the R query heads that share a key/value head become R
         # query rows of that head. q head h uses kv head h // R, as in transformers' repeat_kv.
         q = qk[:, :Hq].reshape(M, Hkv, R, D)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [M, Hkv, R, D]
+        if attention is not None:
+            attn = attention(q, k, v, lengths)  # [M, Hkv, R, D]
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + lw.o(attn.reshape(M, Hq * D))
         x = x + mlp(lw, rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps))
     return w.lm_head(rms_norm(x, w.norm, cfg.rms_norm_eps))
@@ -298,6 +310,7 @@ def decode_one(
     pos: int,  # where the token goes; it attends to positions 0..pos of its slot
     cos: torch.Tensor,  # [S, D]
     sin: torch.Tensor,
+    attention: DecodeAttention | None = None,  # as in decode
 ) -> torch.Tensor:
     """decode() for one sequence (M = 1, nothing masked): the same operations on the same operands, so the same logits
     [1, V] bit for bit, with about half the small ops and Python calls (one-sequence decode of a small model is bound
@@ -319,12 +332,14 @@ def decode_one(
     # Per-layer views, taken once per step: where this token's key/value go ([Hkv, D]) and what it attends ([1, Hkv, L, D]).
     k_new, v_new = k_cache[:, slot, :, pos].unbind(0), v_cache[:, slot, :, pos].unbind(0)
     k_seen, v_seen = k_cache[:, slot : slot + 1, :, : pos + 1].unbind(0), v_cache[:, slot : slot + 1, :, : pos + 1].unbind(0)
+    lengths = torch.tensor([pos + 1], device=k_cache.device) if attention is not None else None
     for lw, kn, vn, k, v in zip(w.layers, k_new, v_new, k_seen, v_seen):
         qkv = lw.qkv.one_row(norm(lw.attn_norm)).view(1, Hq + 2 * Hkv, D)
         qk = apply_rope(qkv[:, : Hq + Hkv], c, s)  # [1, Hq + Hkv, D]
         kn.copy_(qk[0, Hq:])
         vn.copy_(qkv[0, Hq + Hkv :])
-        attn = F.scaled_dot_product_attention(qk[:, :Hq].view(1, Hkv, R, D), k, v)  # [1, Hkv, R, D], as in decode
+        q = qk[:, :Hq].view(1, Hkv, R, D)
+        attn = attention(q, k, v, lengths) if attention is not None else F.scaled_dot_product_attention(q, k, v)  # as in decode
         x.add_(lw.o.one_row(attn.reshape(1, Hq * D)))
         gate_up = lw.gate_up.one_row(norm(lw.mlp_norm))  # [1, 2 I]
         x.add_(lw.down.one_row(F.silu(gate_up[:, :I]).mul_(gate_up[:, I:])))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import cpu_native
 from tinyserve import model
 from tinyserve.config import ConfigError, ModelConfig
 from tinyserve.kv_cache import KVCache, SlotPool
@@ -123,6 +124,12 @@ class ModelRunner:
                                    dense_prefill=self.dense_prefill())
         self.weights = weights
         self.load_s = time.perf_counter() - t0
+        # CPU decode attention: our kernel where our other CPU kernels run (2x torch's SDPA per layer at 16 rows; it
+        # never reads past a row's length, so rows are batch-invariant by construction), else torch's SDPA.
+        self.attention = None
+        R = self.cfg.num_heads // self.cfg.num_kv_heads
+        if self.device.type == "cpu" and cpu_native.use_by_default() and cpu_native.decode_attention_fits(R, self.cfg.head_dim, self.dtype):
+            self.attention = cpu_native.decode_attention
 
         cos, sin = model.rope_tables(self.cfg.rope, self.cfg.head_dim, self.max_seq_len)
         self.cos, self.sin = cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
@@ -219,7 +226,8 @@ class ModelRunner:
         if M == 1 and self.device.type == "cpu":
             # One sequence (chat, generate): the same numbers as model.decode with about half the small ops.
             return model.decode_one(
-                self.cfg, self.weights, self.cache.k, self.cache.v, slots[0], int(tokens[0]), pos[0], self.cos, self.sin
+                self.cfg, self.weights, self.cache.k, self.cache.v, slots[0], int(tokens[0]), pos[0], self.cos, self.sin,
+                attention=self.attention,
             ).float()
         length = max(pos) + 1
         contiguous = slots == list(range(slots[0], slots[0] + M))
@@ -237,13 +245,14 @@ class ModelRunner:
             self.sin,
             first_slot=slots[0] if contiguous else None,
             masked=M > 1 or not contiguous,
+            attention=self.attention,
         )
         return logits.float()
 
     def _decode_invariant(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
         """Eager decode whose row m depends only on (slots[m], tokens[m], pos[m]), bit for bit. Two things in the
         plain path depend on the batch: the attended length (max over rows; CPU SDPA's result moves in the last bits
-        with the padded length) and, on CPU, the INT4 kernel (picked by M: with torch's int4 op, beyond
+        with the padded length; our decode attention, self.attention, never reads past a row's own length) and, on CPU, the INT4 kernel (picked by M: with torch's int4 op, beyond
         kernels.dispatch.CPU_INT4PACK_MAX_M rows a dense GEMM with another summation order). So every row is masked
         over a length aligned to INVARIANT_LENGTH_ALIGN, and rows go through in groups no larger than the kernel keeps
         rows independent (kernels.dispatch.cpu_invariant_rows: 8 with torch's op, 32 or all with our own kernel)."""
@@ -260,6 +269,7 @@ class ModelRunner:
             logits = model.decode(
                 self.cfg, self.weights, self.cache.k, self.cache.v, torch.tensor(s, device=dev), tokens[a : a + group].to(dev),
                 torch.tensor(p, device=dev), length, self.cos, self.sin, first_slot=s[0] if contiguous else None, masked=True,
+                attention=self.attention,
             )
             out.append(logits.float())
         return torch.cat(out) if len(out) > 1 else out[0]

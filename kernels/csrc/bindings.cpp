@@ -24,10 +24,16 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return TS_NAMESPACE::int8_mm(x, packed, scales, bias, N);
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths, double scale) {
+  RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::decode_attention", std::vector<c10::IValue>());
+  return TS_NAMESPACE::decode_attention(q, k, v, lengths, scale);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while a kernel runs (as torch.ops does): the server's event loop keeps serving meanwhile.
   m.def("int4_mm", &int4_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("int8_mm", &int8_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,6 +1,6 @@
-// The ops of this extension, declared once for cpu_int4.cpp and cpu_int8.cpp (which define and register them with
-// torch.ops) and bindings.cpp (which binds them to Python directly). They live in a C++ namespace named after the build
-// variant, the same name as their torch.ops namespace, so variants loaded into one process side by side (the tests
+// The ops of this extension, declared once for cpu_int4.cpp, cpu_int8.cpp and cpu_attention.cpp (which define and
+// register them with torch.ops) and bindings.cpp (which binds them to Python directly). They live in a C++ namespace
+// named after the build variant, the same name as their torch.ops namespace, so variants loaded into one process side by side (the tests
 // load several) never bind to each other's symbols; everything else in the files has internal linkage.
 #pragma once
 
@@ -21,5 +21,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const c10::opt
 // y [M, N] = (x [M, K] @ q^T) * scales + bias, q the int8 weight packed as cpu_int8.cpp describes.
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
                    int64_t N);
+
+// Decode attention: out [M, Hkv, R, D] for q [M, Hkv, R, D] over k, v [M, Hkv, L, D], row m over positions
+// 0..lengths[m]-1 (cpu_attention.cpp).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths, double scale);
 
 }  // namespace TS_NAMESPACE
