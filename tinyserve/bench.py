@@ -310,8 +310,9 @@ def _greedy(runner, slot: int, ids: list[int], new_tokens: int) -> tuple[float, 
 
 def time_breakdown(runner, slot: int, context: int, token_ms: float, n: int = 30) -> dict:
     """Where one decode token's time goes, in ms: the linear kernels alone (run back to back on inputs of the right
-    shapes), attention alone (the same calls: our CPU decode attention where the runner uses it, else SDPA), the rest of the step (norms, RoPE, cache writes, residuals,
-    dispatch and Python), and the generation loop around the step (argmax, bookkeeping)."""
+    shapes), attention alone (the same calls: our CPU decode attention where the runner uses it, else SDPA), the rest
+    of the step (norms, RoPE, cache writes, residuals, dispatch and Python), and the generation loop around the step
+    (argmax, bookkeeping)."""
     import torch.nn.functional as F
 
     w, c, dev = runner.weights, runner.cfg, runner.device
