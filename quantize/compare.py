@@ -38,6 +38,7 @@ from quantize.methods import CALIBRATED, METHODS
 from quantize.model_io import ModelFolderError, awq_config, config_dtype, read_config, weight_files
 from quantize.pipeline import USER_ERRORS
 from quantize.quantizer import QuantizationError, QuantSpec
+from quantize.text_data import read_user_text
 
 COMPARE_METHODS = ("fp16", *METHODS)
 DEFAULT_METHODS = ("fp16", "rtn", "gptq", "awq", "awq-gptq")
@@ -80,10 +81,10 @@ class CompareConfig:
         if self.n_samples < 1 or self.seqlen < 2:
             raise CompareError("--n-samples must be at least 1 and --seqlen at least 2")
         self.spec = QuantSpec(self.w_bit, self.group_size)
-        for name in ("text", "calib_text"):
+        for name in ("text", "calib_text"):  # read once here so a bad file fails before any method runs
             path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise CompareError(f"{'--' + name.replace('_', '-')} {path} does not exist")
+            if path is not None:
+                read_user_text(Path(path), "--" + name.replace("_", "-"), CompareError)
 
 
 def check_model_folder(folder: Path, spec: QuantSpec) -> dict:
@@ -145,7 +146,7 @@ def run_method(method: str, cfg: CompareConfig, model_dir: Path) -> dict:
     if method != "fp16":
         windows = None
         if method in CALIBRATED:
-            text = cfg.calib_text.read_text(encoding="utf-8", errors="replace") if cfg.calib_text else calib_text()
+            text = read_user_text(cfg.calib_text, "--calib-text", CompareError) if cfg.calib_text else calib_text()
             windows = calibration_windows(tokenizer, text, cfg.n_samples, cfg.seqlen,
                                           log=lambda m: print(f"{method}: {m}", file=sys.stderr))
         result = quantize_model(method, model, family, cfg.spec, windows, gptq=GPTQConfig(act_order=cfg.act_order),
@@ -153,7 +154,7 @@ def run_method(method: str, cfg: CompareConfig, model_dir: Path) -> dict:
         dequantize_into(model, result, cfg.spec.group_size)
     seconds = time.perf_counter() - t0
     peak = peak_rss_gib()
-    text = cfg.text.read_text(encoding="utf-8", errors="replace") if cfg.text else eval_text()
+    text = read_user_text(cfg.text, "--text", CompareError) if cfg.text else eval_text()
     ids = text_ids(tokenizer, text, cfg.max_tokens)
     if len(ids) < 2:
         raise ModelFolderError("the evaluation text has fewer than 2 tokens")

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from quantize.model_io import ModelFolderError, load_model, load_tokenizer
-from quantize.text_data import eval_text
+from quantize.text_data import eval_text, read_user_text
 
 DEFAULT_CTX = 512
 DEFAULT_MAX_TOKENS = 16384
@@ -79,9 +79,7 @@ def evaluate_folder(folder: Path, text: str | None = None, ctx: int = DEFAULT_CT
 def main(cfg: EvalConfig) -> dict:
     text = None
     if cfg.text is not None:
-        if not cfg.text.is_file():
-            raise ModelFolderError(f"text file {cfg.text} does not exist")
-        text = cfg.text.read_text(encoding="utf-8", errors="replace")
+        text = read_user_text(cfg.text, "text file", ModelFolderError)
     result = evaluate_folder(cfg.model, text, cfg.ctx, cfg.max_tokens)
     if cfg.json:
         print(json.dumps(result))

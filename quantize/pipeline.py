@@ -22,7 +22,7 @@ from quantize.model_families import family_for
 from quantize.model_io import ModelFolderError, awq_config, config_dtype, load_model, load_tokenizer, read_config, weight_files
 from quantize.quantizer import QuantizationError, QuantSpec
 from quantize.report import write_report
-from quantize.text_data import calib_text
+from quantize.text_data import calib_text, read_user_text
 
 USER_ERRORS = (QuantizationError, CalibrationError, ModelFolderError)
 
@@ -75,9 +75,7 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         raise QuantizationError(f"{cfg.out} already exists; pass --overwrite to replace it")
     texts = None
     if cfg.method in CALIBRATED and cfg.calib_text is not None:
-        if not cfg.calib_text.is_file():
-            raise CalibrationError(f"calibration text {cfg.calib_text} does not exist")
-        texts = cfg.calib_text.read_text(encoding="utf-8", errors="replace")
+        texts = read_user_text(cfg.calib_text, "calibration text", CalibrationError)
 
     model = load_model(cfg.model)
     check_model(model, family, cfg.spec)

@@ -10,6 +10,7 @@ The Gutenberg header and licence are in neither.
 
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 BOTCHAN_FILE = "botchan.txt"
 EVAL_START, EVAL_END = "CHAPTER I\n", "CHAPTER V."
@@ -32,3 +33,21 @@ def eval_text() -> str:
 
 def calib_text() -> str:
     return _between(botchan(), CALIB_START, CALIB_END)
+
+
+def read_user_text(path: Path, what: str, error: type[Exception]) -> str:
+    """A text file the user named (what: how messages call it), decoded as UTF-8. A missing, unreadable, non-UTF-8 or
+    empty file raises `error` with a message that says which: replacing undecodable bytes would silently change
+    the text that calibrates or is measured."""
+    if not path.is_file():
+        raise error(f"{what} {path} " + ("is not a regular file" if path.exists() else "does not exist"))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                    f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    if not text.strip():
+        raise error(f"{what} {path} is empty")
+    return text

@@ -115,3 +115,29 @@ def test_bad_settings(tmp_path, args, message):
 def test_missing_calibration_file(tmp_path, tiny_llama_dir):
     with pytest.raises(USER_ERRORS, match=r"calibration text .*nope.txt does not exist"):
         quantize("--model", str(tiny_llama_dir), "--out", str(tmp_path / "out"), "--calib-text", str(tmp_path / "nope.txt"))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"caf\xe9 au lait", r"is not UTF-8 text \(byte 3: b'\\xe9'\); convert it first"),  # Latin-1, not UTF-8
+    (b" \n\t\n", "is empty"),
+    (None, "is not a regular file"),  # a folder
+])
+def test_unusable_calibration_text(tmp_path, tiny_llama_dir, content, message):
+    # Decoding leniently would silently calibrate on other text than the file's: each case is one clear error.
+    path = tmp_path / "calib.txt"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(USER_ERRORS, match=rf"calibration text .*calib.txt {message}"):
+        quantize("--model", str(tiny_llama_dir), "--out", str(tmp_path / "out"), "--calib-text", str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_cli_refuses_non_utf8_text(tmp_path, tiny_llama_dir):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("Ein Märchen über Bäume.".encode("latin-1"))
+    r = cli("quantize.evaluate", "--model", str(tiny_llama_dir), "--text", str(text))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"quantize.evaluate: error: text file {text} is not UTF-8 text (byte 5: b'\\xe4'); "
+                                "convert it first, e.g. iconv -f latin1 -t utf-8")
