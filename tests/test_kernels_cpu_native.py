@@ -421,12 +421,17 @@ def test_torch_compile_traces_the_registered_ops():
     w8 = cpu_native.repack_int8(*int8_layer(200, 72))
     bias = torch.randn(200)
 
-    def two_layers(x):
-        return cpu_native.int8_linear(cpu_native.linear(x, w4, bias).relu(), w8)
+    k, v = torch.randn(2, 3, 2, 20, 64).unbind(0)
+    lengths = torch.tensor([20, 7, 1])
+
+    def layers(x):
+        h = cpu_native.linear(x, w4, bias)  # [3, 200]
+        a = cpu_native.decode_attention(h[:, :128].reshape(3, 2, 1, 64), k, v, lengths)  # [3, 2, 1, 64]
+        return cpu_native.int8_linear(torch.cat([a.reshape(3, 128), h[:, 128:]], 1).relu(), w8)
 
     x = torch.randn(3, 576)
-    compiled = torch.compile(two_layers, backend="eager", fullgraph=True)
-    assert torch.equal(compiled(x), two_layers(x))
+    compiled = torch.compile(layers, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), layers(x))
 
 
 def test_int8_lm_head_uses_it_when_asked():
