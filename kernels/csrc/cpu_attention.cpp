@@ -34,7 +34,10 @@ namespace {
 
 constexpr int64_t R_MAX = 8;    // query heads per kv head handled in registers (GQA groups are 1-8 in our families)
 constexpr int64_t D_MAX = 256;  // head dims up to this, in steps of 16
-constexpr int64_t PREFETCH_ROWS = 8;  // key / value rows fetched ahead of their use
+// Key / value rows fetched ahead of their use: the first keys before the score loop, the first values during its last
+// rows. 16 with both head starts was 9-11% faster than 8 without them on cold caches (1 thread, 16 x 3 heads, D 64,
+// L 128 and 512); 16 alone 2-6%, 32 no better than 16, 4 2-11% slower.
+constexpr int64_t PREFETCH_ROWS = 16;
 
 template <typename T>
 inline float to_float(T v) {
@@ -48,6 +51,12 @@ inline float to_float(T v) {
 // 16 values of a row (bf16 bits or fp32) as fp32.
 inline __m512 load16f(const uint16_t* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)); }
 inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+
+// One row of D values into L1.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
 
 // exp(x) for x <= 0 (x = s - max): x = n ln2 + f, |f| <= ln2 / 2, exp(f) by a degree-6 Taylor polynomial (truncation
 // error below 1.7e-7 relative on that range, ~1.5 ulp), times 2^n by VSCALEFPS (0 for n far below the normal range).
@@ -72,9 +81,12 @@ template <typename T, int R, int CT>
 void head_avx512(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, int64_t n, int64_t D, float* s, float* out) {
   const int64_t C = CT ? CT : D / 16;
   // Scores.
+  for (int64_t l = 0; l < std::min(PREFETCH_ROWS, n); ++l) prefetch_row(k + l * ks, D);
   for (int64_t l = 0; l < n; ++l) {
     if (l + PREFETCH_ROWS < n)
-      for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(k + (l + PREFETCH_ROWS) * ks) + b, _MM_HINT_T0);
+      prefetch_row(k + (l + PREFETCH_ROWS) * ks, D);
+    else if (l + PREFETCH_ROWS - n < n)  // the keys are all on their way: start on the values
+      prefetch_row(v + (l + PREFETCH_ROWS - n) * vs, D);
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; ++c) {
@@ -108,8 +120,7 @@ void head_avx512(const float* q, const T* k, const T* v, int64_t ks, int64_t vs,
   for (int r = 0; r < R; ++r)
     for (int64_t c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < n; ++l) {
-    if (l + PREFETCH_ROWS < n)
-      for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(v + (l + PREFETCH_ROWS) * vs) + b, _MM_HINT_T0);
+    if (l + PREFETCH_ROWS < n) prefetch_row(v + (l + PREFETCH_ROWS) * vs, D);
     __m512 p[R];
     for (int r = 0; r < R; ++r) p[r] = _mm512_set1_ps(s[r * n + l]);
     for (int64_t c = 0; c < C; ++c) {
