@@ -29,7 +29,8 @@ row; ours multiplies the stored codes directly in exact integer sums (1.9x faste
 
 The build uses torch.utils.cpp_extension (g++ and ninja, -O3 -march=native) into torch's extension cache, keyed by
 the source and this CPU's flags; later processes load the cached library in milliseconds. If the build fails (no
-compiler, no ninja), one warning is logged and callers fall back to torch's int4 op (kernels/cpu.py) and int8 op.
+compiler, no ninja, no Python headers for the bindings), one warning is logged and callers fall back to torch's
+int4 op (kernels/cpu.py) and int8 op, and to torch's SDPA for attention.
 
 When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides; the int8 lm_head follows the INT4 linears,
 tinyserve/weights.py):
