@@ -1,7 +1,8 @@
 // The ops of this extension, declared once for cpu_int4.cpp, cpu_int8.cpp and cpu_attention.cpp (which define and
 // register them with torch.ops) and bindings.cpp (which binds them to Python directly). They live in a C++ namespace
-// named after the build variant, the same name as their torch.ops namespace, so variants loaded into one process side by side (the tests
-// load several) never bind to each other's symbols; everything else in the files has internal linkage.
+// named after the build variant, the same name as their torch.ops namespace, so variants loaded into one process
+// side by side (the tests load several) never bind to each other's symbols; everything else in the files has
+// internal linkage.
 #pragma once
 
 #include <ATen/core/Tensor.h>
