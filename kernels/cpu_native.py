@@ -19,6 +19,8 @@ output cannot depend on what else is batched. See the C++ file for the layout an
 
     o = decode_attention(q, k, v, lengths)      # decode: q [M, Hkv, R, D] over cache views k, v [M, Hkv, L, D]
 
+    load("native").DecodeStep(...)              # a whole decode step around these kernels (tinyserve/fused_step.py)
+
 decode_attention replaces torch's SDPA in CPU decode steps wherever these kernels run (tinyserve/runner.py): a decode
 query block is only the R query heads of one kv head, and SDPA's CPU flash kernel took ~2x our time per layer
 (BENCHMARKS.md, "Decode attention"). It never reads past a row's length, so rows are batch-invariant by construction.
@@ -57,7 +59,7 @@ from kernels.layout import unpack
 
 CSRC = Path(__file__).parent / "csrc"
 # One library: the ops (each includes csrc/cpu_common.h) and their direct Python bindings.
-SOURCES = (CSRC / "cpu_int4.cpp", CSRC / "cpu_int8.cpp", CSRC / "cpu_attention.cpp", CSRC / "bindings.cpp")
+SOURCES = (CSRC / "cpu_int4.cpp", CSRC / "cpu_int8.cpp", CSRC / "cpu_attention.cpp", CSRC / "cpu_decode.cpp", CSRC / "bindings.cpp")
 HEADERS = (CSRC / "cpu_common.h", CSRC / "ops.h")
 BLOCK_N = 16  # columns per block of the packed layout
 K_ALIGN = 32  # INT4 group rows are padded to a multiple of this
@@ -162,7 +164,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
 
 
 def decode_attention_fits(R: int, D: int, dtype: torch.dtype) -> bool:
-    """Whether decode_attention takes R query heads per kv head, head dim D and this dtype (cpu_attention.cpp)."""
+    """Whether decode_attention takes R query heads per kv head, head dim D and this dtype (attention_fits, ops.h)."""
     return 1 <= R <= 8 and D % 16 == 0 and D <= 256 and dtype in (torch.float32, torch.bfloat16)
 
 

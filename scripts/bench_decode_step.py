@@ -4,13 +4,14 @@
     python scripts/bench_decode_step.py --m 1 4 16 --threads 2 --profile
 
 One runner per (kernels, batch_invariant) on the embedded default model (AWQ INT4), 16 slots each holding a 100-token
-prompt; "native" is our kernels for the INT4 linears and the int8 lm_head (kernels/cpu_native.py, where
-kernels.cpu_native.use_by_default() holds, else those rows are skipped), "native+aten" our INT4 kernel with torch's
-`_weight_int8pack_mm` for the lm_head (same codes and scales: the runtime before our int8 kernel), "int4pack" torch's
-int4 op and int8 op (TINYSERVE_CPU_KERNEL=0). Every round times each (runner, M) in turn, 3 steps of M rows at
+prompt; "fused" is the runtime's default on CPU (the whole step in one C++ call, tinyserve/fused_step.py, around our
+kernels), "native" the same kernels for the INT4 linears, the int8 lm_head and attention called from model.decode
+(kernels/cpu_native.py; both rows need kernels.cpu_native.use_by_default(), else they are skipped), "native+aten"
+that with torch's `_weight_int8pack_mm` for the lm_head (same codes and scales: the runtime before our int8 kernel),
+"int4pack" torch's int4 op and int8 op (TINYSERVE_CPU_KERNEL=0). Every round times each (runner, M) in turn, 3 steps of M rows at
 position 100, then the lm_head alone (ours, torch's op) at each M; each row reports its best round (the shared VM's
-neighbours slow some rounds). --profile adds torch's profiler table of a 16-row step with our kernels and
-batch_invariant on (the server's setting).
+neighbours slow some rounds). --profile adds torch's profiler table of a 16-row step through model.decode with our
+kernels and batch_invariant on (the "native" row; the fused step is one opaque call).
 """
 
 import argparse
@@ -38,13 +39,15 @@ def main() -> None:
 
     folder = ensure_awq_default()
     runners = {}
-    for kernel in ("native", "native+aten", "int4pack"):
+    for kernel in ("fused", "native", "native+aten", "int4pack"):
         os.environ[cpu_native.ENV_SWITCH] = "0" if kernel == "int4pack" else "auto"
         if kernel != "int4pack" and not cpu_native.use_by_default():
-            print("our kernels are not used on this CPU (no AMX engine): native rows skipped")
+            print(f"our kernels are not used on this CPU (no AMX or AVX512-BF16 engine): {kernel} rows skipped")
             continue
         for invariant in (True, False):
             r = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=16, max_seq_len=512, batch_invariant=invariant, threads=a.threads))
+            if kernel != "fused":
+                r.fused = None  # decode through model.decode
             if kernel == "native+aten":  # the same int8 codes and scales, through torch's op
                 q, scales = cpu_native.unpack_int8(r.weights.lm_head.native)
                 r.weights = replace(r.weights, lm_head=Int8Linear(q, scales.to(r.dtype)))

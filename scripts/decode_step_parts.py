@@ -2,8 +2,10 @@
 
     python scripts/decode_step_parts.py            # the default model (AWQ INT4), context 192, all cores
 
-Each variant replaces one kind of work in the real step by a preallocated output of the right shape (the INT4
-linears, the int8 lm_head, all linears, all linears and attention) and times the step again; the difference is what
+The parts are those of the step through model.decode_one (the path where the fused C++ step, tinyserve/fused_step.py,
+does not apply; the fused step is timed too, as one more row). Each variant replaces one kind of work in the step by a
+preallocated output of the right shape (the INT4 linears, the int8 lm_head, all linears, all linears and attention)
+and times the step again; the difference is what
 that part costs in place, with the caches and threads as the real step leaves them. Variants run in interleaved rounds,
 best round each. The numbers of the stubbed steps are garbage; only their times are used.
 """
@@ -40,15 +42,20 @@ def main() -> None:
     # Attention is our CPU decode attention where the runner uses it (r.attention), else torch's SDPA: stub whichever runs.
     real = {"int4": model.Int4Linear.one_row, "lm_head": model.Int8Linear.one_row, "sdpa": F.scaled_dot_product_attention,
             "attention": r.attention}
+    fused, r.fused = r.fused, None  # the parts below are model.decode_one's
     variants = {
+        "fused step (the default)": ("fused",),
         "step": (),
         "without INT4 linears": ("int4",),
         "without lm_head": ("lm_head",),
         "without linears": ("int4", "lm_head"),
         "without linears, attention": ("int4", "lm_head", "sdpa"),
     }
+    if fused is None:
+        del variants["fused step (the default)"]
 
     def timed(stubbed) -> float:
+        r.fused = fused if "fused" in stubbed else None
         model.Int4Linear.one_row = stub if "int4" in stubbed else real["int4"]
         model.Int8Linear.one_row = stub if "lm_head" in stubbed else real["lm_head"]
         F.scaled_dot_product_attention = (lambda q, k, v: torch.zeros_like(q)) if "sdpa" in stubbed else real["sdpa"]

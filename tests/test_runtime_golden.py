@@ -8,9 +8,10 @@ as well as this one before recording new ids.
 
 They also depend on which CPU kernels run, so they are recorded per kernel: torch's int4 and int8 ops ("int4pack":
 CPUs without AVX512-BF16 and VNNI, or TINYSERVE_CPU_KERNEL=0) and our own (kernels/cpu_native.py: the INT4 linears
-and the int8 lm_head, and decode attention). Our INT4 and int8 kernels' inner sums are exact integers, so all their
-engines (AMX, AVX512-VNNI, AVX512BW, portable) give the same bits; the decode attention gives the same bits on every
-AVX-512 engine (the portable build's sums run in another order). One set of ids serves every CPU that uses them.
+and the int8 lm_head, decode attention, and the fused decode step around them). Our INT4 and int8 kernels' inner sums
+are exact integers, so all their engines (AMX, AVX512-VNNI, AVX512BW, portable) give the same bits; the decode attention
+and the fused step give the same bits on every AVX-512 engine (the portable build's sums run in another order). One
+set of ids serves every AVX-512 CPU that uses them.
 """
 
 import pytest
@@ -42,14 +43,14 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
             # daughter named Aria, who was a beautiful"
             "int4pack": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30,
                          2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
-            # " there was a wise old woman named Elara who lived in a cozy cottage. She was known for her kindness and
-            # generosity. One day, a young traveler named" (our decode attention, kernels/csrc/cpu_attention.cpp: at the
-            # first decode step the top two logits, 4161 and 436, tie in bf16; with torch's SDPA 4161 led by one bf16 step,
-            # and in fp32 it leads by 0.18 with either)
+            # " there was a wise old woman named Elara who lived in a cozy cottage. She was known for her kindness and her
+            # love for the local children. One day" (the fused decode step, tinyserve/fused_step.py: at token 23 the top
+            # two logits, 874 and 26677, tie in bf16 (22.375); the same decoder in torch ops had 26677 one bf16 step
+            # ahead. Before that, with torch's SDPA instead of our decode attention, token 1 was 4161, also from a tie.)
             "native": [665, 436, 253, 9357, 1573, 4166, 3365, 3906, 4075, 617, 4161, 281, 253, 18840, 31039, 30, 2306, 436, 1343, 327,
-                       874, 11347, 284, 26677, 30, 1963, 1194, 28, 253, 1805, 32779, 3365],
+                       874, 11347, 284, 874, 2606, 327, 260, 1679, 1122, 30, 1963, 1194],
             "native serve": [665, 436, 253, 9357, 1573, 4166, 3365, 3906, 4075, 617, 4161, 281, 253, 18840, 31039, 30, 2306, 436, 1343,
-                             327, 874, 11347, 284, 26677, 30, 1963, 1194, 28, 253, 1805, 32779, 3365],
+                             327, 874, 11347, 284, 874, 2606, 327, 260, 1679, 1122, 30, 1963, 1194],
             "int4pack serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047,
                                30, 2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
         },
@@ -69,8 +70,9 @@ def test_first_32_greedy_tokens_of_the_awq_default_model(serving):
     from tinyserve.tokenizer import Tokenizer
 
     folder = ensure_awq_default()
-    # serve on 2 cores: batch-invariant decode, 1 compute thread (its default: all cores but one). The batched path's
-    # greedy ids depend on the thread count (2 threads changed token 31 of the chat prompt), the one-sequence path's not.
+    # serve on 2 cores: batch-invariant decode, 1 compute thread (its default: all cores but one). With our kernels the
+    # ids are the same with 2 threads; with torch's ops the batched path's depend on the thread count (2 threads changed
+    # token 31 of the chat prompt).
     rc = RunnerConfig(device="cpu", num_slots=4, batch_invariant=True, threads=1) if serving else RunnerConfig(device="cpu")
     runner = ModelRunner(folder, rc)
     # Our kernels' sums are exact integers: every engine gives the same bits, so one set of ids covers them all.

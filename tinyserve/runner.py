@@ -19,8 +19,9 @@ API (what a scheduler, the CLI or the HTTP server calls):
   A prefill or decode past `max_seq_len` raises `ContextOverflow` (callers turn that into a `length` finish).
 - Shapes: on CUDA, decode pads M up to a bucket (1, 2, 4, 8, ...) and the attended length up to a multiple of
   `LENGTH_BUCKET`, and replays one CUDA graph per (batch bucket, length bucket); padding rows write into a scratch
-  slot that no sequence owns. On CPU there are no graphs: a lone sequence reads its cache rows as a view, several
-  rows gather theirs.
+  slot that no sequence owns. On CPU there are no graphs: where our CPU kernels hold the INT4 weights and compute is
+  bf16 (the default), the whole step is one C++ call (tinyserve/fused_step.py) that reads each row's slot in place;
+  otherwise a lone sequence reads its cache rows as a view, several rows gather theirs.
 - Sampling is separate (tinyserve.sampling): feed it the logits.
 """
 
@@ -35,6 +36,7 @@ import torch
 from kernels import cpu_native
 from tinyserve import model
 from tinyserve.config import ConfigError, ModelConfig
+from tinyserve.fused_step import FusedDecode
 from tinyserve.kv_cache import KVCache, SlotPool
 from tinyserve.weights import load_weights
 
@@ -145,6 +147,10 @@ class ModelRunner:
         self.cache = KVCache(self.cfg, cache_slots, cache_len, self.dtype, self.device)
         self.pool = SlotPool(self.num_slots)
         self._lengths = [0] * self.num_slots
+        # CPU decode in one C++ call per step where it applies (tinyserve/fused_step.py); model.decode otherwise.
+        self.fused = None
+        if FusedDecode.applies(self.cfg, self.weights, self.dtype, self.device):
+            self.fused = FusedDecode(self.cfg, self.weights, self.cache.k, self.cache.v, self.cos, self.sin)
 
     def lm_head_mode(self) -> str:
         """auto: int8 rows on CPU for INT4 checkpoints (the lm_head is ~40% of SmolLM2's decode bytes in bf16, and
@@ -220,6 +226,8 @@ class ModelRunner:
     def _decode(self, slots: list[int], tokens: torch.Tensor, pos: list[int]) -> torch.Tensor:
         if self.graphs is not None:
             return self.graphs(slots, tokens.tolist(), pos)
+        if self.fused is not None:  # every row computed alone: batch-invariant as it is
+            return self.fused(slots, tokens.tolist(), pos).float()
         if self.config.batch_invariant:
             return self._decode_invariant(slots, tokens, pos)
         M = len(slots)

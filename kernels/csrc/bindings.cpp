@@ -1,7 +1,7 @@
-// The ops bound to Python directly, for eager calls (kernels/cpu_native.py): pybind11 hands the tensors straight to
-// the C++ functions, about 1.7 us less per call than going through torch.ops, whose Python path matches the schema and
-// boxes every argument (BENCHMARKS.md, "Call overhead"). A decode step of SmolLM2 makes 121 such calls. torch.compile
-// keeps using the torch.ops registration, which has a fake implementation to trace with.
+// The ops bound to Python directly, for eager calls (kernels/cpu_native.py), and the fused decode step (cpu_decode.cpp):
+// pybind11 hands the tensors straight to the C++ functions, about 1.7 us less per call than going through torch.ops,
+// whose Python path matches the schema and boxes every argument (BENCHMARKS.md, "Call overhead"). torch.compile keeps
+// using the torch.ops registrations, which have fake implementations to trace with.
 #include <ATen/record_function.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -36,4 +36,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("int8_mm", &int8_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, pybind11::call_guard<pybind11::gil_scoped_release>());
+  using TS_NAMESPACE::DecodeStep;
+  pybind11::class_<DecodeStep>(m, "DecodeStep")
+      .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<std::vector<std::optional<at::Tensor>>>, at::Tensor,
+                          at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("forward", [](const DecodeStep& step, const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) {
+             RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::decode_step", std::vector<c10::IValue>());
+             return step.forward(tokens, slots, positions);
+           },
+           pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -32,8 +32,7 @@
 
 namespace {
 
-constexpr int64_t R_MAX = 8;    // query heads per kv head handled in registers (GQA groups are 1-8 in our families)
-constexpr int64_t D_MAX = 256;  // head dims up to this, in steps of 16
+constexpr int64_t D_MAX = 256;  // head dims up to this, in steps of 16 (attention_fits, ops.h)
 // Key / value rows fetched ahead of their use: the first keys before the score loop, the first values during its last
 // rows. 16 with both head starts was 9-11% faster than 8 without them on cold caches (1 thread, 16 x 3 heads, D 64,
 // L 128 and 512); 16 alone 2-6%, 32 no better than 16, 4 2-11% slower.
@@ -56,23 +55,6 @@ inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
 template <typename T>
 inline void prefetch_row(const T* row, int64_t D) {
   for (int64_t b = 0; b < D * int64_t(sizeof(T)); b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
-}
-
-// exp(x) for x <= 0 (x = s - max): x = n ln2 + f, |f| <= ln2 / 2, exp(f) by a degree-6 Taylor polynomial (truncation
-// error below 1.7e-7 relative on that range, ~1.5 ulp), times 2^n by VSCALEFPS (0 for n far below the normal range).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // exp(-104) is 0 in fp32; keeps n finite
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: exact n * hi
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), f);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
 }
 
 // One (row, kv head): q [R, D] fp32 (scaled), k / v rows at k + l * ks, out [R, D] fp32. CT: D / 16 when known at
@@ -184,6 +166,30 @@ void run_head(const float* q, const T* k, const T* v, int64_t ks, int64_t vs, in
 
 }  // namespace
 
+void TS_NAMESPACE::decode_attention_into(const AttentionArgs& a) {
+  const int64_t H = a.H, R = a.R, D = a.D, RD = R * D;
+  at::parallel_for(0, a.M * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(static_cast<size_t>(R * a.L)), qt(static_cast<size_t>(RD)), ot(static_cast<size_t>(RD));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m = t / H, h = t % H, n = a.lens[m], slot = a.rows ? a.rows[m] : m;
+      const int64_t ko = slot * a.ks[0] + h * a.ks[1], vo = slot * a.vs[0] + h * a.vs[1];
+      if (a.bf16) {
+        const auto* q = static_cast<const uint16_t*>(a.q) + t * RD;
+        for (int64_t i = 0; i < RD; ++i) qt[i] = bf16_float(q[i]) * a.scale;
+        run_head(qt.data(), static_cast<const uint16_t*>(a.k) + ko, static_cast<const uint16_t*>(a.v) + vo, a.ks[2], a.vs[2], n, R, D,
+                 s.data(), ot.data());
+        auto* o = static_cast<uint16_t*>(a.out) + t * RD;
+        for (int64_t i = 0; i < RD; ++i) o[i] = bf16_round(ot[i]);
+      } else {
+        const auto* q = static_cast<const float*>(a.q) + t * RD;
+        for (int64_t i = 0; i < RD; ++i) qt[i] = q[i] * a.scale;
+        run_head(qt.data(), static_cast<const float*>(a.k) + ko, static_cast<const float*>(a.v) + vo, a.ks[2], a.vs[2], n, R, D,
+                 s.data(), static_cast<float*>(a.out) + t * RD);
+      }
+    }
+  });
+}
+
 // q [M, Hkv, R, D] (contiguous), k and v [M, Hkv, L, D] (any strides but unit stride along D), lengths [M] int64
 // (row m attends to positions 0..lengths[m]-1, 1 <= lengths[m] <= L). fp32 or bf16, all alike. Returns q's shape and
 // dtype. scale multiplies q . k (1 / sqrt(D) for the models here).
@@ -195,34 +201,16 @@ at::Tensor TS_NAMESPACE::decode_attention(const at::Tensor& q_in, const at::Tens
   const int64_t M = q_in.size(0), H = q_in.size(1), R = q_in.size(2), D = q_in.size(3), L = k.size(2);
   TORCH_CHECK(k.size(0) == M && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), "k and v must be [M, Hkv, L, D] matching q");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k and v must have unit stride along D");
-  TORCH_CHECK(R >= 1 && R <= R_MAX && D % 16 == 0 && D <= D_MAX, "decode_attention takes 1..8 query heads per kv head and D a multiple of 16 up to 256");
+  TORCH_CHECK(attention_fits(R, D), "decode_attention takes 1..8 query heads per kv head and D a multiple of 16 up to 256");
   TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == M, "lengths must be [M] int64");
   const at::Tensor len = lengths.contiguous();
   const int64_t* lens = len.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m) TORCH_CHECK(lens[m] >= 1 && lens[m] <= L, "lengths must be in 1..L = ", L, ", got ", lens[m]);
   const at::Tensor q = q_in.contiguous();
   at::Tensor out = at::empty({M, H, R, D}, q.options());
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const auto* q16 = bf16 ? reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()) : nullptr;
-  const float* q32 = bf16 ? nullptr : q.data_ptr<float>();
-  at::parallel_for(0, M * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s(static_cast<size_t>(R * L)), qt(static_cast<size_t>(R * D)), ot(static_cast<size_t>(R * D));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m = t / H, h = t % H, n = lens[m];
-      for (int64_t i = 0; i < R * D; ++i) qt[i] = (bf16 ? bf16_float(q16[t * R * D + i]) : q32[t * R * D + i]) * static_cast<float>(scale);
-      if (bf16) {
-        const auto* kb = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>()) + m * k.stride(0) + h * k.stride(1);
-        const auto* vb = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>()) + m * v.stride(0) + h * v.stride(1);
-        run_head(qt.data(), kb, vb, k.stride(2), v.stride(2), n, R, D, s.data(), ot.data());
-        auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + t * R * D;
-        for (int64_t i = 0; i < R * D; ++i) o[i] = bf16_round(ot[i]);
-      } else {
-        const float* kf = k.data_ptr<float>() + m * k.stride(0) + h * k.stride(1);
-        const float* vf = v.data_ptr<float>() + m * v.stride(0) + h * v.stride(1);
-        run_head(qt.data(), kf, vf, k.stride(2), v.stride(2), n, R, D, s.data(), out.data_ptr<float>() + t * R * D);
-      }
-    }
-  });
+  decode_attention_into({q.data_ptr(), out.data_ptr(), k.data_ptr(), v.data_ptr(), {k.stride(0), k.stride(1), k.stride(2)},
+                         {v.stride(0), v.stride(1), v.stride(2)}, nullptr, lens, M, H, R, D, L, static_cast<float>(scale),
+                         q.scalar_type() == at::kBFloat16});
   return out;
 }
 

@@ -437,37 +437,19 @@ int64_t parallel_threads(int64_t n) {
 
 }  // namespace
 
-// y = x @ W (+ bias). x: [M, K] fp32 or bf16 (contiguous); packed: [NB, NG, R] uint8; bias: [N] or None.
-// Returns [M, N] in x's dtype.
-at::Tensor TS_NAMESPACE::int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                                 int64_t N, int64_t G) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, K]");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be [NB, NG, R] uint8");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), NG = packed.size(1), R = packed.size(2);
-  const int64_t Gp = (R - META) / 8;
-  TORCH_CHECK(G > 0 && NG * G == K && Gp >= G && Gp % KALIGN == 0 && R == Gp * 8 + META, "packed does not match K = ", K, " and G = ", G);
-  TORCH_CHECK(NB == (N + BN - 1) / BN, "packed holds ", NB, " blocks of 16 columns, N = ", N);
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0, "packed must be 64-byte aligned");
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
+// y [M, N] = x [M, K] @ W (+ bias), x and y fp32 or bf16 bits (bf16) contiguous, W packed [NB, NG, R]; bias fp32 [N]
+// or null. Shapes already checked (int4_mm, or the decode step's constructor).
+void TS_NAMESPACE::int4_mm_into(const void* x, bool bf16, int64_t M, int64_t K, const uint8_t* packed, int64_t NB, int64_t NG,
+                                int64_t R, const float* bias, int64_t N, int64_t G, void* y) {
+  if (M == 0 || N == 0) return;
   const Engine eng = engine();
-  const int64_t Kp = NG * Gp;
+  const int64_t Gp = (R - META) / 8, Kp = NG * Gp;
   std::vector<int8_t> xq(static_cast<size_t>(M * 2 * Kp));  // zeroed: the groups' padding
   std::vector<float> xscale(static_cast<size_t>(M * NG));
   std::vector<int32_t> xsum(static_cast<size_t>(M * NG));
-  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  prepare_x(is_bf16 ? nullptr : x.data_ptr<float>(), is_bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr,
-            M, K, G, Gp, NG, xbits(Gp), xq.data(), xscale.data(), xsum.data());
-  std::vector<float> bias32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias must have N = ", N, " elements");
-    const at::Tensor b = bias->to(at::kFloat).contiguous();
-    bias32.assign(b.data_ptr<float>(), b.data_ptr<float>() + N);
-  }
-  const Problem p{M, N, NB, NG, Gp, R, Kp, xq.data(), xscale.data(), xsum.data(), packed.data_ptr<uint8_t>(),
-                  bias32.empty() ? nullptr : bias32.data(), y.data_ptr(), is_bf16};
+  prepare_x(bf16 ? nullptr : static_cast<const float*>(x), bf16 ? static_cast<const uint16_t*>(x) : nullptr, M, K, G, Gp, NG,
+            xbits(Gp), xq.data(), xscale.data(), xsum.data());
+  const Problem p{M, N, NB, NG, Gp, R, Kp, xq.data(), xscale.data(), xsum.data(), packed, bias, y, bf16};
   // Enough blocks per task that a thread's share is worth waking it (~64k weights).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (K * BN));
   at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
@@ -485,6 +467,32 @@ at::Tensor TS_NAMESPACE::int4_mm(const at::Tensor& x_in, const at::Tensor& packe
         for (int64_t b = b0; b < b1; ++b) rows_portable(p, 0, M, b);
     }
   });
+}
+
+void TS_NAMESPACE::check_int4_packed(const at::Tensor& packed, int64_t K, int64_t N, int64_t G) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be [NB, NG, R] uint8");
+  const int64_t NB = packed.size(0), NG = packed.size(1), R = packed.size(2), Gp = (R - META) / 8;
+  TORCH_CHECK(G > 0 && NG * G == K && Gp >= G && Gp % KALIGN == 0 && R == Gp * 8 + META, "packed does not match K = ", K, " and G = ", G);
+  TORCH_CHECK(NB == (N + BN - 1) / BN, "packed holds ", NB, " blocks of 16 columns, N = ", N);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 64 == 0, "packed must be 64-byte aligned");
+}
+
+// y = x @ W (+ bias). x: [M, K] fp32 or bf16; packed: [NB, NG, R] uint8; bias: [N] or None. Returns [M, N] in x's dtype.
+at::Tensor TS_NAMESPACE::int4_mm(const at::Tensor& x_in, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                                 int64_t N, int64_t G) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [M, K]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  check_int4_packed(packed, K, N, G);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor bias32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have N = ", N, " elements");
+    bias32 = bias->to(at::kFloat).contiguous();
+  }
+  int4_mm_into(x.data_ptr(), x.scalar_type() == at::kBFloat16, M, K, packed.data_ptr<uint8_t>(), packed.size(0), packed.size(1),
+               packed.size(2), bias32.defined() ? bias32.data_ptr<float>() : nullptr, N, G, y.data_ptr());
   return y;
 }
 

@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 // Set by the build (kernels/cpu_native.py), one per variant.
 #ifndef TS_NAMESPACE
@@ -26,5 +28,61 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 // Decode attention: out [M, Hkv, R, D] for q [M, Hkv, R, D] over k, v [M, Hkv, L, D], row m over positions
 // 0..lengths[m]-1 (cpu_attention.cpp).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths, double scale);
+
+// The same kernels on raw buffers, for the decode step below (shapes checked by the caller).
+// int4_mm: x [M, K] and y [M, N] fp32, or bf16 bits when bf16; packed [NB, NG, R]; bias fp32 [N] or null.
+void int4_mm_into(const void* x, bool bf16, int64_t M, int64_t K, const uint8_t* packed, int64_t NB, int64_t NG, int64_t R,
+                  const float* bias, int64_t N, int64_t G, void* y);
+void check_int4_packed(const at::Tensor& packed, int64_t K, int64_t N, int64_t G);  // raises unless packed is [NB, NG, R] for K, N, G
+
+inline bool attention_fits(int64_t R, int64_t D) { return R >= 1 && R <= 8 && D % 16 == 0 && D <= 256; }
+
+// decode_attention on raw buffers. Row m's keys for kv head h, position l are at k + slot * ks[0] + h * ks[1] + l * ks[2]
+// (elements; v likewise), slot = rows ? rows[m] : m, so rows can read a cache's slots without gathering them.
+struct AttentionArgs {
+  const void* q;                 // [M, H, R, D] contiguous
+  void* out;                     // [M, H, R, D] contiguous
+  const void* k;
+  const void* v;
+  int64_t ks[3], vs[3];          // strides of slot, head and position
+  const int64_t* rows;           // [M] or null
+  const int64_t* lens;           // [M], each in 1..L
+  int64_t M, H, R, D, L;         // H kv heads, R query heads per kv head (attention_fits)
+  float scale;
+  bool bf16;                     // all buffers bf16 bits, else fp32
+};
+void decode_attention_into(const AttentionArgs& a);
+
+// One decode step of a Llama-style decoder (tinyserve/model.py, decode) in one call (cpu_decode.cpp): M sequences,
+// each one token, every layer, its keys and values written into the cache at its slot and position. bf16 activations,
+// INT4 linears in this library's layout. Returns the final norm's output [M, H] (the lm_head stays in Python).
+class DecodeStep {
+ public:
+  // layers: per layer [attn_norm [H], qkv, o, mlp_norm [H], gate_up, down] (the linears packed for int4_mm with group
+  // size G); biases: per layer the four linears' biases, each [N] or None. cos, sin [S, D] bf16 (model.rope_tables);
+  // k_cache, v_cache [layers, slots, Hkv, S, D] bf16, written in place.
+  DecodeStep(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<std::vector<std::optional<at::Tensor>>> biases,
+             at::Tensor norm, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, int64_t num_heads,
+             int64_t num_kv_heads, int64_t intermediate_size, int64_t group_size, double eps);
+  // tokens, slots, positions: [M] int64; row m attends to positions 0..positions[m] of its slot. Slots distinct.
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) const;
+
+ private:
+  struct Linear {
+    at::Tensor packed;
+    at::Tensor bias;  // fp32 [N], or undefined
+    int64_t K, N;
+  };
+  struct Layer {
+    at::Tensor attn_norm, mlp_norm;
+    Linear qkv, o, gate_up, down;
+  };
+  void linear(const Linear& l, const uint16_t* x, int64_t M, uint16_t* y) const;
+
+  at::Tensor embed_, norm_, cos_, sin_, k_, v_;
+  std::vector<Layer> layers_;
+  int64_t H_, Hq_, Hkv_, D_, I_, G_;
+  float eps_;
+};
 
 }  // namespace TS_NAMESPACE
