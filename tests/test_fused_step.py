@@ -112,7 +112,7 @@ def test_fused_step_rejects_bad_input(runner):
         "outside the vocabulary": (t(V), t(0), t(3)),
         "slots must be distinct": (t(1, 2), t(0, 0), t(3, 4)),
         "outside the cache's 4 slots": (t(1), t(4), t(3)),
-        "outside the cache's 64 positions": (t(1), t(0), t(64)),
+        "outside the context of 64 positions": (t(1), t(0), t(64)),
         "must be [M] int64": (t(1), t(0), torch.tensor([3], dtype=torch.int32)),
     }
     for message, args in cases.items():
@@ -142,3 +142,20 @@ def test_fused_step_is_used_only_where_it_applies(tiny_int4_dir, tiny_model_dir,
     slot = r.alloc_slot()
     r.prefill(slot, [5, 6, 7])
     assert r.decode([slot], [8]).shape == (1, r.cfg.vocab_size)
+
+
+@torch.inference_mode()
+def test_fused_step_with_a_context_the_cache_rounds_up(tiny_int4_dir, monkeypatch):
+    """serve's batch-invariant runner rounds the cache length up to a multiple of 32; the RoPE tables keep
+    max_seq_len rows. The fused step takes both, and refuses positions past the context."""
+    need("native")
+    monkeypatch.setenv("TINYSERVE_CPU_KERNEL", "1")
+    r = ModelRunner(tiny_int4_dir, RunnerConfig(device="cpu", max_seq_len=45, batch_invariant=True, num_slots=2))
+    assert r.fused is not None and r.cache.k.shape[3] == 64 and r.cos.shape[0] == 45
+    slot = r.alloc_slot()
+    r.prefill(slot, list(range(5, 49)))  # positions 0..43
+    expected, _, _ = reference_step(r, [slot], [7], [44])
+    got = r.decode([slot], [7])  # position 44, the last one
+    assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
+    with pytest.raises(RuntimeError, match="outside the context of 45 positions"):
+        r.fused([slot], [7], [45])

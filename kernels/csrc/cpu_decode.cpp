@@ -118,8 +118,8 @@ TS_NAMESPACE::DecodeStep::DecodeStep(at::Tensor embed, std::vector<std::vector<a
   TORCH_CHECK(layers.size() == biases.size(), "one list of biases per layer");
   check_bf16(embed_, embed_.sizes(), "embed");
   check_bf16(norm_, {H_}, "norm");
-  check_bf16(cos_, {k_.size(3), D_}, "cos");
-  check_bf16(sin_, {k_.size(3), D_}, "sin");
+  check_bf16(cos_, {cos_.size(0), D_}, "cos");
+  check_bf16(sin_, cos_.sizes(), "sin");
   check_bf16(k_, k_.sizes(), "k_cache");
   check_bf16(v_, k_.sizes(), "v_cache");
   const int64_t QKV = (Hq_ + 2 * Hkv_) * D_;
@@ -150,7 +150,8 @@ void TS_NAMESPACE::DecodeStep::linear(const Linear& l, const uint16_t* x, int64_
 }
 
 at::Tensor TS_NAMESPACE::DecodeStep::forward(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) const {
-  const int64_t M = tokens.numel(), V = embed_.size(0), num_slots = k_.size(1), S = k_.size(3);
+  // Positions must have a cache row and a RoPE row (the cache may hold more: the runner rounds its length up).
+  const int64_t M = tokens.numel(), V = embed_.size(0), num_slots = k_.size(1), S = std::min(k_.size(3), cos_.size(0));
   for (const at::Tensor* t : {&tokens, &slots, &positions})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() && t->numel() == M, "tokens, slots and positions must be [M] int64");
   TORCH_CHECK(M >= 1, "decode needs at least one row");
@@ -159,7 +160,7 @@ at::Tensor TS_NAMESPACE::DecodeStep::forward(const at::Tensor& tokens, const at:
   for (int64_t m = 0; m < M; ++m) {
     TORCH_CHECK(tok[m] >= 0 && tok[m] < V, "token ", tok[m], " is outside the vocabulary of ", V);
     TORCH_CHECK(slot[m] >= 0 && slot[m] < num_slots, "slot ", slot[m], " is outside the cache's ", num_slots, " slots");
-    TORCH_CHECK(pos[m] >= 0 && pos[m] < S, "position ", pos[m], " is outside the cache's ", S, " positions");
+    TORCH_CHECK(pos[m] >= 0 && pos[m] < S, "position ", pos[m], " is outside the context of ", S, " positions");
     for (int64_t j = 0; j < m; ++j) TORCH_CHECK(slot[j] != slot[m], "slots must be distinct");
     lens[m] = pos[m] + 1;
   }

@@ -59,8 +59,8 @@ void decode_attention_into(const AttentionArgs& a);
 class DecodeStep {
  public:
   // layers: per layer [attn_norm [H], qkv, o, mlp_norm [H], gate_up, down] (the linears packed for int4_mm with group
-  // size G); biases: per layer the four linears' biases, each [N] or None. cos, sin [S, D] bf16 (model.rope_tables);
-  // k_cache, v_cache [layers, slots, Hkv, S, D] bf16, written in place.
+  // size G); biases: per layer the four linears' biases, each [N] or None. cos, sin [P, D] bf16 (model.rope_tables);
+  // k_cache, v_cache [layers, slots, Hkv, S, D] bf16, written in place. Positions go up to min(P, S) - 1.
   DecodeStep(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<std::vector<std::optional<at::Tensor>>> biases,
              at::Tensor norm, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, int64_t num_heads,
              int64_t num_kv_heads, int64_t intermediate_size, int64_t group_size, double eps);
