@@ -21,7 +21,7 @@ is kept as a dense bf16 weight, see prepare in dispatch.py).
 Large M: the op dequantizes each weight block once per 4 rows of x, so its cost grows with M and a dense bf16 GEMM
 (AMX/AVX-512 through oneDNN) wins beyond a few rows. Two ways to get the dense weight are offered: dequantize per
 call in cache-sized column chunks (no memory cost) or a bf16 copy cached at load time (2 bytes per weight: an
-explicit option of prepare). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
+explicit option of prepare), held prepacked in oneDNN's layout (hold_dense). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
 """
 
 from dataclasses import dataclass
@@ -35,6 +35,11 @@ from kernels.layout import unpack
 OP_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the int4pack op accepts, largest first
 N_BLOCK = 64  # the op packs N in blocks of 64 columns on AVX-512 builds; we pad N to a multiple of it
 INNER_K_TILES = 2  # ignored by the CPU conversion; the CUDA variant of the op takes the same argument
+# The row count oneDNN picks its packed weight layout for (hold_dense): 32, 128 and 512 ran alike at 9-512 rows, 1 slower.
+DENSE_PACK_ROWS = 128
+# Whether dense weights are held prepacked for oneDNN (hold_dense, dense_linear). A constant, not a test of the tensor:
+# under torch.compile the weight is a fake tensor that does not say it is a oneDNN one.
+PREPACK_DENSE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,7 +160,17 @@ def _(x, packed, scale_zero, out_features):
     return x.new_empty((x.shape[0], out_features), dtype=torch.bfloat16)
 
 
-def dense_linear(x: torch.Tensor, weight_kn: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] @ a dense bf16 weight [K, N'] (N' >= N, padded columns dropped) -> [M, N] bf16."""
-    y = x.to(torch.bfloat16) @ weight_kn
+def hold_dense(weight_kn: torch.Tensor) -> torch.Tensor:
+    """A dense bf16 weight [K, N] as dense_linear takes it: prepacked in oneDNN's GEMM layout where this torch has oneDNN
+    with bf16 (a matmul on the plain weight repacks it on every call: 1.2-1.4x slower at 100-512 rows on cold weights,
+    BENCHMARKS.md, "Prepacked dense prompt weights"), else as it is."""
+    if PREPACK_DENSE:
+        return torch.ops.mkldnn._reorder_linear_weight(weight_kn.t().contiguous(), DENSE_PACK_ROWS)
+    return weight_kn
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] @ a dense bf16 weight held by hold_dense (N' >= N columns, padded ones dropped) -> [M, N] bf16."""
+    x = x.to(torch.bfloat16)
+    y = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "") if PREPACK_DENSE else x @ weight
     return y if y.shape[1] == out_features else y[:, :out_features]

@@ -34,7 +34,8 @@ CPU_DEQUANT_MIN_M = 96
 # (it won at M = 1..32 on all five SmolLM2 shapes, fused ones included, and lost at 64 on one of five). Its row results
 # do not depend on M (row invariance), so batched decode up to this many rows is one call. With no dense copy it is
 # used at every M: it beat per-call dequantize + matmul at M = 16..1024 on the three Llama-2-7B shapes (1.1-30x) but
-# one, a tie (4096x4096 at M = 1024).
+# one, a tie (4096x4096 at M = 1024). Rechecked with the cached weight prepacked for oneDNN (cpu.hold_dense), 1 thread:
+# ours still won at M = 16..32 on all five and lost at 48 on four ("Prepacked dense prompt weights").
 CPU_NATIVE_MAX_M = 32
 
 # CUDA: provisional, not yet measured (no GPU was lent to the session that wrote this). GEMV_MAX_M is the largest M
@@ -55,7 +56,7 @@ class Int4Weights:
     out_features: int  # N
     int4pack: cpu.CpuPacked | None = None  # CPU: torch's int4 layout (None when the op cannot take this group size)
     native: cpu_native.NativePacked | None = None  # CPU: our kernel's layout (then int4pack is None)
-    dense: torch.Tensor | None = None  # CPU: [K, N] bf16, when cached at load time or G unsupported
+    dense: torch.Tensor | None = None  # CPU: bf16, as cpu.hold_dense keeps it, when cached at load time or G unsupported
 
     @property
     def nbytes(self) -> int:
@@ -87,14 +88,13 @@ def prepare(
     N = qweight.shape[1] * PACK_FACTOR
     if qweight.device.type != "cpu":
         return Int4Weights(qweight, qzeros, scales, G, K, N)
+    dense = cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16)) if cpu_dense_cache else None  # one rounding
     if native if native is not None else cpu_native.use_by_default():
-        dense = dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16) if cpu_dense_cache else None
         return Int4Weights(None, None, None, G, K, N, native=cpu_native.repack(qweight, qzeros, scales, G), dense=dense)
     if cpu.op_group_size(G) is None:
-        return Int4Weights(None, None, None, G, K, N, dense=dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))
-    packed = cpu.pack_for_cpu(qweight, qzeros, scales, G)
-    dense = dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16) if cpu_dense_cache else None  # one rounding
-    return Int4Weights(None, None, None, G, K, N, int4pack=packed, dense=dense)
+        dense = dense if dense is not None else cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))
+        return Int4Weights(None, None, None, G, K, N, dense=dense)
+    return Int4Weights(None, None, None, G, K, N, int4pack=cpu.pack_for_cpu(qweight, qzeros, scales, G), dense=dense)
 
 
 def choose_path(

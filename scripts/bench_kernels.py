@@ -139,7 +139,7 @@ def bench_cpu(cfg: Config) -> None:
                     repacked.append(cpu_native.repack(*raw, G))
             wb = torch.randn(N, K).bfloat16()
             dense_bf16 = [wb] + [wb.clone() for _ in range(copies_for(wb.nbytes, ws) - 1)]
-            dense_kn = [t.t().contiguous() for t in dense_bf16]  # the cached weight as prepare keeps it: [K, N]
+            dense_kn = [cpu.hold_dense(t.t().contiguous()) for t in dense_bf16]  # the cached weight as prepare keeps it
             dense_fp32 = [wb.float() for _ in range(copies_for(4 * K * N, ws))]
             for M in cfg.m:
                 if cfg.quick and M > 256:

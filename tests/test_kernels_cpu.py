@@ -172,10 +172,10 @@ def test_raw_custom_op_and_its_fake_impl():
     torch.library.opcheck(cpu._dequant_matmul, (x[0].bfloat16(), w.packed, w.scale_zero, 72))
 
 
-@pytest.mark.parametrize("M", [1, CPU_DEQUANT_MIN_M])
-def test_entry_point_traces_under_torch_compile(M):
+@pytest.mark.parametrize("M,cache", [(1, False), (CPU_DEQUANT_MIN_M, False), (CPU_DEQUANT_MIN_M, True)])
+def test_entry_point_traces_under_torch_compile(M, cache):
     qw, qz, s, W = random_layer(64, 72, 32)
-    w = kernels.prepare(qw, qz, s, 32)
+    w = kernels.prepare(qw, qz, s, 32, cpu_dense_cache=cache)
     f = torch.compile(lambda t: kernels.int4_linear(t, w), backend="eager", fullgraph=True)
     x = torch.randn(M, 64).bfloat16()
     assert_matches(f(x), x.float() @ W, torch.bfloat16)
