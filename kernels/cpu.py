@@ -21,7 +21,8 @@ is kept as a dense bf16 weight, see prepare in dispatch.py).
 Large M: the op dequantizes each weight block once per 4 rows of x, so its cost grows with M and a dense bf16 GEMM
 (AMX/AVX-512 through oneDNN) wins beyond a few rows. Two ways to get the dense weight are offered: dequantize per
 call in cache-sized column chunks (no memory cost) or a bf16 copy cached at load time (2 bytes per weight: an
-explicit option of prepare), held prepacked in oneDNN's layout (hold_dense). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
+explicit option of prepare), held prepacked in oneDNN's layout (hold_dense). The thresholds live in dispatch.py and
+come from scripts/bench_kernels.py.
 """
 
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def torch_scale_zero(qzeros: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
 
 def pack_for_cpu(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> CpuPacked:
     """Convert the file layout to the op's layout (once, at load time). The group size must have an op_group_size."""
-    K, N = qweight.shape[0], scales.shape[1]
+    N = scales.shape[1]
     op_group = op_group_size(group_size)
     if op_group is None:
         raise ValueError(f"group size {group_size} is not a multiple of 32: torch's CPU int4 op cannot take it")

@@ -88,11 +88,14 @@ def prepare(
     N = qweight.shape[1] * PACK_FACTOR
     if qweight.device.type != "cpu":
         return Int4Weights(qweight, qzeros, scales, G, K, N)
-    dense = cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16)) if cpu_dense_cache else None  # one rounding
-    if native if native is not None else cpu_native.use_by_default():
+    use_native = native if native is not None else cpu_native.use_by_default()
+    op_takes_g = cpu.op_group_size(G) is not None
+    dense = None
+    if cpu_dense_cache or not (use_native or op_takes_g):  # without a packed form the dense weight is the only one
+        dense = cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))  # one rounding
+    if use_native:
         return Int4Weights(None, None, None, G, K, N, native=cpu_native.repack(qweight, qzeros, scales, G), dense=dense)
-    if cpu.op_group_size(G) is None:
-        dense = dense if dense is not None else cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))
+    if not op_takes_g:
         return Int4Weights(None, None, None, G, K, N, dense=dense)
     return Int4Weights(None, None, None, G, K, N, int4pack=cpu.pack_for_cpu(qweight, qzeros, scales, G), dense=dense)
 

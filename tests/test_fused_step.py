@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
-
 from native_variants import need, variants
 from runtime_helpers import write_rtn_folder
+
 from tinyserve import model
 from tinyserve.fused_step import FusedDecode
 from tinyserve.runner import ModelRunner, RunnerConfig
@@ -107,7 +107,7 @@ def test_fused_step_engines_agree(runner):
 @torch.inference_mode()
 def test_fused_step_rejects_bad_input(runner):
     step, V = runner.fused.step, runner.cfg.vocab_size
-    t = lambda *xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    t = lambda *xs: torch.tensor(xs, dtype=torch.long)
     cases = {
         "outside the vocabulary": (t(V), t(0), t(3)),
         "slots must be distinct": (t(1, 2), t(0, 0), t(3, 4)),
@@ -134,7 +134,7 @@ def test_fused_step_is_used_only_where_it_applies(tiny_int4_dir, tiny_model_dir,
     need("native")
     monkeypatch.setenv("TINYSERVE_CPU_KERNEL", "1")
     partly_dense = write_rtn_folder(tiny_model_dir, tmp_path / "skip-down", group_size=32, skip=("down_proj",))
-    for folder, kw in ((tiny_int4_dir, dict(dtype="float32")), (partly_dense, {})):
+    for folder, kw in ((tiny_int4_dir, {"dtype": "float32"}), (partly_dense, {})):
         assert ModelRunner(folder, RunnerConfig(device="cpu", max_seq_len=32, **kw)).fused is None, folder
     monkeypatch.setenv("TINYSERVE_CPU_KERNEL", "0")
     r = ModelRunner(tiny_int4_dir, RunnerConfig(device="cpu", max_seq_len=32))

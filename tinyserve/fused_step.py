@@ -22,7 +22,8 @@ from tinyserve.model import Int4Linear, ModelWeights
 class FusedDecode:
     def __init__(self, cfg: ModelConfig, w: ModelWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, variant: str = "native"):
-        """k_cache, v_cache [layers, slots, Hkv, S, D] and cos, sin [S, D]: the runner's, bf16 (use `applies` first).
+        """k_cache, v_cache [layers, slots, Hkv, S, D] and cos, sin [P, D] (P <= S: the runner may round the cache
+        length up): the runner's, bf16 (use `applies` first).
         variant: which build of the kernels (kernels/cpu_native.py, VARIANTS; the tests run each engine)."""
         self.lm_head = w.lm_head
         G = w.layers[0].qkv.w.group_size
