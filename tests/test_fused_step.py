@@ -1,8 +1,9 @@
-"""The fused CPU decode step (tinyserve/fused_step.py, kernels/csrc/cpu_decode.cpp): every layer of a decode step in
-one C++ call. Checked against model.decode (the same decoder in torch ops) on the tiny Llama and Qwen2 models (Qwen2:
-qkv biases, untied lm_head) with INT4 weights, on batches of non-consecutive slots at different lengths: logits to bf16
-rounding, the cache written only at each row's slot and position; rows independent of the batch and of the thread
-count; every kernel build (engine) this CPU runs; bad input refused; and where the runner uses it.
+"""The fused CPU steps (tinyserve/fused_step.py, kernels/csrc/cpu_decode.cpp): every layer of a decode step or of a
+prefill in one C++ call. Checked against model.decode / model.prefill (the same decoder in torch ops) on the tiny Llama
+and Qwen2 models (Qwen2: qkv biases, untied lm_head) with INT4 weights, on batches of non-consecutive slots at
+different lengths and on prompts on both sides of the dense-GEMM threshold: logits to bf16 rounding, the cache written
+only at each row's slot and positions; rows independent of the batch and of the thread count; every kernel build
+(engine) this CPU runs; bad input refused; and where the runner uses them.
 """
 
 import re
@@ -13,7 +14,7 @@ from native_variants import need, variants
 from runtime_helpers import write_rtn_folder
 
 from tinyserve import model
-from tinyserve.fused_step import FusedDecode
+from tinyserve.fused_step import FusedDecoder
 from tinyserve.runner import ModelRunner, RunnerConfig
 
 PROMPTS = {0: 9, 1: 3, 2: 15, 3: 6}  # slot -> prompt length
@@ -67,19 +68,40 @@ def test_fused_step_tracks_model_decode(runner):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("T,start", [(5, 0), (40, 0), (7, 9), (40, 15)])
+def test_fused_prefill_tracks_model_prefill(runner, T, start):
+    """Prompts of up to 32 tokens run our INT4 kernel, longer ones the dense copy (kernels/dispatch.py's choice); from
+    position 0 (causal attention) or after cached positions (a mask). Slot 0 holds 9 prompt tokens, slot 2 holds 15."""
+    r = runner
+    slot = 0 if start <= 9 else 2
+    ids = torch.randint(0, r.cfg.vocab_size, (T,), generator=torch.Generator().manual_seed(T))
+    k_ref, v_ref = r.cache.k.clone(), r.cache.v.clone()
+    expected = model.prefill(r.cfg, r.weights, k_ref, v_ref, slot, ids, start, r.cos, r.sin).float()
+    k_before = r.cache.k.clone()
+    got = r.fused.prefill(slot, ids, start).float()
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
+    changed = (r.cache.k != k_before).any(dim=(0, 2, 4))  # [slots, S]
+    assert not changed[[s for s in PROMPTS if s != slot]].any() and not changed[slot, start + T :].any()
+    assert not changed[slot, :start].any()
+    for cache, ref in ((r.cache.k, k_ref), (r.cache.v, v_ref)):
+        torch.testing.assert_close(cache.float(), ref.float(), atol=0.01 * ref.float().abs().max().item(), rtol=0)
+
+
+@torch.inference_mode()
 def test_fused_rows_do_not_depend_on_the_batch_or_threads(runner):
     r = runner
     slots, toks = [3, 0, 2, 1], [7, 8, 9, 10]
     pos = [r.length(s) for s in slots]
     k0, v0 = r.cache.k.clone(), r.cache.v.clone()
-    batched = r.fused(slots, toks, pos)
+    batched = r.fused.decode(slots, toks, pos)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             for i in range(len(slots)):
                 r.cache.k.copy_(k0), r.cache.v.copy_(v0)
-                alone = r.fused(slots[i : i + 1], toks[i : i + 1], pos[i : i + 1])
+                alone = r.fused.decode(slots[i : i + 1], toks[i : i + 1], pos[i : i + 1])
                 assert torch.equal(alone[0], batched[i]), (n, i)
     finally:
         torch.set_num_threads(threads)
@@ -93,10 +115,10 @@ def test_fused_step_engines_agree(runner):
     slots, toks = [2, 0, 3], [11, 12, 13]
     pos = [r.length(s) for s in slots]
     k0, v0 = r.cache.k.clone(), r.cache.v.clone()
-    expected = r.fused(slots, toks, pos).float()
+    expected = r.fused.decode(slots, toks, pos).float()
     for variant in variants()[1:]:
         k, v = k0.clone(), v0.clone()
-        got = FusedDecode(r.cfg, r.weights, k, v, r.cos, r.sin, variant=variant)(slots, toks, pos).float()
+        got = FusedDecoder(r.cfg, r.weights, k, v, r.cos, r.sin, variant=variant).decode(slots, toks, pos).float()
         if variant == "portable":
             assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
         else:
@@ -106,7 +128,7 @@ def test_fused_step_engines_agree(runner):
 
 @torch.inference_mode()
 def test_fused_step_rejects_bad_input(runner):
-    step, V = runner.fused.step, runner.cfg.vocab_size
+    step, V = runner.fused.impl, runner.cfg.vocab_size
     t = lambda *xs: torch.tensor(xs, dtype=torch.long)
     cases = {
         "outside the vocabulary": (t(V), t(0), t(3)),
@@ -117,15 +139,24 @@ def test_fused_step_rejects_bad_input(runner):
     }
     for message, args in cases.items():
         with pytest.raises(RuntimeError, match=re.escape(message)):
-            step.forward(*args)
+            step.decode(*args)
+    prefill_cases = {
+        "outside the vocabulary": (t(1, V), 0, 0),
+        "outside the cache's 4 slots": (t(1), 4, 0),
+        "positions 60..64 are outside the context of 64 positions": (t(1, 2, 3, 4, 5), 0, 60),
+        "tokens must be [T] int64": (torch.empty(0, dtype=torch.long), 0, 0),
+    }
+    for message, args in prefill_cases.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            step.prefill(*args)
     r = runner
     layers = [[lw.attn_norm, lw.qkv.w.native.packed, lw.o.w.native.packed, lw.mlp_norm, lw.gate_up.w.native.packed, lw.down.w.native.packed]
               for lw in r.weights.layers]
     layers[1][1], layers[1][2] = layers[1][2], layers[1][1]  # qkv and o swapped: the packed shapes do not match
     biases = [[None] * 4 for _ in layers]
     with pytest.raises(RuntimeError, match="packed"):
-        type(step)(r.weights.embed, layers, biases, r.weights.norm, r.cos, r.sin, r.cache.k, r.cache.v, r.cfg.num_heads,
-                   r.cfg.num_kv_heads, r.cfg.intermediate_size, 32, r.cfg.rms_norm_eps)
+        type(step)(r.weights.embed, layers, biases, biases, r.weights.norm, r.cos, r.sin, r.cache.k, r.cache.v, r.cfg.num_heads,
+                   r.cfg.num_kv_heads, r.cfg.intermediate_size, 32, 32, r.cfg.rms_norm_eps)
 
 
 def test_fused_step_is_used_only_where_it_applies(tiny_int4_dir, tiny_model_dir, tmp_path, monkeypatch):
@@ -158,4 +189,4 @@ def test_fused_step_with_a_context_the_cache_rounds_up(tiny_int4_dir, monkeypatc
     got = r.decode([slot], [7])  # position 44, the last one
     assert (got - expected).abs().max() <= 0.01 * expected.abs().max()
     with pytest.raises(RuntimeError, match="outside the context of 45 positions"):
-        r.fused([slot], [7], [45])
+        r.fused.decode([slot], [7], [45])

@@ -8,7 +8,7 @@ as well as this one before recording new ids.
 
 They also depend on which CPU kernels run, so they are recorded per kernel: torch's int4 and int8 ops ("int4pack":
 CPUs without AVX512-BF16 and VNNI, or TINYSERVE_CPU_KERNEL=0) and our own (kernels/cpu_native.py: the INT4 linears
-and the int8 lm_head, decode attention, and the fused decode step around them). Our INT4 and int8 kernels' inner sums
+and the int8 lm_head, decode attention, and the fused decode and prefill steps around them). Our INT4 and int8 kernels' inner sums
 are exact integers, so all their engines (AMX, AVX512-VNNI, AVX512BW, portable) give the same bits; the decode attention
 and the fused step give the same bits on every AVX-512 engine (the portable build's sums run in another order). One
 set of ids serves every AVX-512 CPU that uses them.
@@ -25,11 +25,14 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
             # "... It's a vibrant metropolis that's been a major cultural and economic hub since ancient times.\n"
             "int4pack": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719, 253, 1739,
                          2642, 284, 2536, 14157, 1675, 3201, 1711, 30, 2, 198, 2],
-            # "... It's a vibrant metropolis that's been transformed into a global cultural and economic powerhouse. Paris is renowned for"
+            # "... It's a vibrant metropolis that's been transformed into a global hub of culture, fashion, art, and" (the
+            # fused prefill, tinyserve/fused_step.py: at token 23 14157 leads 2642 by one bf16 step, 19.375 / 19.25; after
+            # the same prefill in torch ops they tied at 19.125 and argmax took 2642: "... global cultural and economic
+            # powerhouse. Paris is renowned for")
             "native": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719, 9543, 618,
-                       253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
+                       253, 2224, 14157, 282, 2517, 28, 7317, 28, 984, 28, 284],
             "native serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
-                             9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
+                             9543, 618, 253, 2224, 14157, 282, 2517, 28, 7317, 28, 984, 28, 284],
             "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
                                9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
         },

@@ -20,8 +20,8 @@ API (what a scheduler, the CLI or the HTTP server calls):
 - Shapes: on CUDA, decode pads M up to a bucket (1, 2, 4, 8, ...) and the attended length up to a multiple of
   `LENGTH_BUCKET`, and replays one CUDA graph per (batch bucket, length bucket); padding rows write into a scratch
   slot that no sequence owns. On CPU there are no graphs: where our CPU kernels hold the INT4 weights and compute is
-  bf16 (the default), the whole step is one C++ call (tinyserve/fused_step.py) that reads each row's slot in place;
-  otherwise a lone sequence reads its cache rows as a view, several rows gather theirs.
+  bf16 (the default), each decode step and each prefill is one C++ call (tinyserve/fused_step.py), reading each row's
+  slot in place; otherwise a lone sequence reads its cache rows as a view, several rows gather theirs.
 - Sampling is separate (tinyserve.sampling): feed it the logits.
 """
 
@@ -36,7 +36,7 @@ import torch
 from kernels import cpu_native
 from tinyserve import model
 from tinyserve.config import ConfigError, ModelConfig
-from tinyserve.fused_step import FusedDecode
+from tinyserve.fused_step import FusedDecoder
 from tinyserve.kv_cache import KVCache, SlotPool
 from tinyserve.weights import load_weights
 
@@ -147,10 +147,10 @@ class ModelRunner:
         self.cache = KVCache(self.cfg, cache_slots, cache_len, self.dtype, self.device)
         self.pool = SlotPool(self.num_slots)
         self._lengths = [0] * self.num_slots
-        # CPU decode in one C++ call per step where it applies (tinyserve/fused_step.py); model.decode otherwise.
+        # CPU steps in one C++ call each where it applies (tinyserve/fused_step.py); model.prefill / decode otherwise.
         self.fused = None
-        if FusedDecode.applies(self.cfg, self.weights, self.dtype, self.device):
-            self.fused = FusedDecode(self.cfg, self.weights, self.cache.k, self.cache.v, self.cos, self.sin)
+        if FusedDecoder.applies(self.cfg, self.weights, self.dtype, self.device):
+            self.fused = FusedDecoder(self.cfg, self.weights, self.cache.k, self.cache.v, self.cos, self.sin)
 
     def lm_head_mode(self) -> str:
         """auto: int8 rows on CPU for INT4 checkpoints (the lm_head is ~40% of SmolLM2's decode bytes in bf16, and
@@ -197,7 +197,10 @@ class ModelRunner:
             raise ValueError(f"prefill start {start} is past slot {slot}'s length {self._lengths[slot]}")
         if start + T > self.max_seq_len:
             raise ContextOverflow(f"{start + T} tokens do not fit the context of {self.max_seq_len} tokens")
-        logits = model.prefill(self.cfg, self.weights, self.cache.k, self.cache.v, slot, ids, start, self.cos, self.sin)
+        if self.fused is not None:
+            logits = self.fused.prefill(slot, ids, start)
+        else:
+            logits = model.prefill(self.cfg, self.weights, self.cache.k, self.cache.v, slot, ids, start, self.cos, self.sin)
         self._lengths[slot] = start + T
         return logits.float()
 
@@ -227,7 +230,7 @@ class ModelRunner:
         if self.graphs is not None:
             return self.graphs(slots, tokens.tolist(), pos)
         if self.fused is not None:  # every row computed alone: batch-invariant as it is
-            return self.fused(slots, tokens.tolist(), pos).float()
+            return self.fused.decode(slots, tokens.tolist(), pos).float()
         if self.config.batch_invariant:
             return self._decode_invariant(slots, tokens, pos)
         M = len(slots)

@@ -36,13 +36,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("int8_mm", &int8_mm, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("decode_attention", &decode_attention, pybind11::call_guard<pybind11::gil_scoped_release>());
-  using TS_NAMESPACE::DecodeStep;
-  pybind11::class_<DecodeStep>(m, "DecodeStep")
-      .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, std::vector<std::vector<std::optional<at::Tensor>>>, at::Tensor,
-                          at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, int64_t, int64_t, double>())
-      .def("forward", [](const DecodeStep& step, const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) {
-             RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::decode_step", std::vector<c10::IValue>());
-             return step.forward(tokens, slots, positions);
+  using TS_NAMESPACE::Decoder;
+  using Lists = std::vector<std::vector<std::optional<at::Tensor>>>;
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<at::Tensor, std::vector<std::vector<at::Tensor>>, Lists, Lists, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                          at::Tensor, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("decode", [](const Decoder& d, const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) {
+             RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::decoder_decode", std::vector<c10::IValue>());
+             return d.decode(tokens, slots, positions);
+           },
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("prefill", [](const Decoder& d, const at::Tensor& tokens, int64_t slot, int64_t start) {
+             RECORD_FUNCTION(TS_STR(TS_NAMESPACE) "::decoder_prefill", std::vector<c10::IValue>());
+             return d.prefill(tokens, slot, start);
            },
            pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -53,35 +53,44 @@ struct AttentionArgs {
 };
 void decode_attention_into(const AttentionArgs& a);
 
-// One decode step of a Llama-style decoder (tinyserve/model.py, decode) in one call (cpu_decode.cpp): M sequences,
-// each one token, every layer, its keys and values written into the cache at its slot and position. bf16 activations,
-// INT4 linears in this library's layout. Returns the final norm's output [M, H] (the lm_head stays in Python).
-class DecodeStep {
+// The Llama-style decoder stack (tinyserve/model.py, decode and prefill) in one call per step (cpu_decode.cpp): bf16
+// activations, INT4 linears in this library's layout, keys and values written into the cache in place. Both return
+// the final norm's output (the lm_head stays in Python).
+class Decoder {
  public:
   // layers: per layer [attn_norm [H], qkv, o, mlp_norm [H], gate_up, down] (the linears packed for int4_mm with group
-  // size G); biases: per layer the four linears' biases, each [N] or None. cos, sin [P, D] bf16 (model.rope_tables);
-  // k_cache, v_cache [layers, slots, Hkv, S, D] bf16, written in place. Positions go up to min(P, S) - 1.
-  DecodeStep(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<std::vector<std::optional<at::Tensor>>> biases,
-             at::Tensor norm, at::Tensor cos, at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache, int64_t num_heads,
-             int64_t num_kv_heads, int64_t intermediate_size, int64_t group_size, double eps);
-  // tokens, slots, positions: [M] int64; row m attends to positions 0..positions[m] of its slot. Slots distinct.
-  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) const;
+  // size G); biases: per layer the four linears' biases, each [N] or None; dense: per layer the four linears' bf16
+  // copies for prompts (kernels/cpu.py, hold_dense: oneDNN-packed [N, K] or plain [K, N]) or None, used for prompts of
+  // more than native_max_rows tokens (kernels/dispatch.py's CPU_NATIVE_MAX_M). cos, sin [P, D] bf16
+  // (model.rope_tables); k_cache, v_cache [layers, slots, Hkv, S, D] bf16. Positions go up to min(P, S) - 1.
+  Decoder(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<std::vector<std::optional<at::Tensor>>> biases,
+          std::vector<std::vector<std::optional<at::Tensor>>> dense, at::Tensor norm, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
+          at::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, int64_t group_size,
+          int64_t native_max_rows, double eps);
+  // One token for each of M sequences: tokens, slots, positions [M] int64, slots distinct; row m attends to positions
+  // 0..positions[m] of its slot. Returns [M, H].
+  at::Tensor decode(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) const;
+  // T tokens [T] int64 of one sequence at positions start..start + T - 1 of `slot` (positions before start already
+  // cached). Returns the last position's [H].
+  at::Tensor prefill(const at::Tensor& tokens, int64_t slot, int64_t start) const;
 
  private:
   struct Linear {
     at::Tensor packed;
-    at::Tensor bias;  // fp32 [N], or undefined
-    int64_t K, N;
+    at::Tensor bias, bias16;  // fp32 and bf16 [N] (the INT4 kernel adds the first, a dense GEMM's output the second), or undefined
+    at::Tensor dense;         // or undefined
+    int64_t K = 0, N = 0;
   };
   struct Layer {
     at::Tensor attn_norm, mlp_norm;
     Linear qkv, o, gate_up, down;
   };
-  void linear(const Linear& l, const uint16_t* x, int64_t M, uint16_t* y) const;
+  void linear(const Linear& l, const uint16_t* x, int64_t M, uint16_t* y) const;  // the INT4 kernel
+  at::Tensor linear(const Linear& l, const at::Tensor& x) const;                    // x [M, K] bf16: as dispatch.py picks
 
   at::Tensor embed_, norm_, cos_, sin_, k_, v_;
   std::vector<Layer> layers_;
-  int64_t H_, Hq_, Hkv_, D_, I_, G_;
+  int64_t H_, Hq_, Hkv_, D_, I_, G_, native_max_rows_;
   float eps_;
 };
 
