@@ -39,7 +39,8 @@
 
 namespace {
 
-// sum of squares of x[0..n) in fp32: 16 partial sums (lane i takes elements i, i + 16, ...), then added pairwise.
+// sum of squares of x[0..n) in fp32: 16 partial sums (lane i takes elements i, i + 16, ...), then added together
+// (AVX-512 builds: _mm512_reduce_add_ps's tree; the portable build: in order).
 inline float sum_squares(const uint16_t* x, int64_t n) {
 #if defined(TS_AVX512)
   __m512 acc = _mm512_setzero_ps();
@@ -67,7 +68,7 @@ void rms_norm(const uint16_t* x, const uint16_t* w, int64_t M, int64_t H, float 
   }
 }
 
-// out [D] = RoPE of x [D] with one position's cos, sin [D] (all bf16 bits). The two halves as two plain loops.
+// out [D] = RoPE of x [D] with one position's cos, sin [D] (all bf16 bits); roll(x, D / 2)[d] is x[d +- D / 2].
 inline void rope(const uint16_t* x, const uint16_t* c, const uint16_t* s, int64_t D, uint16_t* out) {
   const int64_t h = D / 2;
   for (int64_t d = 0; d < D; ++d) {
