@@ -168,7 +168,8 @@ def _child(cfg: BenchConfig, row: str, env: dict) -> dict:
 def format_table(cfg: BenchConfig, rows: list[RowResult], bandwidth_gb_s: float) -> str:
     base = next((r for r in rows if r.name in ("hf-fp32", "hf-fp16")), None)
     lines = [
-        f"prompt {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens, greedy, batch 1, best of {cfg.repeat} interleaved rounds; "
+        f"prompt {cfg.prompt_tokens} tokens, {cfg.new_tokens} new tokens, greedy, batch 1, best of {cfg.repeat} interleaved rounds "
+        f"(each the median of {cfg.repeat} runs); "
         f"device {rows[0].device if rows else '?'}; measured {'copy' if 'cpu' not in (rows[0].device if rows else 'cpu') else 'read'} bandwidth {bandwidth_gb_s:.1f} GB/s",
         "",
         f"| row | decode tok/s | vs {base.name if base else 'baseline'} | prefill tok/s | TTFT ms | peak MiB | MB read/token | GB/s | % of bandwidth |",
