@@ -16,7 +16,7 @@
 //   SiLU gate: bf16(bf16(g / (1 + exp(-g))) * u)             (exp: cpu_common.h's exp16 on AVX-512 builds)
 //   residual:  x = bf16(x + y)
 // Only the order of the norm's sum of squares and the exp differ from torch's ops, so logits agree with model.decode
-// to bf16 rounding, not bit for bit. Every row is computed by the same code whatever else is in the batch (the
+// and model.prefill to bf16 rounding, not bit for bit. Every row is computed by the same code whatever else is in the batch (the
 // kernels are row-invariant, the loops here work row by row), so a row's result depends only on its own inputs.
 
 #include <ATen/Parallel.h>
@@ -183,7 +183,8 @@ void TS_NAMESPACE::Decoder::linear(const Linear& l, const uint16_t* x, int64_t M
                l.bias.defined() ? l.bias.data_ptr<float>() : nullptr, l.N, G_, y);
 }
 
-at::Tensor TS_NAMESPACE::Decoder::linear(const Linear& l, const at::Tensor& x) const {
+at::Tensor TS_NAMESPACE::Decoder::linear(const Linear& l, const at::Tensor& x_in) const {
+  const at::Tensor x = x_in.contiguous();  // the INT4 kernel reads raw rows
   const int64_t M = x.size(0);
   if (M > native_max_rows_ && l.dense.defined()) {  // as kernels/dispatch.py: a dense GEMM beyond a few rows
     at::Tensor y = dense_mm(x, l.dense);
