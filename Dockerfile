@@ -13,8 +13,8 @@ RUN apt-get update \
 
 WORKDIR /opt/tinyserve
 COPY pyproject.toml README.md ./
-COPY kernels kernels
-COPY quantize quantize
+COPY tinyserve_kernels tinyserve_kernels
+COPY tinyserve_quantize tinyserve_quantize
 COPY tinyserve tinyserve
 RUN pip install --no-cache-dir .
 

@@ -3,12 +3,12 @@
 AutoAWQ needs transformers 4.x (its last tested pair: torch 2.6, transformers 4.51.3), so it runs in its own venv;
 this script has two halves, one per venv:
 
-    # 1. in our venv: write the calibration windows `python -m quantize` would use, as token ids (JSON)
+    # 1. in our venv: write the calibration windows `python -m tinyserve_quantize` would use, as token ids (JSON)
     .venv/bin/python scripts/autoawq_reference.py windows --model MODEL --n-samples 32 --out windows.json
     # 2. in a venv with autoawq==0.2.9 (--no-deps), transformers==4.51.3, accelerate, datasets, torch==2.13.0:
     awqref/bin/python scripts/autoawq_reference.py quantize --model MODEL --windows windows.json --out OUT
     # then evaluate OUT like our folders (AutoAWQ writes the same GEMM layout):
-    .venv/bin/python -m quantize.evaluate --model OUT --json
+    .venv/bin/python -m tinyserve_quantize.evaluate --model OUT --json
 
 AutoAWQ 0.2.9 is broken on CPU as shipped (../shared/FACTS.md): `_compute_best_scale` snapshots the weights with
 `.cpu()`, which on a CPU tensor is the same storage, then scales them in place. Step 2 refuses to run unless that
@@ -26,8 +26,8 @@ from pathlib import Path
 def write_windows(a) -> None:
     from transformers import AutoTokenizer
 
-    from quantize.calibration import calibration_windows
-    from quantize.text_data import calib_text
+    from tinyserve_quantize.calibration import calibration_windows
+    from tinyserve_quantize.text_data import calib_text
 
     tok = AutoTokenizer.from_pretrained(a.model)
     text = a.calib_text.read_text(encoding="utf-8") if a.calib_text else calib_text()

@@ -1,7 +1,7 @@
 """Where does AWQ lose to RTN? Swap attention / MLP sub-blocks between an RTN and an AWQ folder of the same model
 (each sub-block is self-contained: AWQ folds its scales only into ops inside the same sub-block, the norm included)
 and print the perplexity of each mix on the first MAX_TOKENS tokens of the built-in evaluation slice (windows of 512,
-quantize.evaluate's protocol), with the mean NLL of each window's first 16 positions apart.
+tinyserve_quantize.evaluate's protocol), with the mean NLL of each window's first 16 positions apart.
 
     python scripts/awq_swap_diagnosis.py FP16_DIR RTN_DIR AWQ_DIR MAX_TOKENS VARIANT...
 
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from quantize.model_io import load_model, load_tokenizer
-from quantize.text_data import eval_text
+from tinyserve_quantize.model_io import load_model, load_tokenizer
+from tinyserve_quantize.text_data import eval_text
 
 fp16_dir, rtn_dir, awq_dir = sys.argv[1:4]
 max_tokens = int(sys.argv[4])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bench_kernels import copies_for, cpu_time, cycling, int4_bytes, random_packed
-from kernels import cpu_native
+from tinyserve_kernels import cpu_native
 
 SHAPES = [(64, 16, 64), (576, 576, 64), (576, 1536, 64), (1536, 576, 64)]  # (K, N, G); the first is all overhead
 

@@ -6,7 +6,7 @@
 One runner per (kernels, batch_invariant) on the embedded default model (AWQ INT4), 16 slots each holding a 100-token
 prompt; "fused" is the runtime's default on CPU (the whole step in one C++ call, tinyserve/fused_step.py, around our
 kernels), "native" the same kernels for the INT4 linears, the int8 lm_head and attention called from model.decode
-(kernels/cpu_native.py; both rows need kernels.cpu_native.use_by_default(), else they are skipped), "native+aten"
+(tinyserve_kernels/cpu_native.py; both rows need tinyserve_kernels.cpu_native.use_by_default(), else they are skipped), "native+aten"
 that with torch's `_weight_int8pack_mm` for the lm_head (same codes and scales: the runtime before our int8 kernel),
 "int4pack" torch's int4 op and int8 op (TINYSERVE_CPU_KERNEL=0). Every round times each (runner, M) in turn, 3 steps of M rows at
 position 100, then the lm_head alone (ours, torch's op) at each M; each row reports its best round (the shared VM's
@@ -32,8 +32,8 @@ def main() -> None:
 
     from dataclasses import replace
 
-    from kernels import cpu_native
-    from quantize.default_model import ensure_awq_default
+    from tinyserve_kernels import cpu_native
+    from tinyserve_quantize.default_model import ensure_awq_default
     from tinyserve.model import Int8Linear
     from tinyserve.runner import ModelRunner, RunnerConfig
 

@@ -6,7 +6,7 @@
     python scripts/bench_kernels.py --threads 1 --shapes smollm2 smollm2-fused --m 1 2 4 8 16 32 64 --native-variant avx512bf16
 
 Per shape and M it prints the time of every path the dispatcher can choose (CPU: torch's int4 op, our own kernel
-(kernels/cpu_native.py; --native-variant picks a build) and the op's time over it, dequantize per call + bf16 matmul,
+(tinyserve_kernels/cpu_native.py; --native-variant picks a build) and the op's time over it, dequantize per call + bf16 matmul,
 a cached dense bf16 weight; CUDA: Triton GEMV, Triton GEMM, Triton dequant + cuBLAS), the path
 int4_linear picks, its effective bandwidth (packed weight + scales + zeros + activations, divided by its time) and
 that bandwidth's share of the machine's copy bandwidth measured at the start of the same run, and its speedup over
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cpu, cpu_native
-from kernels.dispatch import choose_path, prepare
-from kernels.layout import pack
+import tinyserve_kernels
+from tinyserve_kernels import cpu, cpu_native
+from tinyserve_kernels.dispatch import choose_path, prepare
+from tinyserve_kernels.layout import pack
 
 SHAPES = {  # name: [(K, N, G)], K = in_features, N = out_features
     "llama2-7b": [(4096, 4096, 128), (4096, 11008, 128), (11008, 4096, 128)],
@@ -52,7 +52,7 @@ class Config:
     working_set_mib: int = 512
     quick: bool = False
     try_inductor_gemv: bool = False
-    native_variant: str = "native"  # which build of kernels/cpu_native.py to time (see cpu_native.VARIANTS)
+    native_variant: str = "native"  # which build of tinyserve_kernels/cpu_native.py to time (see cpu_native.VARIANTS)
 
 
 def random_packed(K: int, N: int, G: int, device: str):
@@ -121,8 +121,8 @@ def bench_cpu(cfg: Config) -> None:
     print(f"measured: copy {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
     print("times in ms (best of interleaved rounds); GB/s and % of copy bandwidth for the dispatched path")
     native, nv = cpu_native.available(), cfg.native_variant
-    native_default = cpu_native.use_by_default()  # whether kernels.prepare picks it on this CPU (the chosen column)
-    print(f"native kernel (kernels/cpu_native.py): {f'{nv} build, engine ' + cpu_native.engine(nv) if native else 'not available'}")
+    native_default = cpu_native.use_by_default()  # whether tinyserve_kernels.prepare picks it on this CPU (the chosen column)
+    print(f"native kernel (tinyserve_kernels/cpu_native.py): {f'{nv} build, engine ' + cpu_native.engine(nv) if native else 'not available'}")
     hdr = (f"{'shape KxN':>12} {'G':>4} {'M':>5} | {'int4op':>8} {'native':>8} {'op/nat':>6} {'deq+mm':>8} {'cached':>8} | "
            f"{'chosen':>16} {'GB/s':>6} {'%copy':>6} | {'bf16':>8} {'fp32':>8} {'x bf16':>7} {'x fp32':>7}")
     print(hdr)
@@ -226,9 +226,9 @@ def bench_inductor_gemv(cfg: Config) -> None:
 def bench_cuda(cfg: Config) -> None:
     import triton.testing
 
-    from kernels.dequant import dequantize_triton
-    from kernels.gemm import choose_split_k as gemm_split_k, int4_gemm
-    from kernels.gemv import GEMV_MAX_M, choose_split_k as gemv_split_k, int4_gemv
+    from tinyserve_kernels.dequant import dequantize_triton
+    from tinyserve_kernels.gemm import choose_split_k as gemm_split_k, int4_gemm
+    from tinyserve_kernels.gemv import GEMV_MAX_M, choose_split_k as gemv_split_k, int4_gemv
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -242,7 +242,7 @@ def bench_cuda(cfg: Config) -> None:
         for K, N, G in SHAPES[shape]:
             qw, qz, s = random_packed(K, N, G, "cuda")
             w16 = torch.randn(K, N, dtype=torch.float16, device=dev)
-            w = kernels.prepare(qw, qz, s, G)
+            w = tinyserve_kernels.prepare(qw, qz, s, G)
             for M in cfg.m:
                 if cfg.quick and M > 256:
                     continue
@@ -252,7 +252,7 @@ def bench_cuda(cfg: Config) -> None:
                     "gemm": triton.testing.do_bench(lambda: int4_gemm(x, qw, qz, s, G, split_k=gemm_split_k(M, N, K, 64, 128, min(G, 64), sms))),
                     "deq+mm": triton.testing.do_bench(lambda: x @ dequantize_triton(qw, qz, s, G, x.dtype)),
                     "fp16": triton.testing.do_bench(lambda: x @ w16),
-                    "chosen": triton.testing.do_bench(lambda: kernels.int4_linear(x, w)),
+                    "chosen": triton.testing.do_bench(lambda: tinyserve_kernels.int4_linear(x, w)),
                 }
                 if M <= GEMV_MAX_M:
                     t["gemv"] = triton.testing.do_bench(lambda: int4_gemv(x, qw, qz, s, G, split_k=gemv_split_k(N, K, G, sms)))

@@ -1,4 +1,4 @@
-"""A/B two or more builds of our CPU INT4 kernel (kernels/cpu_native.py) on cold weights, interleaved in one process.
+"""A/B two or more builds of our CPU INT4 kernel (tinyserve_kernels/cpu_native.py) on cold weights, interleaved in one process.
 
     python scripts/bench_native_ab.py --variant base= --variant other=-DSOME_CONSTANT=2 --m 1
     python scripts/bench_native_ab.py --variant native --variant avx512bf16 --m 1 2 --threads 2
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from kernels import cpu_native
-from kernels.layout import pack
+from tinyserve_kernels import cpu_native
+from tinyserve_kernels.layout import pack
 
 SHAPES = [(576, 576, 64), (1536, 576, 64), (4096, 4096, 128), (11008, 4096, 128)]  # (K, N, G)
 

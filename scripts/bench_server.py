@@ -42,7 +42,7 @@ class Result:
 
 def passages(count: int, words: int = 75) -> list[str]:
     """`count` distinct passages of about `words` words (~100 tokens) from the evaluation slice of Botchan."""
-    from quantize.text_data import eval_text
+    from tinyserve_quantize.text_data import eval_text
 
     tokens = eval_text().split()
     step = max(words, (len(tokens) - words) // count)

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
 
-    from quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_awq_default
     from tinyserve import model
     from tinyserve.runner import ModelRunner, RunnerConfig
 

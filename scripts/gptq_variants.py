@@ -13,16 +13,16 @@ from dataclasses import replace
 
 import torch
 
-from quantize.awq import SearchConfig, dequantize_into
-from quantize.calibration import calibration_windows
-from quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
-from quantize.evaluate import perplexity, text_ids
-from quantize.gptq import GPTQConfig
-from quantize.methods import quantize_model
-from quantize.model_families import family_for
-from quantize.model_io import load_model, load_tokenizer, read_config
-from quantize.quantizer import QuantSpec
-from quantize.text_data import calib_text, eval_text
+from tinyserve_quantize.awq import SearchConfig, dequantize_into
+from tinyserve_quantize.calibration import calibration_windows
+from tinyserve_quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
+from tinyserve_quantize.evaluate import perplexity, text_ids
+from tinyserve_quantize.gptq import GPTQConfig
+from tinyserve_quantize.methods import quantize_model
+from tinyserve_quantize.model_families import family_for
+from tinyserve_quantize.model_io import load_model, load_tokenizer, read_config
+from tinyserve_quantize.quantizer import QuantSpec
+from tinyserve_quantize.text_data import calib_text, eval_text
 
 BASE = GPTQConfig()
 SEARCH = SearchConfig()

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kernels.layout import dequantize
-from quantize.model_io import load_model, load_tokenizer
-from quantize.text_data import eval_text
+from tinyserve_kernels.layout import dequantize
+from tinyserve_quantize.model_io import load_model, load_tokenizer
+from tinyserve_quantize.text_data import eval_text
 
 fp16_dir = sys.argv[1]
 folders = dict(a.split("=", 1) for a in sys.argv[2:])

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block, rtn_quantize, run_clip_gate
-from quantize.calibration import calibration_windows, capture_block_inputs, run_block
-from quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
-from quantize.evaluate import perplexity, text_ids
-from quantize.model_families import family_for
-from quantize.model_io import load_model, load_tokenizer, read_config
-from quantize.quantizer import QuantSpec
-from quantize.text_data import calib_text, eval_text
+from tinyserve_quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block, rtn_quantize, run_clip_gate
+from tinyserve_quantize.calibration import calibration_windows, capture_block_inputs, run_block
+from tinyserve_quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
+from tinyserve_quantize.evaluate import perplexity, text_ids
+from tinyserve_quantize.model_families import family_for
+from tinyserve_quantize.model_io import load_model, load_tokenizer, read_config
+from tinyserve_quantize.quantizer import QuantSpec
+from tinyserve_quantize.text_data import calib_text, eval_text
 
 BASE = SearchConfig()
 VARIANTS = {

@@ -20,7 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 @pytest.fixture(scope="session")
 def default_fp16_dir() -> Path:
-    from quantize.default_model import ensure_fp16_default
+    from tinyserve_quantize.default_model import ensure_fp16_default
 
     return ensure_fp16_default()
 

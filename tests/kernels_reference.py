@@ -1,7 +1,7 @@
 """Helpers for the kernels' tests: an independent packer written straight from the layout description, and tolerances.
 
-The packer deliberately does not call kernels.layout.pack: if both shared a mistake, a round trip would hide it.
-Layout (kernels/layout.py): qweight [K, N // 8] int32; within word j of a row, reading the 4-bit nibbles from the
+The packer deliberately does not call tinyserve_kernels.layout.pack: if both shared a mistake, a round trip would hide it.
+Layout (tinyserve_kernels/layout.py): qweight [K, N // 8] int32; within word j of a row, reading the 4-bit nibbles from the
 lowest bits up gives the codes of columns 8j + 0, 8j + 2, 8j + 4, 8j + 6, 8j + 1, 8j + 3, 8j + 5, 8j + 7.
 W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n].
 """
@@ -30,7 +30,7 @@ def plain_pack(codes: list[list[int]]) -> torch.Tensor:
 def random_layer(K: int, N: int, G: int, seed: int = 0):
     """Random codes, zero points and fp16 scales for a [K, N] layer; returns the packed tensors and fp32 W [K, N].
 
-    The packed tensors come from plain_pack; W is computed here from the integers, not from kernels.layout.
+    The packed tensors come from plain_pack; W is computed here from the integers, not from tinyserve_kernels.layout.
     """
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (K, N), generator=g)

@@ -1,4 +1,4 @@
-"""Which builds of our CPU kernels (kernels/cpu_native.py, VARIANTS) the tests can run here, shared by the kernel
+"""Which builds of our CPU kernels (tinyserve_kernels/cpu_native.py, VARIANTS) the tests can run here, shared by the kernel
 tests and the fused decode step's tests: native (the best engine of this CPU) and each engine below it."""
 
 import platform
@@ -6,7 +6,7 @@ from functools import cache
 
 import pytest
 
-from kernels import cpu_native
+from tinyserve_kernels import cpu_native
 
 ENGINE_RANK = {e: i for i, e in enumerate(cpu_native.ENGINES)}  # portable < avx512f < avx512bf16 < amx
 VARIANT_ENGINE = {"avx512bf16": "avx512bf16", "avx512f": "avx512f", "portable": "portable"}

@@ -1,4 +1,4 @@
-"""The fused CPU steps (tinyserve/fused_step.py, kernels/csrc/cpu_decode.cpp): every layer of a decode step or of a
+"""The fused CPU steps (tinyserve/fused_step.py, tinyserve_kernels/csrc/cpu_decode.cpp): every layer of a decode step or of a
 prefill in one C++ call. Checked against model.decode / model.prefill (the same decoder in torch ops) on the tiny Llama
 and Qwen2 models (Qwen2: qkv biases, untied lm_head) with INT4 weights, on batches of non-consecutive slots at
 different lengths and on prompts on both sides of the dense-GEMM threshold: logits to bf16 rounding, the cache written
@@ -70,7 +70,7 @@ def test_fused_step_tracks_model_decode(runner):
 @torch.inference_mode()
 @pytest.mark.parametrize("T,start", [(5, 0), (40, 0), (7, 9), (40, 15)])
 def test_fused_prefill_tracks_model_prefill(runner, T, start):
-    """Prompts of up to 32 tokens run our INT4 kernel, longer ones the dense copy (kernels/dispatch.py's choice); from
+    """Prompts of up to 32 tokens run our INT4 kernel, longer ones the dense copy (tinyserve_kernels/dispatch.py's choice); from
     position 0 (causal attention) or after cached positions (a mask). Slot 0 holds 9 prompt tokens, slot 2 holds 15."""
     r = runner
     slot = 0 if start <= 9 else 2

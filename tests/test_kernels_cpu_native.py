@@ -1,5 +1,5 @@
-"""Our CPU INT4 kernel (kernels/cpu_native.py, kernels/csrc/cpu_int4.cpp) against the pure-torch reference, and the
-int8 lm_head op built with it (kernels/csrc/cpu_int8.cpp; the tests at the end) against x @ (q * s)^T.
+"""Our CPU INT4 kernel (tinyserve_kernels/cpu_native.py, tinyserve_kernels/csrc/cpu_int4.cpp) against the pure-torch reference, and the
+int8 lm_head op built with it (tinyserve_kernels/csrc/cpu_int8.cpp; the tests at the end) against x @ (q * s)^T.
 
 Every engine this CPU can run is built (native = the best one, then each one below it: avx512bf16, avx512f,
 portable) and checked on odd shapes, fp32 and bf16 activations, with and without bias; then row invariance (row i
@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cpu_native, dispatch
-from kernels.layout import dequantize
+import tinyserve_kernels
+from tinyserve_kernels import cpu_native, dispatch
+from tinyserve_kernels.layout import dequantize
 from kernels_reference import random_layer as make_layer
 from native_variants import ALL_VARIANTS, need, variants
 
@@ -200,20 +200,20 @@ def test_dispatch_uses_it_when_asked_and_falls_back_when_off(monkeypatch):
     need("native")
     K, N, G = 576, 200, 64
     qw, qz, s, _ = random_layer(K, N, G, seed=6)
-    w = kernels.prepare(qw, qz, s, G, native=True)
+    w = tinyserve_kernels.prepare(qw, qz, s, G, native=True)
     assert w.native is not None and w.int4pack is None and w.nbytes == w.native.packed.numel()
     x = torch.randn(2, 3, K).bfloat16()  # a leading batch dimension
     b = torch.randn(N).bfloat16()
-    y = kernels.int4_linear(x, w, b)
+    y = tinyserve_kernels.int4_linear(x, w, b)
     assert y.shape == (2, 3, N) and torch.equal(y.view(6, N), cpu_native.linear(x.view(6, K), w.native, b))
     assert [dispatch.choose_path("cpu", m, has_native=True) for m in (1, 17, 4096)] == ["native"] * 3
     assert dispatch.choose_path("cpu", dispatch.CPU_NATIVE_MAX_M, has_native=True, has_dense=True) == "native"
     assert dispatch.choose_path("cpu", dispatch.CPU_NATIVE_MAX_M + 1, has_native=True, has_dense=True) == "cpu_dense_cached"
-    cached = kernels.prepare(qw, qz, s, G, cpu_dense_cache=True, native=True)
+    cached = tinyserve_kernels.prepare(qw, qz, s, G, cpu_dense_cache=True, native=True)
     assert dispatch.cpu_invariant_rows(cached) == dispatch.CPU_NATIVE_MAX_M and dispatch.cpu_invariant_rows(w) > 4096
     monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
     assert not cpu_native.use_by_default()
-    off = kernels.prepare(qw, qz, s, G)
+    off = tinyserve_kernels.prepare(qw, qz, s, G)
     assert off.native is None and off.int4pack is not None
     assert dispatch.cpu_invariant_rows(off) == dispatch.CPU_INT4PACK_MAX_M
 
@@ -234,17 +234,17 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     monkeypatch.setenv(cpu_native.ENV_SWITCH, "on")
     cpu_native.available.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="kernels.cpu_native"):
+        with caplog.at_level("WARNING", logger="tinyserve_kernels.cpu_native"):
             assert not cpu_native.use_by_default() and not cpu_native.available()
         assert len(caplog.records) == 1 and "ninja is required" in caplog.records[0].getMessage()
         qw, qz, s, _ = random_layer(64, 72, 32)
-        w = kernels.prepare(qw, qz, s, 32)
+        w = tinyserve_kernels.prepare(qw, qz, s, 32)
         assert w.native is None and w.int4pack is not None
     finally:
         cpu_native.available.cache_clear()
 
 
-# ---- the int8 lm_head op (kernels/csrc/cpu_int8.cpp): weight-only int8 rows [N, K], one scale per row ------------------
+# ---- the int8 lm_head op (tinyserve_kernels/csrc/cpu_int8.cpp): weight-only int8 rows [N, K], one scale per row ------------------
 
 # (K, N): K a multiple of 32 (64, SmolLM2's 576) or not (100: zero-padded to 128); N never a multiple of 64.
 INT8_SHAPES = [(64, 72), (576, 200), (576, 1000), (100, 130)]

@@ -9,11 +9,11 @@ tile configs are pinned in most cases so that one shape does not turn into thous
 import pytest
 import torch
 
-from kernels.dequant import dequantize_triton
-from kernels.gemm import _configs as gemm_configs, _prune as gemm_prune, int4_gemm, valid_block_k
-from kernels.gemv import GEMV_MAX_M, _prune as gemv_prune, int4_gemv
-from kernels.layout import dequantize
-from kernels.triton_common import interpreting
+from tinyserve_kernels.dequant import dequantize_triton
+from tinyserve_kernels.gemm import _configs as gemm_configs, _prune as gemm_prune, int4_gemm, valid_block_k
+from tinyserve_kernels.gemv import GEMV_MAX_M, _prune as gemv_prune, int4_gemv
+from tinyserve_kernels.layout import dequantize
+from tinyserve_kernels.triton_common import interpreting
 from kernels_reference import assert_matches, random_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,18 +105,18 @@ def test_dequant_kernel_matches_layout_reference(K, N, G, dtype):
 
 
 def test_gemm_pruning_keeps_only_tiles_inside_a_group(monkeypatch):
-    import kernels.gemm
-    import kernels.gemv
+    import tinyserve_kernels.gemm
+    import tinyserve_kernels.gemv
 
-    monkeypatch.setattr(kernels.gemm, "interpreting", lambda: False)  # see the whole pruned list
-    monkeypatch.setattr(kernels.gemv, "interpreting", lambda: False)
+    monkeypatch.setattr(tinyserve_kernels.gemm, "interpreting", lambda: False)  # see the whole pruned list
+    monkeypatch.setattr(tinyserve_kernels.gemv, "interpreting", lambda: False)
     configs = gemm_configs()
     for G in (32, 64, 128):
         kept = gemm_prune(configs, {"M": 17, "N": 1536}, G=G)
         assert kept and all(valid_block_k(c.kwargs["BLOCK_K"], G) for c in kept)
         assert all(c.kwargs["BLOCK_M"] <= 32 for c in kept)  # M = 17 needs no 64- or 128-row tiles
         assert any(c.kwargs["BLOCK_K"] == 64 for c in kept) == (G >= 64)
-        kept_v = gemv_prune(kernels.gemv._configs(), {"N": 72}, G=G)
+        kept_v = gemv_prune(tinyserve_kernels.gemv._configs(), {"N": 72}, G=G)
         assert kept_v and all(G % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_N"] <= 128 for c in kept_v)
     assert gemm_prune(configs, {"M": 1, "N": 64}, G=16)[0].kwargs["BLOCK_K"] == 16
 
@@ -135,11 +135,11 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 64, 300])
 def test_gpu_entry_point_all_paths(M, dtype):
-    import kernels
+    import tinyserve_kernels
 
     x, qw, qz, s, b, ref = make_case(M, 1536, 576, 64, dtype, True, seed=M)
-    w = kernels.prepare(qw, qz, s, 64)
-    assert_matches(kernels.int4_linear(x, w, b).cpu(), ref, dtype)
+    w = tinyserve_kernels.prepare(qw, qz, s, 64)
+    assert_matches(tinyserve_kernels.int4_linear(x, w, b).cpu(), ref, dtype)
 
 
 @gpu
@@ -152,16 +152,16 @@ def test_gpu_autotuned_kernels():
 
 @gpu
 def test_gpu_cuda_graph_capture_of_entry_point():
-    import kernels
+    import tinyserve_kernels
 
     x, qw, qz, s, b, ref = make_case(4, 2048, 512, 128, torch.float16, True)
-    w = kernels.prepare(qw, qz, s, 128)
+    w = tinyserve_kernels.prepare(qw, qz, s, 128)
     static_x = x.clone()
-    kernels.int4_linear(static_x, w, b)  # warm up: autotuning must not happen during capture
+    tinyserve_kernels.int4_linear(static_x, w, b)  # warm up: autotuning must not happen during capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = kernels.int4_linear(static_x, w, b)
+        static_y = tinyserve_kernels.int4_linear(static_x, w, b)
     static_x.copy_(x * 2)
     graph.replay()
     torch.cuda.synchronize()
@@ -171,11 +171,11 @@ def test_gpu_cuda_graph_capture_of_entry_point():
 
 @gpu
 def test_gpu_torch_compile_reduce_overhead():
-    import kernels
+    import tinyserve_kernels
 
     x, qw, qz, s, b, ref = make_case(1, 1024, 256, 64, torch.bfloat16, False)
-    w = kernels.prepare(qw, qz, s, 64)
-    f = torch.compile(lambda t: kernels.int4_linear(t, w), mode="reduce-overhead", fullgraph=True)
+    w = tinyserve_kernels.prepare(qw, qz, s, 64)
+    f = torch.compile(lambda t: tinyserve_kernels.int4_linear(t, w), mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         y = f(x)
     assert_matches(y.cpu(), ref, torch.bfloat16)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.layout import AWQ_ORDER, SHIFTS, check_shapes, dequantize, pack, pack_linear, unpack
+from tinyserve_kernels.layout import AWQ_ORDER, SHIFTS, check_shapes, dequantize, pack, pack_linear, unpack
 
 
 def test_shifts_follow_the_awq_order():

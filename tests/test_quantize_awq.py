@@ -4,12 +4,12 @@ the searches win where they should, calibration windows are cut as documented.""
 import pytest
 import torch
 
-from quantize.awq import QuantResult, SearchConfig, _scaling_tie, dequantize_into, quantize_block
-from quantize.calibration import CalibrationError, calibration_windows, run_block
-from quantize.clip_search import clip_ratios, search_clip
-from quantize.model_families import FAMILIES
-from quantize.quantizer import QuantSpec, fake_quantize
-from quantize.scale_search import fold_scales, weighted_error
+from tinyserve_quantize.awq import QuantResult, SearchConfig, _scaling_tie, dequantize_into, quantize_block
+from tinyserve_quantize.calibration import CalibrationError, calibration_windows, run_block
+from tinyserve_quantize.clip_search import clip_ratios, search_clip
+from tinyserve_quantize.model_families import FAMILIES
+from tinyserve_quantize.quantizer import QuantSpec, fake_quantize
+from tinyserve_quantize.scale_search import fold_scales, weighted_error
 
 
 def tiny_model(arch: str, seed: int = 0):

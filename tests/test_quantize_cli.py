@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from quantize.__main__ import parse_args
-from quantize.pipeline import USER_ERRORS, run
+from tinyserve_quantize.__main__ import parse_args
+from tinyserve_quantize.pipeline import USER_ERRORS, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,16 +24,16 @@ def quantize(*args: str):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    r = cli("quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    r = cli("tinyserve_quantize", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert r.returncode == 1
     assert r.stderr.strip() == f"quantize: error: model folder {tmp_path / 'missing'} does not exist"
     assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_cli_error_is_one_line(tmp_path):
-    r = cli("quantize.evaluate", "--model", str(tmp_path), "--json")
+    r = cli("tinyserve_quantize.evaluate", "--model", str(tmp_path), "--json")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"quantize.evaluate: error: {tmp_path} has no config.json (not a Hugging Face model folder)"
+    assert r.stderr.strip() == f"tinyserve_quantize.evaluate: error: {tmp_path} has no config.json (not a Hugging Face model folder)"
 
 
 def _copy(src: Path, dst: Path, config_edit=None) -> Path:
@@ -137,7 +137,7 @@ def test_unusable_calibration_text(tmp_path, tiny_llama_dir, content, message):
 def test_evaluate_cli_refuses_non_utf8_text(tmp_path, tiny_llama_dir):
     text = tmp_path / "latin1.txt"
     text.write_bytes("Ein Märchen über Bäume.".encode("latin-1"))
-    r = cli("quantize.evaluate", "--model", str(tiny_llama_dir), "--text", str(text))
+    r = cli("tinyserve_quantize.evaluate", "--model", str(tiny_llama_dir), "--text", str(text))
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == (f"quantize.evaluate: error: text file {text} is not UTF-8 text (byte 5: b'\\xe4'); "
+    assert r.stderr.strip() == (f"tinyserve_quantize.evaluate: error: text file {text} is not UTF-8 text (byte 5: b'\\xe4'); "
                                 "convert it first, e.g. iconv -f latin1 -t utf-8")

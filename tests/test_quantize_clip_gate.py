@@ -1,15 +1,15 @@
-"""The gate (quantize/clip_gate.py): per sub-block it keeps the search's weights or takes a candidate (unclipped, or
+"""The gate (tinyserve_quantize/clip_gate.py): per sub-block it keeps the search's weights or takes a candidate (unclipped, or
 RTN of the original weights with the norms unfolded) by which brings the model's next-token distributions closer to
 the unquantized model's, and what it reports is what the written model computes."""
 
 import pytest
 import torch
 
-from kernels.layout import pack_linear
-from quantize.awq import PackedLinear, SearchConfig, awq_quantize, dequantize_into
-from quantize.clip_gate import Candidate, _Reference, _Tail, better, gate_sub_blocks, sub_blocks
-from quantize.model_families import FAMILIES
-from quantize.quantizer import QuantSpec, quantize_weight
+from tinyserve_kernels.layout import pack_linear
+from tinyserve_quantize.awq import PackedLinear, SearchConfig, awq_quantize, dequantize_into
+from tinyserve_quantize.clip_gate import Candidate, _Reference, _Tail, better, gate_sub_blocks, sub_blocks
+from tinyserve_quantize.model_families import FAMILIES
+from tinyserve_quantize.quantizer import QuantSpec, quantize_weight
 from tests.test_quantize_awq import tiny_model
 
 SPEC = QuantSpec(4, 64)

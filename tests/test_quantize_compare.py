@@ -1,4 +1,4 @@
-"""`python -m quantize.compare` end to end on the tiny random-weight Llama and Qwen2: the table, the JSON and the PNG,
+"""`python -m tinyserve_quantize.compare` end to end on the tiny random-weight Llama and Qwen2: the table, the JSON and the PNG,
 numbers that agree with the pieces they come from, a failing method as a row, and usage errors before any work."""
 
 import json
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from quantize.awq import dequantize_into, rtn_quantize
-from quantize.compare import CompareConfig, main, parse_args
-from quantize.evaluate import perplexity, text_ids
-from quantize.model_families import family_for
-from quantize.model_io import load_model, load_tokenizer, read_config
-from quantize.quantizer import QuantSpec
-from quantize.text_data import eval_text
+from tinyserve_quantize.awq import dequantize_into, rtn_quantize
+from tinyserve_quantize.compare import CompareConfig, main, parse_args
+from tinyserve_quantize.evaluate import perplexity, text_ids
+from tinyserve_quantize.model_families import family_for
+from tinyserve_quantize.model_io import load_model, load_tokenizer, read_config
+from tinyserve_quantize.quantizer import QuantSpec
+from tinyserve_quantize.text_data import eval_text
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(n_samples=8, seqlen=64, ctx=64, max_tokens=256)
@@ -55,7 +55,7 @@ def test_failing_method_is_a_row_on_tiny_qwen2(tmp_path, tiny_qwen2_dir):
     short.write_text("Too short to calibrate on.")
     out = tmp_path / "cmp"
     r = subprocess.run(
-        [sys.executable, "-m", "quantize.compare", "--model", str(tiny_qwen2_dir), "--methods", "fp16,rtn,gptq",
+        [sys.executable, "-m", "tinyserve_quantize.compare", "--model", str(tiny_qwen2_dir), "--methods", "fp16,rtn,gptq",
          "--calib-text", str(short), "--seqlen", "64", "--ctx", "64", "--max-tokens", "256", "--w-bit", "3",
          "--out", str(out), "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -88,7 +88,7 @@ def test_usage_errors(args, message, capsys):
 
 def test_group_size_that_does_not_fit_fails_before_any_method(tmp_path, tiny_llama_dir):
     r = subprocess.run(
-        [sys.executable, "-m", "quantize.compare", "--model", str(tiny_llama_dir), "--group-size", "128", "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "tinyserve_quantize.compare", "--model", str(tiny_llama_dir), "--group-size", "128", "--out", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 1

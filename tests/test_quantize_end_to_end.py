@@ -1,5 +1,5 @@
 """Tiny end-to-end runs on random-weight Llama and Qwen2 folders: quantize (AWQ, RTN, fake), read the files back with
-an unpacker written independently of kernels.layout, evaluate."""
+an unpacker written independently of tinyserve_kernels.layout, evaluate."""
 
 import json
 import subprocess
@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantize.awq import dequantize_into, rtn_quantize
-from quantize.evaluate import evaluate_folder
-from quantize.model_families import family_for
-from quantize.model_io import load_model, read_config
-from quantize.pipeline import QuantizeConfig, run
-from quantize.quantizer import QuantSpec
-from quantize.text_data import eval_text
+from tinyserve_quantize.awq import dequantize_into, rtn_quantize
+from tinyserve_quantize.evaluate import evaluate_folder
+from tinyserve_quantize.model_families import family_for
+from tinyserve_quantize.model_io import load_model, read_config
+from tinyserve_quantize.pipeline import QuantizeConfig, run
+from tinyserve_quantize.quantizer import QuantSpec
+from tinyserve_quantize.text_data import eval_text
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,7 +85,7 @@ def test_packed_folder_layout_and_config(tiny_runs):
 
 
 def test_independent_dequant_matches_fake_quant_folder(tiny_runs):
-    """The packed files, read without kernels.layout, hold exactly the weights the fake-quant run wrote."""
+    """The packed files, read without tinyserve_kernels.layout, hold exactly the weights the fake-quant run wrote."""
     _, packed, fake, _ = tiny_runs
     p, f = read(packed), read(fake)
     n = 0
@@ -139,7 +139,7 @@ def test_evaluate_cli_json(tmp_path, tiny_qwen2_dir):
     packed = tmp_path / "rtn"
     run(QuantizeConfig(tiny_qwen2_dir, packed, method="rtn"), log=lambda m: None, progress=False)
     r = subprocess.run(
-        [sys.executable, "-m", "quantize.evaluate", "--model", str(packed), "--ctx", "64", "--max-tokens", "256", "--json"],
+        [sys.executable, "-m", "tinyserve_quantize.evaluate", "--model", str(packed), "--ctx", "64", "--max-tokens", "256", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr
@@ -150,12 +150,12 @@ def test_evaluate_cli_json(tmp_path, tiny_qwen2_dir):
 
 def test_ensure_awq_default_quantizes_once_then_uses_the_cache(tmp_path, monkeypatch, tiny_llama_dir):
     """ensure_awq_default's caching, with the tiny model standing in for the default one (the real model's first
-    quantization takes about a minute and is what `python -m quantize.table` shows)."""
-    from quantize import default_model
+    quantization takes about a minute and is what `python -m tinyserve_quantize.table` shows)."""
+    from tinyserve_quantize import default_model
 
     monkeypatch.setenv("TINYSERVE_HOME", str(tmp_path))
     monkeypatch.setattr(default_model, "ensure_fp16_default", lambda log: tiny_llama_dir)
-    monkeypatch.setattr("quantize.pipeline.calib_text", lambda: eval_text()[:12000])  # a few windows: keep it quick
+    monkeypatch.setattr("tinyserve_quantize.pipeline.calib_text", lambda: eval_text()[:12000])  # a few windows: keep it quick
     stale = tmp_path / "models" / "SmolLM2-135M-Instruct-awq-w4-g64"  # written by an older recipe: replaced
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from kernels.layout import dequantize, pack_linear
-from quantize.awq import QuantResult
-from quantize.calibration import run_block
-from quantize.gptq import GPTQConfig, gptq_block, gptq_weight
-from quantize.model_families import FAMILIES
-from quantize.model_io import load_model
-from quantize.pipeline import QuantizeConfig, run
-from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
+from tinyserve_kernels.layout import dequantize, pack_linear
+from tinyserve_quantize.awq import QuantResult
+from tinyserve_quantize.calibration import run_block
+from tinyserve_quantize.gptq import GPTQConfig, gptq_block, gptq_weight
+from tinyserve_quantize.model_families import FAMILIES
+from tinyserve_quantize.model_io import load_model
+from tinyserve_quantize.pipeline import QuantizeConfig, run
+from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
 from tests.test_quantize_awq import block_inputs, fake_quantize_block_rtn, tiny_model
 
 
@@ -141,7 +141,7 @@ def test_block_output_error_below_rtn(arch):
 @pytest.mark.parametrize("method,bits", [("gptq", 3), ("awq-gptq", 4)])
 @torch.inference_mode()
 def test_folder_is_served_unchanged_by_the_runtime(tmp_path, tiny_model_dir, method, bits):
-    """`python -m quantize --method gptq|awq-gptq` writes the same packed layout as AWQ: config says awq/gemm with the
+    """`python -m tinyserve_quantize --method gptq|awq-gptq` writes the same packed layout as AWQ: config says awq/gemm with the
     bits used, the report has GPTQ's rows, and the runtime's INT4 decoder computes what the dequantized weights do."""
     from tinyserve.runner import ModelRunner, RunnerConfig
 

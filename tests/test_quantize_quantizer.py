@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.layout import dequantize, pack_linear
-from quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
+from tinyserve_kernels.layout import dequantize, pack_linear
+from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
 
 
 def test_fake_quant_formula_hand_computed():

@@ -7,7 +7,7 @@ when the quantizer's output, the CPU INT4 kernels' arithmetic or the decoder cha
 as well as this one before recording new ids.
 
 They also depend on which CPU kernels run, so they are recorded per kernel: torch's int4 and int8 ops ("int4pack":
-CPUs without AVX512-BF16 and VNNI, or TINYSERVE_CPU_KERNEL=0) and our own (kernels/cpu_native.py: the INT4 linears
+CPUs without AVX512-BF16 and VNNI, or TINYSERVE_CPU_KERNEL=0) and our own (tinyserve_kernels/cpu_native.py: the INT4 linears
 and the int8 lm_head, decode attention, and the fused decode and prefill steps around them). Our INT4 and int8 kernels' inner sums
 are exact integers, so all their engines (AMX, AVX512-VNNI, AVX512BW, portable) give the same bits; the decode attention
 and the fused step give the same bits on every AVX-512 engine (the portable build's sums run in another order). One
@@ -66,7 +66,7 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
 @pytest.mark.parametrize("serving", [False, True], ids=["chat", "serve"])
 @torch.inference_mode()
 def test_first_32_greedy_tokens_of_the_awq_default_model(serving):
-    from quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_awq_default
     from tinyserve.generate import GenerationParams, Session
     from tinyserve.runner import ModelRunner, RunnerConfig
     from tinyserve.sampling import SamplingParams

@@ -52,7 +52,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 @pytest.fixture(scope="module")
 def awq_dir():
     """The default model quantized by our AWQ quantizer (cached; the golden and server tests use it too)."""
-    from quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_awq_default
 
     return ensure_awq_default()
 
@@ -84,7 +84,7 @@ def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_refer
     logits close everywhere (the quantization itself moves them by 10+), and the same greedy choice at every position
     where the reference's top-2 margin exceeds min_margin (below that, bf16 rounding may flip ties).
 
-    Both dtypes run the INT4 linears in bf16 (kernels/dispatch.py), so the bound is what bf16 itself costs, measured on
+    Both dtypes run the INT4 linears in bf16 (tinyserve_kernels/dispatch.py), so the bound is what bf16 itself costs, measured on
     the same sequence: twice the error of the same transformers reference run in bf16, and never below 2.0 (a packing
     or loader bug moves logits by 10+). The error moves with the quantized weights: on recipe 4's folder fp32 gave 1.78
     against transformers-bf16's 3.78 on the first prompt; on recipe 3's, bf16 gave 1.17 against 0.56 on the second."""

@@ -14,7 +14,7 @@ from server_helpers import ServerProcess, parse_sse
 
 @pytest.fixture(scope="module")
 def awq_default():
-    from quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_awq_default
 
     return ensure_awq_default()
 
@@ -47,7 +47,7 @@ def test_default_model_answers(client, awq_default):
 
 
 def test_pings_while_a_long_prompt_is_prefilled(server, awq_default):
-    from quantize.text_data import eval_text
+    from tinyserve_quantize.text_data import eval_text
 
     tok = AutoTokenizer.from_pretrained(awq_default)
     words = eval_text().split()

@@ -5,7 +5,7 @@ dispatcher picks by M is exercised with more than CPU_INT4PACK_MAX_M rows."""
 import pytest
 import torch
 
-from kernels.dispatch import CPU_INT4PACK_MAX_M
+from tinyserve_kernels.dispatch import CPU_INT4PACK_MAX_M
 from runtime_helpers import write_rtn_folder
 from tinyserve.runner import ModelRunner, RunnerConfig
 from tinyserve.sampling import SamplingParams

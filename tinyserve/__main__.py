@@ -31,7 +31,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [CliError, ConfigError, WeightsError, SamplingError, ContextOverflow, NoFreeSlot, SafetensorError]
     try:
-        from quantize.default_model import DefaultModelError
+        from tinyserve_quantize.default_model import DefaultModelError
 
         errors.append(DefaultModelError)
     except ImportError:
@@ -46,7 +46,7 @@ def resolve_model(model: str | None) -> Path:
         if not path.exists():
             raise CliError(f"--model {model}: no such folder")
         return path
-    from quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_awq_default
 
     return ensure_awq_default(log=lambda msg: print(msg, file=sys.stderr, flush=True))
 

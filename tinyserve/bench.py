@@ -151,7 +151,7 @@ def resolve_folders(cfg: BenchConfig) -> None:
     if "int4" in cfg.rows:
         cfg.model = str(resolve_model(cfg.model))
     if any(r != "int4" for r in cfg.rows) and not cfg.fp_model:
-        from quantize.default_model import ensure_fp16_default
+        from tinyserve_quantize.default_model import ensure_fp16_default
 
         cfg.fp_model = str(ensure_fp16_default())
 
@@ -263,7 +263,7 @@ def prompt_ids(cfg: BenchConfig) -> list[int]:
     if cfg.synthetic:
         g = torch.Generator().manual_seed(0)
         return torch.randint(10, SYNTHETIC[cfg.synthetic]["vocab_size"], (cfg.prompt_tokens,), generator=g).tolist()
-    from quantize.text_data import eval_text
+    from tinyserve_quantize.text_data import eval_text
     from tinyserve.tokenizer import Tokenizer
 
     folder = cfg.model if cfg.model else cfg.fp_model
@@ -440,7 +440,7 @@ def bench_transformers(cfg: BenchConfig, row: str, ids: list[int]) -> RowResult:
 
 def synthetic_int4(preset: str, dev: torch.device, dtype: torch.dtype):
     """A ModelConfig and random INT4 (group 128) weights with the preset's shapes, built directly on the device."""
-    import kernels
+    import tinyserve_kernels
     from tinyserve.config import ModelConfig, QuantConfig
     from tinyserve.model import DenseLinear, Int4Linear, LayerWeights, ModelWeights
 
@@ -454,7 +454,7 @@ def synthetic_int4(preset: str, dev: torch.device, dtype: torch.dtype):
         qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device=dev, generator=g)
         qzeros = torch.randint(-(2**31), 2**31 - 1, (k // G, n // 8), dtype=torch.int32, device=dev, generator=g)
         scales = (torch.rand(k // G, n, device=dev, generator=g) * 0.01).half()
-        return Int4Linear(kernels.prepare(qweight, qzeros, scales, G))
+        return Int4Linear(tinyserve_kernels.prepare(qweight, qzeros, scales, G))
 
     H, I = cfg.hidden_size, cfg.intermediate_size
     layers = [

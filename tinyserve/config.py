@@ -56,7 +56,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """AWQ weight-only quantization in the AutoAWQ GEMM layout (see kernels/layout.py)."""
+    """AWQ weight-only quantization in the AutoAWQ GEMM layout (see tinyserve_kernels/layout.py)."""
 
     bits: int
     group_size: int

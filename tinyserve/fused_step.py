@@ -1,10 +1,10 @@
-"""The fused CPU steps: every layer of model.decode (or model.prefill) in one C++ call (kernels/csrc/cpu_decode.cpp),
+"""The fused CPU steps: every layer of model.decode (or model.prefill) in one C++ call (tinyserve_kernels/csrc/cpu_decode.cpp),
 the lm_head after it in Python.
 
 With the linears and the attention already in our CPU kernels, what was left of a one-sequence SmolLM2 decode step was
 ~20 small torch ops per layer between them (norms, RoPE, cache writes, residual adds, SiLU), a quarter of the step's
 time, most of it dispatch. The C++ step runs them as plain loops and calls the kernels on raw buffers; a prefill keeps
-its GEMMs (the same choice as kernels/dispatch.py: our INT4 kernel up to CPU_NATIVE_MAX_M rows, then the dense copy)
+its GEMMs (the same choice as tinyserve_kernels/dispatch.py: our INT4 kernel up to CPU_NATIVE_MAX_M rows, then the dense copy)
 and torch's SDPA. Same operations and rounding points as model.decode / model.prefill in bf16; the norm's sum and the
 SiLU's exp are computed in another order, so logits match them to bf16 rounding, not bit for bit
 (tests/test_fused_step.py). Every decode row is computed alone, so a row's logits do not depend on the rest of the batch.
@@ -15,8 +15,8 @@ It applies where the runner's CPU kernels do: bf16 activations, every decoder li
 
 import torch
 
-from kernels import cpu_native
-from kernels.dispatch import CPU_NATIVE_MAX_M
+from tinyserve_kernels import cpu_native
+from tinyserve_kernels.dispatch import CPU_NATIVE_MAX_M
 from tinyserve.config import ModelConfig
 from tinyserve.model import Int4Linear, ModelWeights
 
@@ -26,7 +26,7 @@ class FusedDecoder:
                  sin: torch.Tensor, variant: str = "native"):
         """k_cache, v_cache [layers, slots, Hkv, S, D] and cos, sin [P, D] (P <= S: the runner may round the cache
         length up): the runner's, bf16 (use `applies` first).
-        variant: which build of the kernels (kernels/cpu_native.py, VARIANTS; the tests run each engine)."""
+        variant: which build of the kernels (tinyserve_kernels/cpu_native.py, VARIANTS; the tests run each engine)."""
         self.lm_head = w.lm_head
         G = w.layers[0].qkv.w.group_size
         layers = [[lw.attn_norm, lw.qkv.w.native.packed, lw.o.w.native.packed, lw.mlp_norm, lw.gate_up.w.native.packed,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cpu_native
+import tinyserve_kernels
+from tinyserve_kernels import cpu_native
 from tinyserve.config import ModelConfig, RopeConfig
 
 
@@ -41,11 +41,11 @@ class DenseLinear:
 
 @dataclass
 class Int4Linear:
-    w: kernels.Int4Weights  # packed AWQ GEMM layout, prepared for its device
+    w: tinyserve_kernels.Int4Weights  # packed AWQ GEMM layout, prepared for its device
     bias: torch.Tensor | None = None  # [N]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int4_linear(x, self.w, self.bias)
+        return tinyserve_kernels.int4_linear(x, self.w, self.bias)
 
     def one_row(self, x: torch.Tensor) -> torch.Tensor:
         """x [1, K] -> [1, N] in x's dtype; the same numbers as __call__. For one bf16 row held for torch's op (no
@@ -75,7 +75,7 @@ class Int8Linear:
     """Weight-only int8 with one symmetric scale per output row: W[n, :] = q[n, :] * scale[n].
 
     Held for torch's `_weight_int8pack_mm` (qweight, scales), or for our CPU kernel (native: the same codes and scales
-    in its layout, kernels/cpu_native.py), which reads the weights once for all rows of a batch instead of once per
+    in its layout, tinyserve_kernels/cpu_native.py), which reads the weights once for all rows of a batch instead of once per
     row, and computes each row the same whatever else is batched."""
 
     qweight: torch.Tensor | None  # [N, K] int8 (None when native holds the weights)
@@ -243,7 +243,7 @@ def prefill(
 
 
 # A decode attention kernel: (q [M, Hkv, R, D], k [M, Hkv, L, D], v [M, Hkv, L, D], lengths [M] int64) -> [M, Hkv, R, D],
-# row m attending to its positions 0..lengths[m]-1 with scale 1/sqrt(D) (kernels.cpu_native.decode_attention).
+# row m attending to its positions 0..lengths[m]-1 with scale 1/sqrt(D) (tinyserve_kernels.cpu_native.decode_attention).
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_native
+from tinyserve_kernels import cpu_native
 from tinyserve import model
 from tinyserve.config import ConfigError, ModelConfig
 from tinyserve.fused_step import FusedDecoder
@@ -264,10 +264,10 @@ class ModelRunner:
         """Eager decode whose row m depends only on (slots[m], tokens[m], pos[m]), bit for bit. Two things in the
         plain path depend on the batch: the attended length (max over rows; CPU SDPA's result moves in the last bits
         with the padded length; our decode attention, self.attention, never reads past a row's own length) and, on CPU, the INT4 kernel (picked by M: with torch's int4 op, beyond
-        kernels.dispatch.CPU_INT4PACK_MAX_M rows a dense GEMM with another summation order). So every row is masked
+        tinyserve_kernels.dispatch.CPU_INT4PACK_MAX_M rows a dense GEMM with another summation order). So every row is masked
         over a length aligned to INVARIANT_LENGTH_ALIGN, and rows go through in groups no larger than the kernel keeps
-        rows independent (kernels.dispatch.cpu_invariant_rows: 8 with torch's op, 32 or all with our own kernel)."""
-        from kernels.dispatch import cpu_invariant_rows
+        rows independent (tinyserve_kernels.dispatch.cpu_invariant_rows: 8 with torch's op, 32 or all with our own kernel)."""
+        from tinyserve_kernels.dispatch import cpu_invariant_rows
 
         qkv = self.weights.layers[0].qkv
         group = cpu_invariant_rows(getattr(qkv, "w", None)) if self.device.type == "cpu" else len(slots)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-import kernels
-from kernels.layout import PACK_FACTOR, check_shapes, dequantize
+import tinyserve_kernels
+from tinyserve_kernels.layout import PACK_FACTOR, check_shapes, dequantize
 from tinyserve.config import ModelConfig
 from tinyserve.model import DenseLinear, Int4Linear, Int8Linear, LayerWeights, Linear, ModelWeights
 
@@ -103,7 +103,7 @@ class Loader:
     ):
         self.ck = Checkpoint(folder)
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.dense_prefill = dense_prefill  # CPU: keep a bf16 copy of INT4 weights for long prompts (kernels.prepare)
+        self.dense_prefill = dense_prefill  # CPU: keep a bf16 copy of INT4 weights for long prompts (tinyserve_kernels.prepare)
         self.cpu_native = cpu_native  # CPU: our own INT4 kernel (True), torch's op (False), or where it wins (None)
 
     def part(self, name: str, k: int, n: int, bias: bool) -> _Part:
@@ -142,7 +142,7 @@ class Loader:
             qweight = torch.cat([p.qweight for p in parts], dim=1).to(self.device)
             qzeros = torch.cat([p.qzeros for p in parts], dim=1).to(self.device)
             scales = torch.cat([p.scales for p in parts], dim=1).to(self.device)
-            return Int4Linear(kernels.prepare(qweight, qzeros, scales, parts[0].group_size, cpu_dense_cache=self.dense_prefill,
+            return Int4Linear(tinyserve_kernels.prepare(qweight, qzeros, scales, parts[0].group_size, cpu_dense_cache=self.dense_prefill,
                                                native=self.cpu_native), bias)
         if all(p.weight is not None for p in parts):
             weight = torch.cat([p.weight for p in parts], dim=0)
@@ -182,7 +182,7 @@ class Loader:
             head = self.fused([self.part("lm_head", H, c.vocab_size, False)])
         if lm_head == "int8" and isinstance(head, DenseLinear):
             # Our CPU kernel wherever the INT4 linears would use it (self.cpu_native; None: where it wins).
-            native = self.cpu_native if self.cpu_native is not None else kernels.cpu_native.use_by_default()
+            native = self.cpu_native if self.cpu_native is not None else tinyserve_kernels.cpu_native.use_by_default()
             head = Int8Linear.quantize(head.weight, self.dtype, native=native and self.device.type == "cpu")
         weights = ModelWeights(embed=embed, layers=layers, norm=self.vector("model.norm.weight", H), lm_head=head)
         self.ck.close()

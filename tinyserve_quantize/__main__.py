@@ -1,0 +1,84 @@
+"""python -m tinyserve_quantize: AWQ, GPTQ, AWQ + GPTQ or RTN INT4 quantization of a Hugging Face model folder into the AutoAWQ
+GEMM layout.
+
+    python -m tinyserve_quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|rtn] [--w-bit 4] [--group-size 64]
+                       [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
+
+Writes to a temporary folder and renames it into place at the end; refuses to replace an existing --out without
+--overwrite. Mistakes (missing or malformed folder, unsupported architecture or dtype, bad settings) are reported in
+one line, without a traceback. 3-bit codes are stored in the same 4-bit containers, with "bits": 3 in config.json.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tinyserve_quantize.awq import SearchConfig
+from tinyserve_quantize.clip_search import CLIP_MODES
+from tinyserve_quantize.gptq import CALIB_INPUTS, GPTQConfig
+from tinyserve_quantize.pipeline import USER_ERRORS, QuantizeConfig, run
+from tinyserve_quantize.quantizer import SUPPORTED_GROUP_SIZES
+
+
+def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
+    p = argparse.ArgumentParser(prog="python -m tinyserve_quantize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="source model folder (fp16/bf16/fp32 safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--method", default="awq",
+                   help="awq (default), gptq, awq-gptq (AWQ's scales, then GPTQ's rounding) or rtn (plain round-to-nearest baseline)")
+    p.add_argument("--w-bit", type=int, default=4, help="weight bits: 4 (default) or 3")
+    p.add_argument("--group-size", type=int, default=64,
+                   help=f"input channels per quantization group: {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (-1: per output channel); default 64")
+    p.add_argument("--calib-text", type=Path, help="UTF-8 calibration text (default: built-in Botchan chapters V-XI)")
+    p.add_argument("--n-samples", type=int, default=128,
+                   help="calibration windows (default 128; a shorter text gives fewer, all of which are used)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--fake", action="store_true", help="write quantize-dequantized fp16 weights instead of packed INT4")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g = p.add_argument_group("search (AWQ; defaults are what measured best, see BENCHMARKS.md)")
+    g.add_argument("--duo-scaling", action="store_true", help="scales x_mean^a / w_mean^(1-a) (AutoAWQ's default)")
+    g.add_argument("--no-scale", action="store_true", help="skip the scale search (clip only)")
+    g.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    g.add_argument("--no-gqa-vo", action="store_true",
+                   help="leave v_proj -> o_proj unscaled under grouped-query attention (as AutoAWQ does)")
+    g.add_argument("--no-refit", action="store_true", help="skip the least-squares refit of each group's step after clipping")
+    g.add_argument("--clip-mode", default="range", help=f"how a ratio shrinks a group's range: {' or '.join(CLIP_MODES)}")
+    g.add_argument("--no-holdout-gate", action="store_true",
+                   help="keep every chosen scale/clip even where it loses to none on the held-out windows")
+    g.add_argument("--no-clip-gate", action="store_true",
+                   help="keep the search's choices without testing each sub-block against its unclipped and RTN weights by the model's output (clip_gate.py)")
+    g.add_argument("--gate-windows", type=int, default=8, help="held-out calibration windows the gate runs on (default 8)")
+    g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
+    g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
+    g = p.add_argument_group("GPTQ (gptq and awq-gptq)")
+    g.add_argument("--act-order", action="store_true",
+                   help="visit columns by decreasing Hessian diagonal (groups keep fixed, contiguous grids)")
+    g.add_argument("--percdamp", type=float, default=0.01, help="damping as a share of the Hessian's mean diagonal (default 0.01)")
+    g.add_argument("--calib-inputs", default="quantized",
+                   help=f"each block calibrates on the outputs of the {' or '.join(CALIB_INPUTS)} blocks before it (default quantized)")
+    a = p.parse_args(argv)
+    search = SearchConfig(
+        duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, gqa_vo=not a.no_gqa_vo, refit=not a.no_refit, clip_mode=a.clip_mode,
+        holdout_gate=not a.no_holdout_gate, clip_gate=not a.no_clip_gate, gate_windows=a.gate_windows, token_stride=a.token_stride,
+        compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
+    )
+    gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)
+    return QuantizeConfig(a.model, a.out, a.method, a.w_bit, a.group_size, a.calib_text, a.n_samples, a.seqlen,
+                          a.fake, a.overwrite, search, gptq)
+
+
+def main(cfg: QuantizeConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        main(parse_args())
+    except USER_ERRORS as e:
+        sys.exit(f"quantize: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("quantize: interrupted; nothing was written")
