@@ -3,8 +3,9 @@
 #   docker build -t tinyserve .
 #   docker run --gpus all -p 8000:8000 -v /path/to/awq-model:/model:ro tinyserve [extra serve flags, e.g. --api-key KEY]
 #
-# torch and triton come from the official PyTorch CUDA image; the package and its other dependencies go on top.
-FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+# Python 3.11 (the lock's interpreter) with the CUDA lock: torch, triton and the nvidia-* runtime wheels pinned by
+# hash, the same set scripts/setup installs on a GPU machine. The host needs an NVIDIA driver for CUDA 13.
+FROM python:3.11-slim-bookworm
 
 # Triton builds a small C launcher the first time it runs a kernel, so the image needs a C compiler.
 RUN apt-get update \
@@ -12,11 +13,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/tinyserve
+COPY requirements/lock-cuda.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/lock-cuda.txt
 COPY pyproject.toml README.md ./
 COPY tinyserve_kernels tinyserve_kernels
 COPY tinyserve_quantize tinyserve_quantize
 COPY tinyserve tinyserve
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 RUN useradd --create-home --uid 1000 tinyserve
 USER tinyserve
