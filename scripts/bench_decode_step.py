@@ -33,11 +33,11 @@ def main() -> None:
     from dataclasses import replace
 
     from tinyserve_kernels import cpu_native
-    from tinyserve_quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_quantized_default
     from tinyserve.model import Int8Linear
     from tinyserve.runner import ModelRunner, RunnerConfig
 
-    folder = ensure_awq_default()
+    folder = ensure_quantized_default()
     runners = {}
     for kernel in ("fused", "native", "native+aten", "int4pack"):
         os.environ[cpu_native.ENV_SWITCH] = "0" if kernel == "int4pack" else "auto"

@@ -24,11 +24,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
 
-    from tinyserve_quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_quantized_default
     from tinyserve import model
     from tinyserve.runner import ModelRunner, RunnerConfig
 
-    r = ModelRunner(ensure_awq_default(), RunnerConfig(device="cpu", max_seq_len=a.context + 8))
+    r = ModelRunner(ensure_quantized_default(), RunnerConfig(device="cpu", max_seq_len=a.context + 8))
     slot = r.alloc_slot()
     r.prefill(slot, list(range(100, 100 + a.context)))
     outs: dict[int, torch.Tensor] = {}

@@ -15,7 +15,7 @@ import torch
 
 from tinyserve_quantize.awq import SearchConfig, dequantize_into
 from tinyserve_quantize.calibration import calibration_windows
-from tinyserve_quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
+from tinyserve_quantize.default_model import DEFAULT_RECIPE, ensure_fp16_default
 from tinyserve_quantize.evaluate import perplexity, text_ids
 from tinyserve_quantize.gptq import GPTQConfig
 from tinyserve_quantize.methods import quantize_model
@@ -51,7 +51,7 @@ def main():
     src = ensure_fp16_default()
     tok = load_tokenizer(src)
     family = family_for(read_config(src))
-    spec = QuantSpec(a.w_bit, DEFAULT_GROUP_SIZE)
+    spec = QuantSpec(a.w_bit, DEFAULT_RECIPE.group_size)
     ids = text_ids(tok, eval_text(), a.max_tokens)
     windows = calibration_windows(tok, calib_text(), 128, 512)
 
@@ -62,7 +62,7 @@ def main():
             ratio = f"{sum(r[key] for r in report) / sum(r['mse_rtn'] for r in report):.3f}"
         print(f"| {name} | {ppl:.2f} | {seconds:.1f} | {ratio} |", flush=True)
 
-    print(f"w{a.w_bit} g{DEFAULT_GROUP_SIZE}, {len(ids)} evaluation tokens, {windows.numel()} calibration tokens")
+    print(f"w{a.w_bit} g{DEFAULT_RECIPE.group_size}, {len(ids)} evaluation tokens, {windows.numel()} calibration tokens")
     print("| variant | perplexity | quantize s | held-out output error / RTN |")
     print("|---|---:|---:|---:|", flush=True)
     if not a.no_baselines:

@@ -20,7 +20,7 @@ import torch
 
 from tinyserve_quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block, rtn_quantize, run_clip_gate
 from tinyserve_quantize.calibration import calibration_windows, capture_block_inputs, run_block
-from tinyserve_quantize.default_model import DEFAULT_GROUP_SIZE, ensure_fp16_default
+from tinyserve_quantize.default_model import DEFAULT_RECIPE, ensure_fp16_default
 from tinyserve_quantize.evaluate import perplexity, text_ids
 from tinyserve_quantize.model_families import family_for
 from tinyserve_quantize.model_io import load_model, load_tokenizer, read_config
@@ -79,7 +79,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--model", type=Path, help="fp16/bf16/fp32 model folder (default: the embedded default model)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE)
+    p.add_argument("--group-size", type=int, default=DEFAULT_RECIPE.group_size)
     p.add_argument("--n-samples", type=int, default=128, help="calibration windows of 512 tokens")
     p.add_argument("--text", type=Path, help="evaluation text (default: the built-in evaluation slice)")
     a = p.parse_args()

@@ -141,3 +141,10 @@ def test_evaluate_cli_refuses_non_utf8_text(tmp_path, tiny_llama_dir):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip() == (f"tinyserve_quantize.evaluate: error: text file {text} is not UTF-8 text (byte 5: b'\\xe4'); "
                                 "convert it first, e.g. iconv -f latin1 -t utf-8")
+
+
+def test_table_rejects_an_unknown_recipe_in_one_line():
+    r = cli("tinyserve_quantize.table", "--recipes", "awq-w4-g16")
+    assert r.returncode == 1
+    assert r.stderr.startswith("tinyserve_quantize.table: error: unknown recipe 'awq-w4-g16'; choose from default, all, ")
+    assert "Traceback" not in r.stderr

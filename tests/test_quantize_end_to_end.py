@@ -148,24 +148,28 @@ def test_evaluate_cli_json(tmp_path, tiny_qwen2_dir):
     assert out["ppl"] == pytest.approx(evaluate_folder(packed, eval_text(), ctx=64, max_tokens=256)["ppl"], rel=1e-4)
 
 
-def test_ensure_awq_default_quantizes_once_then_uses_the_cache(tmp_path, monkeypatch, tiny_llama_dir):
-    """ensure_awq_default's caching, with the tiny model standing in for the default one (the real model's first
+def test_ensure_quantized_default_quantizes_once_then_uses_the_cache(tmp_path, monkeypatch, tiny_llama_dir):
+    """ensure_quantized_default's caching, with the tiny model standing in for the default one (the real model's first
     quantization takes about a minute and is what `python -m tinyserve_quantize.table` shows)."""
     from tinyserve_quantize import default_model
 
     monkeypatch.setenv("TINYSERVE_HOME", str(tmp_path))
     monkeypatch.setattr(default_model, "ensure_fp16_default", lambda log: tiny_llama_dir)
     monkeypatch.setattr("tinyserve_quantize.pipeline.calib_text", lambda: eval_text()[:12000])  # a few windows: keep it quick
-    stale = tmp_path / "models" / "SmolLM2-135M-Instruct-awq-w4-g64"  # written by an older recipe: replaced
-    stale.mkdir(parents=True)
-    (stale / "config.json").write_text("{}")
+    models = tmp_path / "models"
+    stale = models / "SmolLM2-135M-Instruct-awq-w4-g64-r4"  # written by an older version of the quantizer: removed
+    other = models / f"SmolLM2-135M-Instruct-rtn-w4-g64-r{default_model.RECIPE_VERSION}"  # another current recipe: kept
+    for folder in (stale, other):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
     messages = []
-    first = default_model.ensure_awq_default(log=messages.append)
-    assert first == tmp_path / "models" / f"SmolLM2-135M-Instruct-awq-w4-g64-r{default_model.DEFAULT_RECIPE}"
-    assert not stale.exists()
-    assert json.loads((first / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    first = default_model.ensure_quantized_default(log=messages.append)
+    recipe = default_model.DEFAULT_RECIPE
+    assert first == models / f"SmolLM2-135M-Instruct-{recipe.name}-r{default_model.RECIPE_VERSION}"
+    assert not stale.exists() and other.exists()
+    assert json.loads((first / "config.json").read_text())["quantization_config"]["group_size"] == recipe.group_size
     assert any("quantizing the default model" in m for m in messages)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     messages.clear()
-    assert default_model.ensure_awq_default(log=messages.append) == first
+    assert default_model.ensure_quantized_default(log=messages.append) == first
     assert messages == [] and (first / "model.safetensors").stat().st_mtime_ns == stamp

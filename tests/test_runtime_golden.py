@@ -1,8 +1,10 @@
-"""Golden greedy decode on the real default model, AWQ-quantized by our quantizer (the folder `chat` and `serve` use),
+"""Golden greedy decode on the real default model, quantized by the default recipe (default_model.DEFAULT_RECIPE: the
+folder `chat` and `serve` use),
 run with the default CPU runtime settings (bf16 compute, int8 lm_head): those of `chat` / `generate` (one sequence)
 and those of `serve` (batch-invariant decode over several slots).
 
-The ids were recorded from this runtime on the 2-core CPU VM; they were the same with 1 and 2 threads. They change
+The ids were recorded from this runtime on the 2-core CPU VM (last: 2026-12-06, AMD EPYC, our kernels' AVX512-BF16
+engine); they were the same with 1 and 2 threads. They change
 when the quantizer's output, the CPU INT4 kernels' arithmetic or the decoder change: then check the new text reads
 as well as this one before recording new ids.
 
@@ -22,42 +24,32 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
         "chat",
         "What is the capital of France?",
         {
-            # "... It's a vibrant metropolis that's been a major cultural and economic hub since ancient times.\n"
-            "int4pack": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719, 253, 1739,
-                         2642, 284, 2536, 14157, 1675, 3201, 1711, 30, 2, 198, 2],
-            # "... It's a vibrant metropolis that's been transformed into a global hub of culture, fashion, art, and" (the
-            # fused prefill, tinyserve/fused_step.py: at token 23 14157 leads 2642 by one bf16 step, 19.375 / 19.25; after
-            # the same prefill in torch ops they tied at 19.125 and argmax took 2642: "... global cultural and economic
-            # powerhouse. Paris is renowned for")
-            "native": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719, 9543, 618,
-                       253, 2224, 14157, 282, 2517, 28, 7317, 28, 984, 28, 284],
-            "native serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
-                             9543, 618, 253, 2224, 14157, 282, 2517, 28, 7317, 28, 984, 28, 284],
-            "int4pack serve": [504, 3575, 282, 4649, 314, 7042, 28, 4206, 282, 9017, 30, 657, 506, 253, 8685, 39228, 338, 506, 719,
-                               9543, 618, 253, 2224, 2642, 284, 2536, 45595, 30, 7042, 314, 14104, 327],
+            # "The capital of France is Paris." then end of sequence (id 2 at token 7; the test ignores it, so the
+            # rest is the model going on past its turn). The same ids from every kernel and mode.
+            kernel: [504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1, 4093, 198, 57, 744, 253, 216, 35,
+                     37, 29, 3610, 29, 793, 4672, 617, 553, 719]
+            for kernel in ("int4pack", "native", "native serve", "int4pack serve")
         },
-        "The capital of France is Paris, City of Light.",
+        "The capital of France is Paris.",
     ),
     (
         "raw",
         "Once upon a time, in a small village,",
         {
-            # " there lived a wise and kind woman named Elara. She was known for her kindness and compassion. She had a
-            # daughter named Aria, who was a beautiful"
-            "int4pack": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047, 30,
-                         2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
-            # " there was a wise old woman named Elara who lived in a cozy cottage. She was known for her kindness and her
-            # love for the local children. One day" (the fused decode step, tinyserve/fused_step.py: at token 23 the top
-            # two logits, 874 and 26677, tie in bf16 (22.375); the same decoder in torch ops had 26677 one bf16 step
-            # ahead. Before that, with torch's SDPA instead of our decode attention, token 1 was 4161, also from a tie.)
-            "native": [665, 436, 253, 9357, 1573, 4166, 3365, 3906, 4075, 617, 4161, 281, 253, 18840, 31039, 30, 2306, 436, 1343, 327,
-                       874, 11347, 284, 874, 2606, 327, 260, 1679, 1122, 30, 1963, 1194],
-            "native serve": [665, 436, 253, 9357, 1573, 4166, 3365, 3906, 4075, 617, 4161, 281, 253, 18840, 31039, 30, 2306, 436, 1343,
-                             327, 874, 11347, 284, 874, 2606, 327, 260, 1679, 1122, 30, 1963, 1194],
-            "int4pack serve": [665, 4161, 253, 9357, 284, 1942, 4166, 3365, 3906, 4075, 30, 2306, 436, 1343, 327, 874, 11347, 284, 8047,
-                               30, 2306, 761, 253, 7388, 3365, 330, 5484, 28, 617, 436, 253, 3953],
+            # " there was a young girl named Aria. She was a curious and adventurous soul with a heart full of dreams.
+            # She loved to explore the world, from the"
+            "native": [665, 436, 253, 1805, 8180, 3365, 330, 5484, 30, 2306, 436, 253, 7436, 284, 28058, 8664, 351, 253, 1911,
+                       2073, 282, 10074, 30, 2306, 5732, 288, 2217, 260, 905, 28, 429, 260],
+            "native serve": [665, 436, 253, 1805, 8180, 3365, 330, 5484, 30, 2306, 436, 253, 7436, 284, 28058, 8664, 351, 253,
+                             1911, 2073, 282, 10074, 30, 2306, 5732, 288, 2217, 260, 905, 28, 429, 260],
+            "int4pack serve": [665, 436, 253, 1805, 8180, 3365, 330, 5484, 30, 2306, 436, 253, 7436, 284, 28058, 8664, 351, 253,
+                               1911, 2073, 282, 10074, 30, 2306, 5732, 288, 2217, 260, 905, 28, 429, 260],
+            # torch's ops, one sequence: from token 10 " She had a special gift that no one else had. She could see
+            # the world in different ways, and she loved"
+            "int4pack": [665, 436, 253, 1805, 8180, 3365, 330, 5484, 30, 2306, 761, 253, 1767, 10274, 338, 787, 582, 1745, 761,
+                         30, 2306, 856, 963, 260, 905, 281, 896, 1853, 28, 284, 1041, 5732],
         },
-        " there",
+        " there was a young girl named Aria.",
     ),
 ]
 
@@ -65,14 +57,14 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
 @pytest.mark.slow
 @pytest.mark.parametrize("serving", [False, True], ids=["chat", "serve"])
 @torch.inference_mode()
-def test_first_32_greedy_tokens_of_the_awq_default_model(serving):
-    from tinyserve_quantize.default_model import ensure_awq_default
+def test_first_32_greedy_tokens_of_the_default_int4_model(serving):
+    from tinyserve_quantize.default_model import ensure_quantized_default
     from tinyserve.generate import GenerationParams, Session
     from tinyserve.runner import ModelRunner, RunnerConfig
     from tinyserve.sampling import SamplingParams
     from tinyserve.tokenizer import Tokenizer
 
-    folder = ensure_awq_default()
+    folder = ensure_quantized_default()
     # serve on 2 cores: batch-invariant decode, 1 compute thread (its default: all cores but one). With our kernels the
     # ids are the same with 2 threads; with torch's ops the batched path's depend on the thread count (2 threads changed
     # token 31 of the chat prompt).

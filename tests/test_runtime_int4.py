@@ -52,9 +52,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 @pytest.fixture(scope="module")
 def awq_dir():
     """The default model quantized by our AWQ quantizer (cached; the golden and server tests use it too)."""
-    from tinyserve_quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_quantized_default
 
-    return ensure_awq_default()
+    return ensure_quantized_default()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def int4_reference(awq_dir, default_fp16_dir):
 @torch.inference_mode()
 @pytest.mark.parametrize("dtype,min_margin", [("float32", 0.1), ("bfloat16", 0.3)])
 def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_reference, dtype, min_margin):
-    """Real model, AWQ INT4 g64. Teacher-forced on the reference's 32-token greedy continuation of two prompts:
+    """Real model, the default INT4 folder. Teacher-forced on the reference's 32-token greedy continuation of two prompts:
     logits close everywhere (the quantization itself moves them by 10+), and the same greedy choice at every position
     where the reference's top-2 margin exceeds min_margin (below that, bf16 rounding may flip ties).
 

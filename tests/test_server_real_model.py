@@ -1,4 +1,4 @@
-"""The real default model (SmolLM2-135M-Instruct, AWQ INT4 g64, as `serve` loads it when given no --model) through
+"""The real default model (SmolLM2-135M-Instruct, the default INT4 recipe, as `serve` loads it when given no --model) through
 a real server: a factual answer, keep-alive pings while a long prompt is prefilled, and concurrent greedy requests
 that match the same requests run one at a time."""
 
@@ -14,9 +14,9 @@ from server_helpers import ServerProcess, parse_sse
 
 @pytest.fixture(scope="module")
 def awq_default():
-    from tinyserve_quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_quantized_default
 
-    return ensure_awq_default()
+    return ensure_quantized_default()
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,9 @@ def resolve_model(model: str | None) -> Path:
         if not path.exists():
             raise CliError(f"--model {model}: no such folder")
         return path
-    from tinyserve_quantize.default_model import ensure_awq_default
+    from tinyserve_quantize.default_model import ensure_quantized_default
 
-    return ensure_awq_default(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return ensure_quantized_default(log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def load(model: str | None, runner_cfg: RunnerConfig):

