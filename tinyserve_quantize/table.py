@@ -58,7 +58,7 @@ def pick_recipes(spec: str) -> list[str]:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, and whether it has AMX (the quantizer's bf16 products run several times faster with it)."""
+    """The CPU's model name, and whether it has AMX (which speeds up the quantizer's bf16 products)."""
     name, amx = platform.machine(), False
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -172,3 +172,5 @@ if __name__ == "__main__":
         main(pick_recipes(a.recipes), a.max_tokens, a.speed_rounds, a.json, a.save)
     except (*USER_ERRORS, DefaultModelError, TableError) as e:
         sys.exit(f"tinyserve_quantize.table: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("tinyserve_quantize.table: interrupted (finished quantizations stay cached)")
