@@ -1,6 +1,7 @@
 """Generation behaviour: stop strings across tokens, UTF-8 across tokens, sampling filters, penalties, seeds,
-logprobs, EOS from generation_config, context overflow, prefix reuse between calls."""
+logprobs, EOS from generation_config, context overflow, prefix reuse between calls, interrupted streams."""
 
+import io
 import json
 import math
 import shutil
@@ -8,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from tinyserve.chat import Chat, ChatConfig
 from tinyserve.generate import GenerationParams, Session
 from tinyserve.runner import ContextOverflow, ModelRunner, RunnerConfig
 from tinyserve.sampling import SamplingError, SamplingParams, SequenceSampler, sample
@@ -213,3 +215,62 @@ def test_second_turn_reuses_the_cached_prefix(tiny_qwen2_dir):
     assert session.stats.cached_tokens == len(first) + len(reply) - 1  # the last reply token was never fed back
     assert (text, ids) == fresh.generate(follow_up, params)
     assert session.stats.prefill_tok_s > 0 and not math.isnan(session.stats.decode_tok_s)
+
+
+@torch.inference_mode()
+def test_an_interrupted_stream_leaves_the_session_usable(tiny_llama_dir):
+    """A stream closed mid-reply (the chat's Ctrl-C) or a KeyboardInterrupt inside a decode step ends its sequence at
+    once: nothing stays in the session's scheduler, the slot holds a prefix the session knows, and the next call
+    reuses it and gives what an uninterrupted session gives."""
+    session, fresh = session_for(tiny_llama_dir), session_for(tiny_llama_dir)
+    params = GenerationParams(max_tokens=12, ignore_eos=True, sampling=GREEDY)
+    prompt = session.tok.encode("Once upon a time")
+    expected = fresh.generate(prompt, params)
+
+    stream = session.stream(prompt, params)
+    for _ in range(4):
+        next(stream)
+    with pytest.raises(RuntimeError, match="still open"):
+        next(session.stream(prompt, params))
+    stream.close()
+    assert not session.scheduler.has_work()
+    assert session.cached == prompt + expected[1][:3]  # 4 tokens shown, the first 3 fed back
+    assert session.runner.length(session.slot) == len(session.cached)
+    assert session.generate(prompt, params) == expected
+    assert session.stats.cached_tokens == len(prompt) - 1
+
+    runner, calls = session.runner, []
+
+    def decode(*args):  # Ctrl-C landing inside the third decode step
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return type(runner).decode(runner, *args)
+
+    runner.decode = decode
+    with pytest.raises(KeyboardInterrupt):
+        list(session.stream(prompt, params))
+    del runner.decode
+    assert not session.scheduler.has_work() and runner.length(session.slot) == len(session.cached)
+    assert session.generate(prompt, params) == expected
+
+
+@torch.inference_mode()
+def test_a_chat_reply_stopped_mid_way_keeps_the_chat_going(tiny_llama_dir):
+    session = session_for(tiny_llama_dir, max_seq_len=256)
+    stops = []
+
+    class Screen(io.StringIO):
+        def write(self, text):  # Ctrl-C as the first text of the first reply appears
+            if text.strip() and not stops:
+                stops.append(1)
+                chat.stop_requested = True
+            return super().write(text)
+
+    chat = Chat(session, ChatConfig(max_tokens=8, sampling=GREEDY), out=Screen())
+    chat.reply("Hello there")
+    assert "(stopped)" in chat.out.getvalue() and not session.scheduler.has_work()
+    chat.stop_requested = False  # what reading the next line does
+    chat.reply("And again")
+    assert chat.out.getvalue().count("(stopped)") == 1 and len(chat.history) == 4
+    assert session.stats.completion_tokens >= 1 and session.stats.cached_tokens > 0  # the first turn was reused

@@ -1,15 +1,20 @@
 """Continuous batching in-process (no HTTP): batch-independent greedy and seeded output, chunked prefill, slots freed
-on abort, the bounded waiting queue. Runs on a tiny random-weight Llama packed as INT4, so the CPU kernel that the
-dispatcher picks by M is exercised with more than CPU_INT4PACK_MAX_M rows."""
+on abort, the bounded waiting queue, and the Session (generate / chat) running the same loop. Runs on a tiny
+random-weight Llama packed as INT4, so the CPU kernel that the dispatcher picks by M is exercised with more than
+CPU_INT4PACK_MAX_M rows."""
+
+import json
 
 import pytest
 import torch
 
 from tinyserve_kernels.dispatch import CPU_INT4PACK_MAX_M
 from runtime_helpers import write_rtn_folder
+from tinyserve import protocol as P
+from tinyserve.generate import GenerationParams, Session
 from tinyserve.runner import ModelRunner, RunnerConfig
 from tinyserve.sampling import SamplingParams
-from tinyserve.scheduler import QueueFull, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.scheduler import FinishReason, QueueFull, Scheduler, SchedulerConfig, SeqSpec
 from tinyserve.tokenizer import Tokenizer
 
 NUM_SLOTS = CPU_INT4PACK_MAX_M + 4  # a full batch takes the grouped path of the batch-invariant decode
@@ -129,3 +134,63 @@ def test_finish_reasons_eos_and_stop_string(runner_tok):
     (tokens3, text3, reason3), = run(eos_sched, [spec]).values()
     first_eos = tokens.index(tokens[4])
     assert reason3 == "stop" and tokens3 == tokens[:first_eos] and text3 == tok.decode(tokens[:first_eos])
+
+
+def test_a_session_runs_the_same_loop_as_the_server(runner_tok):
+    """`generate` and `chat` (a Session, one sequence in a slot it keeps) and the server (the Scheduler) are one loop:
+    the same tokens, text and finish reason for max_tokens, a stop string, EOS, and EOS with ignore_eos."""
+    runner, tok = runner_tok
+    spec = make_specs(tok, 1, max_tokens=20)[0]
+    (tokens, text, _), = run(Scheduler(runner, tok), [spec]).values()
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    eos = frozenset({tokens[4]})  # an id the greedy reply contains, made an end-of-sequence token
+    cases = [(spec, None), (SeqSpec(spec.prompt_ids, 20, GREEDY, (stop,)), None), (spec, eos),
+             (SeqSpec(spec.prompt_ids, 20, GREEDY, ignore_eos=True), eos)]
+    results = []
+    for case, eos_ids in cases:
+        sched, session = Scheduler(runner, tok), Session(runner, tok)
+        try:
+            if eos_ids:
+                sched.eos = session.scheduler.eos = eos_ids
+            (server,) = run(sched, [case]).values()
+            chunks = list(session.stream(case.prompt_ids, GenerationParams(case.max_tokens, case.stop, case.ignore_eos, case.sampling)))
+        finally:
+            session.close()
+        alone = ([c.token.token for c in chunks if c.token], "".join(c.text for c in chunks), chunks[-1].finish_reason)
+        assert alone == server and session.stats.finish_reason is server[2]
+        assert session.stats.completion_tokens == len(server[0])
+        results.append(server)
+    assert [r for _, _, r in results] == [FinishReason.LENGTH, FinishReason.STOP, FinishReason.STOP, FinishReason.LENGTH]
+    assert len(results[2][0]) < 20 and results[3][0] == tokens  # EOS stopped it; ignore_eos went through it
+    assert runner.pool.num_free == NUM_SLOTS
+
+
+def test_a_spec_with_its_own_slot_keeps_it(runner_tok):
+    """A sequence that brings its slot (a Session's) prefills from `cached` on, and the slot is not freed after."""
+    runner, tok = runner_tok
+    spec = make_specs(tok, 1, max_tokens=8)[0]
+    n = len(spec.prompt_ids)
+    (want,) = run(Scheduler(runner, tok), [spec]).values()
+    slot = runner.alloc_slot()
+    try:
+        sched = Scheduler(runner, tok)
+        run(sched, [SeqSpec(spec.prompt_ids, 1, GREEDY, slot=slot)])
+        assert runner.pool.num_free == NUM_SLOTS - 1 and runner.length(slot) == n
+        sched.take_stats()
+        (got,) = run(sched, [SeqSpec(spec.prompt_ids, 8, GREEDY, slot=slot, cached=n - 1)]).values()
+        assert sched.take_stats().prompt_tokens == 1  # only the last prompt token ran
+        # The first token comes from the prompt's logits: the same. Later ones may differ in near-ties, since the
+        # last prompt position was computed as a 1-token prefill (another kernel path) instead of inside the prompt.
+        assert got[0][0] == want[0][0] and len(got[0]) == 8 and got[2] is FinishReason.LENGTH
+        assert runner.length(slot) == n + 7 and runner.pool.num_free == NUM_SLOTS - 1
+        with pytest.raises(ValueError, match="cached"):
+            sched.add([SeqSpec(spec.prompt_ids, 8, GREEDY, slot=slot, cached=n)])
+    finally:
+        runner.free_slot(slot)
+
+
+def test_finish_reasons_are_plain_strings_on_the_wire():
+    reason = P.chat_choice(0, "", FinishReason.STOP, None)["finish_reason"]
+    assert type(reason) is str and reason == "stop" and P.text_choice(0, "", None, None)["finish_reason"] is None
+    assert json.dumps(P.chat_delta(0, {}, FinishReason.LENGTH)).endswith('"finish_reason": "length"}')
+    assert f"{FinishReason.SHUTDOWN}" == str(FinishReason.SHUTDOWN) == "shutdown" == FinishReason("shutdown")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tinyserve.generate import GenerationParams, Session
 from tinyserve.runner import ContextOverflow
 from tinyserve.sampling import SamplingParams
+from tinyserve.scheduler import FinishReason
 
 HELP = "commands: /reset, /system TEXT, /stats, /exit. Ctrl-C stops a reply; Ctrl-D quits."
 
@@ -132,7 +133,7 @@ class Chat:
         if interrupted:
             self.discard_typed_ahead()
             self.say("(stopped)")
-        elif st.finish_reason == "length":
+        elif st.finish_reason is FinishReason.LENGTH:
             self.say("(reply cut: max tokens or context reached)")
         if reply or not interrupted:  # a reply stopped before its first word leaves no turn behind
             self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]

@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from tinyserve.metrics import Metrics
 from tinyserve.runner import ModelRunner
-from tinyserve.scheduler import Output, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.scheduler import FinishReason, Output, Scheduler, SchedulerConfig, SeqSpec
 from tinyserve.tokenizer import Tokenizer
 
 log = logging.getLogger("tinyserve.engine")
@@ -56,7 +56,7 @@ class RequestStream:
         except asyncio.TimeoutError:
             return None
 
-    def cancel(self, reason: str = "cancelled") -> None:
+    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         if self.open:
             self.engine.abort([self.seq_ids[i] for i in self.open], reason)
 
@@ -97,7 +97,7 @@ class Engine:
             self._wake.notify()
         return stream
 
-    def abort(self, seq_ids: Sequence[int], reason: str = "cancelled") -> None:
+    def abort(self, seq_ids: Sequence[int], reason: FinishReason = FinishReason.CANCELLED) -> None:
         self.scheduler.abort(seq_ids, reason)
         with self._wake:
             self._wake.notify()
@@ -110,7 +110,7 @@ class Engine:
         except asyncio.TimeoutError:
             return False
 
-    def abort_all(self, reason: str = "cancelled") -> None:
+    def abort_all(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self.scheduler.abort_all(reason)
         with self._wake:
             self._wake.notify()
@@ -139,7 +139,7 @@ class Engine:
                 self._record(outputs)
             except Exception:  # a bug, not a bad request: fail what is in flight, keep serving
                 log.exception("scheduler step failed; aborting every sequence")
-                sched.abort_all("error")
+                sched.abort_all(FinishReason.ERROR)
                 outputs = []
             idle = not sched.has_work()
             if outputs or idle:
@@ -158,7 +158,7 @@ class Engine:
         for t in stats.inter_token:
             m.itl.observe(t)
         for reason, count in stats.finished.items():
-            m.finished.labels(reason=reason).inc(count)
+            m.finished.labels(reason=reason.value).inc(count)
         m.running.set(sched.num_running)
         m.waiting.set(sched.num_waiting)
 

@@ -1,8 +1,12 @@
-"""Single-sequence streaming generation: the loop behind `generate`, `chat` and the benchmark.
+"""Single-session generation: what `generate` and `chat` (and the golden tests) run.
 
-A `Session` owns one KV cache slot. Each call to `stream` prefills only the part of the prompt that differs from
-what the slot already holds (a chat turn re-sends the whole history; its unchanged prefix is not recomputed), then
-decodes token by token, yielding text as soon as it is safe to show.
+A `Session` owns one KV cache slot and a `Scheduler` of its own, and generates through that scheduler: the same loop
+as the server (sampling, detokenizing, stop strings, EOS, max_tokens, a full context), with one sequence. What is
+specific to a session lives here:
+  - prefix reuse across calls: a chat turn re-sends the whole history; the prefix the slot already holds is handed
+    to the scheduler as `SeqSpec.cached` and not recomputed;
+  - the per-call `Stats` (tokens, time to first token, tokens/s) that the CLI prints.
+`stream` drives `scheduler.step()` synchronously and yields each step's output as a `Chunk`.
 """
 
 import time
@@ -10,8 +14,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tinyserve.runner import ContextOverflow, ModelRunner
-from tinyserve.sampling import SampleResult, SamplingParams, SequenceSampler, sample
-from tinyserve.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+from tinyserve.sampling import SampleResult, SamplingParams
+from tinyserve.scheduler import FinishReason, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.tokenizer import Tokenizer
+
+
+class GenerationError(RuntimeError):
+    """The runner failed while prefilling or decoding (the scheduler's FinishReason.ERROR, raised)."""
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,8 @@ class Chunk:
     """One streamed step: the text that became safe to show (may be empty) and, at the end, why it stopped."""
 
     text: str
-    token: SampleResult | None = None  # None for the final flush
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length" (max_tokens or context full)
+    token: SampleResult | None = None  # None on a chunk that only finishes (EOS, or the text held back)
+    finish_reason: FinishReason | None = None  # STOP (EOS or stop string) or LENGTH (max_tokens or context full)
 
 
 @dataclass
@@ -42,7 +51,7 @@ class Stats:
     completion_tokens: int = 0
     ttft_s: float = 0.0  # request start -> first token sampled
     decode_s: float = 0.0  # first token -> last token
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -58,74 +67,76 @@ class Stats:
 class Session:
     """One sequence slot of a runner, reused across calls (turns of a chat, or repeated generations)."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, slot: int | None = None):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, slot: int | None = None,
+                 config: SchedulerConfig = SchedulerConfig()):
         self.runner, self.tok = runner, tokenizer
+        self.scheduler = Scheduler(runner, tokenizer, config)
         self.slot = runner.alloc_slot() if slot is None else slot
         self.cached: list[int] = []  # token ids whose keys/values sit in the slot, in order
-        self.eos = tokenizer.eos_token_ids | frozenset(runner.cfg.eos_token_ids)
         self.stats = Stats()
 
     @property
     def max_seq_len(self) -> int:
         return self.runner.max_seq_len
 
+    @property
+    def eos(self) -> frozenset[int]:
+        """The token ids that end a reply (the tokenizer's and generation_config's)."""
+        return self.scheduler.eos
+
     def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[Chunk]:
         """Generate from prompt_ids; yields Chunks, the last with finish_reason set. Updates self.stats as it goes.
 
-        Raises ContextOverflow before doing any work when the prompt alone does not fit the context."""
+        Raises ContextOverflow before doing any work when the prompt alone does not fit the context; a prompt that
+        fits is generated from until max_tokens or the context is full (LENGTH). Closing the stream early (Ctrl-C in
+        the chat) ends the sequence at once and leaves the session ready for the next call."""
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_seq_len:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} (prompt and reply together)")
+        runner, sched, slot = self.runner, self.scheduler, self.slot
+        if sched.has_work():
+            raise RuntimeError("this session's previous stream is still open; close it before starting another")
         stats = self.stats = Stats(prompt_tokens=len(prompt))
         t0 = time.perf_counter()
-        runner, slot = self.runner, self.slot
         # An interrupted step may have left the slot shorter than our record: trust the runner.
         self.cached = self.cached[: runner.length(slot)]
-        reuse = _common_prefix(self.cached, prompt)
-        reuse = min(reuse, len(prompt) - 1)  # the last prompt token must run to produce logits
+        reuse = min(_common_prefix(self.cached, prompt), len(prompt) - 1)  # the last prompt token must run
         stats.cached_tokens = reuse
-        self.cached = self.cached[:reuse]
-        logits = runner.prefill(slot, prompt[reuse:], start=reuse)
-        self.cached = prompt[:]
-
-        sampler = SequenceSampler(params.sampling, prompt, runner.cfg.vocab_size, runner.device)
-        detok = IncrementalDetokenizer(self.tok, prompt)
-        stops = StopStrings(params.stop)
+        self.cached = prompt[:reuse]
+        spec = SeqSpec(tuple(prompt), params.max_tokens, params.sampling, tuple(params.stop), params.ignore_eos,
+                       clamp_to_context=True, slot=slot, cached=reuse)
+        (seq_id,) = sched.add([spec])
+        generated: list[int] = []  # every token the scheduler emitted (EOS is not emitted unless ignore_eos)
         t_first = None
-        while True:
-            res = sample(logits, [sampler])[0]
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                stats.ttft_s = now - t0
-            stats.decode_s = now - t_first
-            if res.token in self.eos and not params.ignore_eos:
-                yield from self._finish(detok, stops, "stop")
-                return
-            stats.completion_tokens += 1
-            text = stops.push(detok.push(res.token))
-            if stops.stopped:
-                stats.finish_reason = "stop"
-                yield Chunk(text, res, "stop")
-                return
-            if stats.completion_tokens >= params.max_tokens or runner.length(slot) >= self.max_seq_len:
-                yield Chunk(text, res)
-                yield from self._finish(detok, stops, "length")
-                return
-            yield Chunk(text, res)
-            logits = runner.decode([slot], [res.token])
-            self.cached.append(res.token)
-
-    def _finish(self, detok: IncrementalDetokenizer, stops: StopStrings, reason: str) -> Iterator[Chunk]:
-        text = stops.push(detok.flush())
-        if stops.stopped:
-            reason = "stop"
-        else:
-            text += stops.flush()
-        self.stats.finish_reason = reason
-        yield Chunk(text, None, reason)
+        done = False
+        try:
+            while not done:
+                for out in sched.step():  # this scheduler runs our sequence only
+                    now = time.perf_counter()
+                    if t_first is None:
+                        t_first = now
+                        stats.ttft_s = now - t0
+                    stats.decode_s = now - t_first
+                    if out.finish_reason is FinishReason.ERROR:
+                        done = True
+                        raise GenerationError(out.error)
+                    if out.token is not None:
+                        generated.append(out.token.token)
+                        stats.completion_tokens += 1
+                    if out.finish_reason is not None:
+                        done = True
+                        stats.finish_reason = out.finish_reason
+                    yield Chunk(out.text, out.token, out.finish_reason)
+        finally:
+            if not done:  # closed early or interrupted: end the sequence now, so no half-finished one stays behind
+                sched.abort([seq_id])
+                sched.reap_aborted()
+            sched.take_stats()  # the server's metrics; a session has no use for them
+            # The slot holds the prompt and every emitted token but the last (never fed back), or fewer if a step was
+            # interrupted: the runner knows how many.
+            self.cached = (prompt + generated)[: runner.length(slot)]
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> tuple[str, list[int]]:
         """Non-streaming: (text, generated token ids)."""

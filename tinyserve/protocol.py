@@ -11,6 +11,10 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the scheduler imports torch; this module touches nothing of the model
+    from tinyserve.scheduler import FinishReason
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 20
@@ -414,9 +418,14 @@ def chat_completion(id_: str, created: int, model: str, choices: list[dict], use
             "usage": use, "system_fingerprint": None}
 
 
-def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+def finish_reason_value(reason: "FinishReason | None") -> str | None:
+    """The wire value of a finish reason: the plain string ("stop", "length"), whatever encoder writes the JSON."""
+    return None if reason is None else str(reason)  # FinishReason.__str__ is its value
+
+
+def chat_choice(index: int, text: str, finish_reason: "FinishReason", logprobs: dict | None) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+            "logprobs": logprobs, "finish_reason": finish_reason_value(finish_reason)}
 
 
 def chat_chunk(id_: str, created: int, model: str, choices: list[dict], usage_field: bool, use: dict | None = None) -> dict:
@@ -429,8 +438,8 @@ def chat_chunk(id_: str, created: int, model: str, choices: list[dict], usage_fi
     return chunk
 
 
-def chat_delta(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_delta(index: int, delta: dict, finish_reason: "FinishReason | None" = None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason_value(finish_reason)}
 
 
 def text_completion(id_: str, created: int, model: str, choices: list[dict], usage_field: bool, use: dict | None) -> dict:
@@ -442,8 +451,8 @@ def text_completion(id_: str, created: int, model: str, choices: list[dict], usa
     return out
 
 
-def text_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+def text_choice(index: int, text: str, finish_reason: "FinishReason | None", logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason_value(finish_reason)}
 
 
 def model_list(name: str, created: int, max_model_len: int) -> dict:

@@ -8,6 +8,18 @@ One `step()`:
      A sequence whose prompt is complete samples its first token and decodes with the others from the next step on.
   4. sequences that hit EOS, a stop string, max_tokens or the end of the context finish and free their slot at once.
 
+Every sequence ends with exactly one output whose `finish_reason` is set, a `FinishReason`:
+  STOP       an EOS token (not shown, not counted) or a stop string (cut from the text);
+  LENGTH     max_tokens generated, or the context is full;
+  CANCELLED  `abort` / `abort_all`: the client went away, or a Session's stream was closed early;
+  ERROR      the runner raised while prefilling or decoding it (`Output.error` says what);
+  SHUTDOWN   `abort_all(FinishReason.SHUTDOWN)`: the server stopped before it finished.
+
+This is the one generation loop: the server runs it for many sequences through the engine, and `generate.Session`
+(the `generate` and `chat` commands) runs it for one. A Session keeps its KV slot across turns, so its spec brings
+the slot and how many prompt tokens that slot already holds (`SeqSpec.slot`, `SeqSpec.cached`): the scheduler then
+neither allocates nor frees that slot and prefills from `cached` on.
+
 Greedy output must not depend on the batch: a prompt is always cut into the same chunks (boundaries at multiples of
 `prefill_chunk`, whatever else is waiting), sampling is per row (tinyserve.sampling) and the runner's decode is
 built so a row's logits do not depend on the other rows.
@@ -22,11 +34,25 @@ import time
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from enum import Enum
 
 from tinyserve.kv_cache import NoFreeSlot
 from tinyserve.runner import ContextOverflow, ModelRunner
 from tinyserve.sampling import SampleResult, SamplingParams, SequenceSampler, sample
 from tinyserve.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+
+
+class FinishReason(str, Enum):
+    """Why a sequence ended. A str, so JSON writes the plain value ("stop"); str() and f-strings give it too."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class QueueFull(RuntimeError):
@@ -47,12 +73,18 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class SeqSpec:
-    """What to generate for one sequence (one choice of one request)."""
+    """What to generate for one sequence (one choice of one request, or one call of a Session)."""
 
     prompt_ids: tuple[int, ...]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # EOS ids are sampled, shown and counted like any other token
+    # False (the server): `add` refuses prompt + max_tokens > the context. True (a Session): any prompt shorter than
+    # the context is accepted, and generation stops with LENGTH when the context is full.
+    clamp_to_context: bool = False
+    slot: int | None = None  # a KV slot the caller owns (a Session): used as it is, never allocated or freed here
+    cached: int = 0  # prompt tokens whose keys/values `slot` already holds: prefill starts there
 
 
 @dataclass
@@ -62,8 +94,8 @@ class Output:
     seq_id: int
     text: str
     token: SampleResult | None
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None  # finish_reason "error": why
+    finish_reason: FinishReason | None = None  # set on the sequence's last output only
+    error: str | None = None  # finish_reason ERROR: why
 
 
 @dataclass
@@ -72,7 +104,7 @@ class Sequence:
     spec: SeqSpec
     arrival: float  # time.perf_counter() at add
     slot: int | None = None
-    prefilled: int = 0  # prompt tokens already in the slot
+    prefilled: int = 0  # prompt tokens already in the slot (spec.cached at first)
     completion_tokens: int = 0
     last_token: int | None = None  # sampled, not yet fed to the model
     first_token_at: float | None = None
@@ -89,7 +121,7 @@ class StepStats:
     ttft: list[float] = field(default_factory=list)
     inter_token: list[float] = field(default_factory=list)
     prompt_tokens: int = 0  # prompt tokens prefilled this step
-    finished: dict[str, int] = field(default_factory=dict)
+    finished: dict[FinishReason, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -98,8 +130,8 @@ class Scheduler:
         self.eos = tokenizer.eos_token_ids | frozenset(runner.cfg.eos_token_ids)
         self._lock = threading.Lock()  # guards _waiting, _aborted and _ids (touched by other threads)
         self._waiting: deque[Sequence] = deque()
-        self._aborted: dict[int, str] = {}  # seq id -> finish reason to report ("cancelled" or "error")
-        self._abort_all: str | None = None  # set by abort_all: the reason every sequence is stopped with
+        self._aborted: dict[int, FinishReason] = {}  # seq id -> the finish reason to report
+        self._abort_all: FinishReason | None = None  # set by abort_all: the reason every sequence is stopped with
         self._ids = itertools.count()
         self.prefilling: list[Sequence] = []  # hold a slot, prompt not complete (worker thread only)
         self.running: list[Sequence] = []  # hold a slot, decoding (worker thread only)
@@ -109,27 +141,38 @@ class Scheduler:
 
     def add(self, specs: Seq[SeqSpec]) -> list[int]:
         """Queue sequences (all or none); returns their ids. QueueFull when they do not fit in the waiting queue."""
+        max_len = self.runner.max_seq_len
         for spec in specs:
-            if not spec.prompt_ids or spec.max_tokens < 1:
+            n = len(spec.prompt_ids)
+            if not n or spec.max_tokens < 1:
                 raise ValueError("a sequence needs a prompt and max_tokens >= 1")
-            if len(spec.prompt_ids) + spec.max_tokens > self.runner.max_seq_len:
-                raise ContextOverflow(f"{len(spec.prompt_ids)} prompt tokens + {spec.max_tokens} new tokens exceed the context of {self.runner.max_seq_len}")
+            if spec.clamp_to_context:
+                if n >= max_len:
+                    raise ContextOverflow(f"the prompt has {n} tokens; the context holds {max_len} (prompt and reply together)")
+            elif n + spec.max_tokens > max_len:
+                raise ContextOverflow(f"{n} prompt tokens + {spec.max_tokens} new tokens exceed the context of {max_len}")
+            if spec.cached and spec.slot is None:
+                raise ValueError("cached prompt tokens need the slot that holds them")
+            if not 0 <= spec.cached < n:  # the last prompt token must run to give the first token's logits
+                raise ValueError(f"cached must be in [0, {n}) for a {n}-token prompt, got {spec.cached}")
         now = time.perf_counter()
         with self._lock:
             if len(self._waiting) + len(specs) > self.config.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} sequences are already waiting (limit {self.config.max_waiting})")
-            seqs = [Sequence(next(self._ids), spec, now) for spec in specs]
+            seqs = [Sequence(next(self._ids), spec, now, prefilled=spec.cached) for spec in specs]
             self._waiting.extend(seqs)
         return [s.id for s in seqs]
 
-    def abort(self, seq_ids: Seq[int], reason: str = "cancelled") -> None:
+    def abort(self, seq_ids: Seq[int], reason: FinishReason = FinishReason.CANCELLED) -> None:
         """Stop these sequences at the start of the next step (their slots are freed then). Unknown ids are ignored."""
+        reason = FinishReason(reason)
         with self._lock:
             for i in seq_ids:
                 self._aborted.setdefault(i, reason)
 
-    def abort_all(self, reason: str = "cancelled") -> None:
+    def abort_all(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """Stop every sequence, queued or running, at the start of the next step."""
+        reason = FinishReason(reason)
         with self._lock:
             self._abort_all = self._abort_all or reason
 
@@ -149,23 +192,26 @@ class Scheduler:
     # ---- the worker thread ------------------------------------------------------------------------------------
 
     def step(self) -> list[Output]:
-        out: list[Output] = []
-        self._reap_aborted(out)
+        out = self.reap_aborted()
         if self.running:
             self._decode(out)
         self._admit()
         self._prefill(out)
         return out
 
-    def _reap_aborted(self, out: list[Output]) -> None:
+    def reap_aborted(self) -> list[Output]:
+        """End the sequences aborted so far, now (the first thing `step` does); returns their final outputs.
+
+        A Session calls it to leave nothing half-finished behind when its stream is closed or interrupted."""
+        out: list[Output] = []
         with self._lock:
+            if not self._aborted and not self._abort_all:
+                return out
             aborted, self._aborted = self._aborted, {}
             if self._abort_all:
                 for seq in itertools.chain(self._waiting, self.prefilling, self.running):
                     aborted.setdefault(seq.id, self._abort_all)
                 self._abort_all = None
-            if not aborted:
-                return
             kept = deque()
             for s in self._waiting:
                 if s.id in aborted:
@@ -180,17 +226,25 @@ class Scheduler:
                 self._release(s)
                 out.append(Output(s.id, "", None, aborted[s.id]))
                 self._count_finish(aborted[s.id])
+        return out
 
     def _admit(self) -> None:
-        """Waiting sequences take free slots, first come first served."""
+        """Waiting sequences take free slots, first come first served (one that brings its own slot just starts)."""
+        if not self._waiting:
+            return
         with self._lock:
-            while self._waiting and self.runner.pool.num_free:
-                s = self._waiting.popleft()
-                try:
-                    s.slot = self.runner.alloc_slot()
-                except NoFreeSlot:
-                    self._waiting.appendleft(s)
+            while self._waiting:
+                s = self._waiting[0]
+                if s.spec.slot is not None:
+                    s.slot = s.spec.slot
+                elif not self.runner.pool.num_free:
                     break
+                else:
+                    try:
+                        s.slot = self.runner.alloc_slot()
+                    except NoFreeSlot:
+                        break
+                self._waiting.popleft()
                 self.prefilling.append(s)
 
     def _prefill(self, out: list[Output]) -> None:
@@ -243,28 +297,28 @@ class Scheduler:
         else:
             self.stats.inter_token.append(now - s.last_token_at)
         s.last_token_at = now
-        if res.token in self.eos:
-            self._finish(s, "stop", out, "")
+        if res.token in self.eos and not s.spec.ignore_eos:
+            self._finish(s, FinishReason.STOP, out, "")
             return
         s.completion_tokens += 1
         text = s.stops.push(s.detok.push(res.token))
         if s.stops.stopped:
-            out.append(Output(s.id, text, res, "stop"))
+            out.append(Output(s.id, text, res, FinishReason.STOP))
             self._release(s)
-            self._count_finish("stop")
+            self._count_finish(FinishReason.STOP)
             return
         if s.completion_tokens >= s.spec.max_tokens or self.runner.length(s.slot) >= self.runner.max_seq_len:
-            self._finish(s, "length", out, text, res)
+            self._finish(s, FinishReason.LENGTH, out, text, res)
             return
         out.append(Output(s.id, text, res))
         s.last_token = res.token
         self.running.append(s)
 
-    def _finish(self, s: Sequence, reason: str, out: list[Output], text: str, res: SampleResult | None = None) -> None:
+    def _finish(self, s: Sequence, reason: FinishReason, out: list[Output], text: str, res: SampleResult | None = None) -> None:
         """End a sequence: release the text held back by the detokenizer and the stop-string matcher."""
         tail = s.stops.push(s.detok.flush())
         if s.stops.stopped:
-            reason = "stop"
+            reason = FinishReason.STOP
         else:
             tail += s.stops.flush()
         out.append(Output(s.id, text + tail, res, reason))
@@ -273,15 +327,15 @@ class Scheduler:
 
     def _fail(self, s: Sequence, e: Exception, out: list[Output]) -> None:
         self._release(s)
-        out.append(Output(s.id, "", None, "error", f"{type(e).__name__}: {e}"))
-        self._count_finish("error")
+        out.append(Output(s.id, "", None, FinishReason.ERROR, f"{type(e).__name__}: {e}"))
+        self._count_finish(FinishReason.ERROR)
 
     def _release(self, s: Sequence) -> None:
-        if s.slot is not None:
+        if s.slot is not None and s.spec.slot is None:  # a slot the caller brought stays the caller's
             self.runner.free_slot(s.slot)
-            s.slot = None
+        s.slot = None
 
-    def _count_finish(self, reason: str) -> None:
+    def _count_finish(self, reason: FinishReason) -> None:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
 
     def take_stats(self) -> StepStats:

@@ -32,7 +32,7 @@ from tinyserve import protocol as P
 from tinyserve.engine import Engine, RequestStream
 from tinyserve.metrics import Metrics
 from tinyserve.protocol import APIError
-from tinyserve.scheduler import Output, QueueFull, SchedulerConfig, SeqSpec
+from tinyserve.scheduler import FinishReason, Output, QueueFull, SchedulerConfig, SeqSpec
 
 log = logging.getLogger("tinyserve.server")
 WEB_DIR = Path(__file__).parent / "web"
@@ -311,7 +311,7 @@ class Reply:
         self.logprobs: list[list[P.TokenLogprob]] = [[] for _ in range(n)]
         self.sent_logprobs = [0] * n  # streaming: entries of self.logprobs[i] already sent
         self.sent_chars = [0] * n  # streaming completions: text_offset of the next chunk
-        self.finish: list[str | None] = [None] * n
+        self.finish: list[FinishReason | None] = [None] * n
         self.completion_tokens = 0
 
     def add(self, i: int, out: Output) -> None:
@@ -385,12 +385,12 @@ class Reply:
 
 def _failure(out: Output) -> APIError | None:
     """An output that ends a sequence abnormally -> the error to report."""
-    if out.finish_reason == "error":
+    if out.finish_reason is FinishReason.ERROR:
         log.error("generation failed: %s", out.error)
         return APIError(500, "internal error during generation", code="internal_error")
-    if out.finish_reason == "shutdown":
+    if out.finish_reason is FinishReason.SHUTDOWN:
         return APIError(503, "the server is shutting down", code="shutting_down")
-    if out.finish_reason == "cancelled":
+    if out.finish_reason is FinishReason.CANCELLED:
         return APIError(503, "the request was cancelled", code="cancelled")
     return None
 
@@ -543,7 +543,7 @@ async def _shutdown(state: State, runner: web.AppRunner, site: web.TCPSite) -> N
     if engine is not None:
         if not await engine.drain(state.config.shutdown_timeout):
             log.warning("cancelling the requests still running")
-            engine.abort_all("shutdown")
+            engine.abort_all(FinishReason.SHUTDOWN)
             await engine.drain(5.0)
     await runner.cleanup()
     if engine is not None:
