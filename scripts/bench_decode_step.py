@@ -1,24 +1,43 @@
-"""Batched decode-step time on CPU: which kernels x batch_invariant on/off x rows per step, in one run.
+"""Batched decode-step time on CPU: which backend x batch_invariant on/off x rows per step, in one run.
 
     python scripts/bench_decode_step.py                    # the default model, M = 1 and 16, 1 thread (as serve)
     python scripts/bench_decode_step.py --m 1 4 16 --threads 2 --profile
 
-One runner per (kernels, batch_invariant) on the embedded default model (AWQ INT4), 16 slots each holding a 100-token
-prompt; "fused" is the runtime's default on CPU (the whole step in one C++ call, tinyserve/fused_step.py, around our
-kernels), "native" the same kernels for the INT4 linears, the int8 lm_head and attention called from model.decode
-(tinyserve_kernels/cpu_native.py; both rows need tinyserve_kernels.cpu_native.use_by_default(), else they are skipped), "native+aten"
-that with torch's `_weight_int8pack_mm` for the lm_head (same codes and scales: the runtime before our int8 kernel),
-"int4pack" torch's int4 op and int8 op (TINYSERVE_CPU_KERNEL=0). Every round times each (runner, M) in turn, 3 steps of M rows at
-position 100, then the lm_head alone (ours, torch's op) at each M; each row reports its best round (the shared VM's
-neighbours slow some rounds). --profile adds torch's profiler table of a 16-row step through model.decode with our
-kernels and batch_invariant on (the "native" row; the fused step is one opaque call).
+One ModelRunner per (backend, batch_invariant) on the embedded default model (AWQ INT4), 16 slots each holding a
+100-token prompt. The backend is chosen at load time (tinyserve/backends/, plan) from TINYSERVE_CPU_KERNEL, which this
+script sets before each runner is built and restores after: "cpu-native" (TINYSERVE_CPU_KERNEL=auto, the runtime's
+default on CPU: the whole step in one C++ call around our kernels, tinyserve/backends/cpu_native.py; skipped with a
+message where tinyserve.backends.cpu_kernels_usable("auto") is false, i.e. no AMX or AVX512-BF16 engine) and "eager"
+(TINYSERVE_CPU_KERNEL=0: the reference forward with torch's int4 op and int8 op, tinyserve/backends/eager.py).
+Every round times each (runner, M) in turn, 3 steps of M rows at position 100, then the lm_head alone at each M: ours
+(NativeInt8Linear) and torch's `_weight_int8pack_mm` (eager Int8Linear) on the same int8 codes and scales, quantized
+from the model's lm_head weight (tied to the embeddings); each row reports its best round (the shared VM's neighbours
+slow some rounds). --profile adds torch's profiler table of a 16-row step through the eager backend with
+batch_invariant on (the cpu-native step is one opaque C++ call).
 """
 
 import argparse
 import os
 import time
+from contextlib import contextmanager
 
 import torch
+
+CPU_KERNEL_ENV = "TINYSERVE_CPU_KERNEL"  # read by tinyserve.backends.plan when a runner is built
+
+
+@contextmanager
+def cpu_kernel_env(value: str):
+    """TINYSERVE_CPU_KERNEL=value while a runner is built (plan reads it at load), the previous value restored after."""
+    old = os.environ.get(CPU_KERNEL_ENV)
+    os.environ[CPU_KERNEL_ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(CPU_KERNEL_ENV, None)
+        else:
+            os.environ[CPU_KERNEL_ENV] = old
 
 
 def main() -> None:
@@ -28,39 +47,47 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
+    if not all(1 <= M <= 16 for M in a.m):
+        ap.error("--m: rows per step must be 1..16 (the runners have 16 slots)")
     torch.set_num_threads(a.threads)
 
-    from dataclasses import replace
-
-    from tinyserve_kernels import cpu_native
-    from tinyserve_quantize.default_model import ensure_quantized_default
-    from tinyserve.model import Int8Linear
+    from tinyserve.backends import cpu_kernels_usable
+    from tinyserve.backends.cpu_native import NativeInt8Linear
+    from tinyserve.backends.eager import Int8Linear
+    from tinyserve.default_model import default_folder
     from tinyserve.runner import ModelRunner, RunnerConfig
+    from tinyserve_kernels import cpu, cpu_native
 
-    folder = ensure_quantized_default()
+    folder = default_folder("quantized")
     runners = {}
-    for kernel in ("fused", "native", "native+aten", "int4pack"):
-        os.environ[cpu_native.ENV_SWITCH] = "0" if kernel == "int4pack" else "auto"
-        if kernel != "int4pack" and not cpu_native.use_by_default():
-            print(f"our kernels are not used on this CPU (no AMX or AVX512-BF16 engine): {kernel} rows skipped")
+    for backend, env in (("cpu-native", "auto"), ("eager", "0")):
+        if backend == "cpu-native" and not cpu_kernels_usable("auto"):
+            print("our CPU kernels are not used on this CPU (no AMX or AVX512-BF16 engine): cpu-native rows skipped")
             continue
         for invariant in (True, False):
-            r = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=16, max_seq_len=512, batch_invariant=invariant, threads=a.threads))
-            if kernel != "fused":
-                r.fused = None  # decode through model.decode
-            if kernel == "native+aten":  # the same int8 codes and scales, through torch's op
-                q, scales = cpu_native.unpack_int8(r.weights.lm_head.native)
-                r.weights = replace(r.weights, lm_head=Int8Linear(q, scales.to(r.dtype)))
+            with cpu_kernel_env(env):
+                r = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=16, max_seq_len=512, batch_invariant=invariant, threads=a.threads))
+            if r.backend.name != backend:
+                print(f"TINYSERVE_CPU_KERNEL={env} planned the {r.backend.name} backend, not {backend}, for this model: row skipped")
+                continue
             slots = [r.alloc_slot() for _ in range(16)]
             g = torch.Generator().manual_seed(0)
             for s in slots:
                 r.prefill(s, torch.randint(0, r.cfg.vocab_size, (100,), generator=g).tolist())
-            runners[(kernel, invariant)] = (r, slots)
-    os.environ.pop(cpu_native.ENV_SWITCH)
-    heads = {}  # the lm_head alone: ours and torch's op on the same codes, x [M, hidden] bf16
-    if ("native", True) in runners and ("native+aten", True) in runners:
-        heads = {"ours": runners[("native", True)][0].weights.lm_head, "aten": runners[("native+aten", True)][0].weights.lm_head}
-    H = next(iter(runners.values()))[0].cfg.hidden_size
+            runners[(backend, invariant)] = (r, slots)
+    if not runners:
+        raise SystemExit("no runner was built")
+
+    # The lm_head alone: ours and torch's op on the same int8 codes and scales (scales rounded to bf16, as the
+    # backends give them), x [M, hidden] bf16.
+    r0 = next(iter(runners.values()))[0]
+    if not r0.cfg.tie_word_embeddings:
+        raise SystemExit("the default model's lm_head is expected to be tied to its embeddings")
+    q, s = cpu.quantize_int8_rows(r0.weights.embed)
+    heads = {"aten": Int8Linear(q, s.to(torch.bfloat16))}
+    if any(backend == "cpu-native" for backend, _ in runners):
+        heads = {"ours": NativeInt8Linear(cpu_native.repack_int8(q, s.to(torch.bfloat16))), **heads}
+    H = r0.cfg.hidden_size
     xs = {M: torch.randn(M, H, generator=torch.Generator().manual_seed(M)).bfloat16() for M in a.m}
 
     best: dict[tuple, float] = {}
@@ -83,18 +110,18 @@ def main() -> None:
     print(f"{a.threads} thread(s), load average {os.getloadavg()[0]:.1f}; ms per decode step, best of {a.rounds} interleaved rounds")
     for key, t in best.items():
         if key[0] != "lm_head":
-            kernel, invariant, M = key
-            print(f"{kernel:11s} batch_invariant={invariant!s:5s} M={M:3d}: {t * 1e3:7.1f} ms {M / t:7.1f} tok/s")
+            backend, invariant, M = key
+            print(f"{backend:10s} batch_invariant={invariant!s:5s} M={M:3d}: {t * 1e3:7.1f} ms {M / t:7.1f} tok/s")
     for key, t in best.items():
         if key[0] == "lm_head":
             _, name, M = key
             w = heads[name]
             print(f"lm_head {name:4s} M={M:3d}: {t * 1e3:7.2f} ms {w.nbytes / t / 1e9:5.1f} GB/s of int8 weights")
 
-    if a.profile and ("native", True) in runners:
+    if a.profile and ("eager", True) in runners:
         from torch.profiler import ProfilerActivity, profile
 
-        r, slots = runners[("native", True)]
+        r, slots = runners[("eager", True)]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 r.decode(slots, [1] * 16, positions=[100] * 16)

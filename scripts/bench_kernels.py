@@ -6,11 +6,13 @@
     python scripts/bench_kernels.py --threads 1 --shapes smollm2 smollm2-fused --m 1 2 4 8 16 32 64 --native-variant avx512bf16
 
 Per shape and M it prints the time of every path the dispatcher can choose (CPU: torch's int4 op, our own kernel
-(tinyserve_kernels/cpu_native.py; --native-variant picks a build) and the op's time over it, dequantize per call + bf16 matmul,
-a cached dense bf16 weight; CUDA: Triton GEMV, Triton GEMM, Triton dequant + cuBLAS), the path
-int4_linear picks, its effective bandwidth (packed weight + scales + zeros + activations, divided by its time) and
-that bandwidth's share of the machine's copy bandwidth measured at the start of the same run, and its speedup over
-dense bf16 and fp32 matmuls (CPU) or an fp16 matmul (CUDA) of the same shape.
+(tinyserve_kernels/cpu_native.py; --native-variant picks a build) and the op's time over it, dequantize per call + bf16
+matmul, a cached dense bf16 weight; CUDA: Triton GEMV, Triton GEMM, Triton dequant + cuBLAS), the path the runtime
+picks (CPU: where TINYSERVE_CPU_KERNEL lets the cpu-native backend run, "native" up to its NATIVE_MAX_ROWS rows and
+"cached", its dense bf16 copy, beyond; else the eager backend's, tinyserve_kernels.dispatch.choose_path; CUDA:
+choose_path), its effective bandwidth (packed weight + scales + zeros + activations, divided by its time) and that
+bandwidth's share of the machine's copy bandwidth measured at the start of the same run, and its speedup over dense
+bf16 and fp32 matmuls (CPU) or an fp16 matmul (CUDA) of the same shape.
 
 Weights are cold as in a real decode step, which streams every layer once: each path cycles through enough copies of
 its weights to exceed --working-set-mib, so they are not served from cache (CPU); do_bench flushes L2 (CUDA).
@@ -28,8 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import tinyserve_kernels
-from tinyserve_kernels import cpu, cpu_native
+from tinyserve.backends import cpu_kernel_mode, cpu_kernels_usable
+from tinyserve.backends.cpu_native import NATIVE_MAX_ROWS
+from tinyserve_kernels import cpu, cpu_native, dispatch
 from tinyserve_kernels.dispatch import choose_path, prepare
 from tinyserve_kernels.layout import pack
 
@@ -121,7 +124,10 @@ def bench_cpu(cfg: Config) -> None:
     print(f"measured: copy {copy_bw:.1f} GB/s (read + write), read {read_bw:.1f} GB/s; load average {os.getloadavg()[0]:.2f}")
     print("times in ms (best of interleaved rounds); GB/s and % of copy bandwidth for the dispatched path")
     native, nv = cpu_native.available(), cfg.native_variant
-    native_default = cpu_native.use_by_default()  # whether tinyserve_kernels.prepare picks it on this CPU (the chosen column)
+    # Whether the runtime runs our kernel on this CPU (the cpu-native backend, planned from TINYSERVE_CPU_KERNEL): the
+    # chosen column is then its choice (our kernel up to NATIVE_MAX_ROWS rows, the cached dense copy beyond), else the
+    # eager backend's (tinyserve_kernels.dispatch.choose_path).
+    native_default = cpu_kernels_usable(cpu_kernel_mode())
     print(f"native kernel (tinyserve_kernels/cpu_native.py): {f'{nv} build, engine ' + cpu_native.engine(nv) if native else 'not available'}")
     hdr = (f"{'shape KxN':>12} {'G':>4} {'M':>5} | {'int4op':>8} {'native':>8} {'op/nat':>6} {'deq+mm':>8} {'cached':>8} | "
            f"{'chosen':>16} {'GB/s':>6} {'%copy':>6} | {'bf16':>8} {'fp32':>8} {'x bf16':>7} {'x fp32':>7}")
@@ -134,7 +140,7 @@ def bench_cpu(cfg: Config) -> None:
             prepared, repacked = [], []  # the same random weights in torch's op layout and in our kernel's
             for _ in range(n_int4):
                 raw = random_packed(K, N, G, "cpu")
-                prepared.append(prepare(*raw, G, native=False))
+                prepared.append(prepare(*raw, G))
                 if native:
                     repacked.append(cpu_native.repack(*raw, G))
             wb = torch.randn(N, K).bfloat16()
@@ -158,8 +164,12 @@ def bench_cpu(cfg: Config) -> None:
                     fns["native"] = cycling(lambda w: cpu_native.linear(x, w, variant=nv), repacked)
                 rounds = cfg.rounds if M * K * N < 2**33 else 3  # calls of a second or more: 3 rounds
                 t = cpu_time(fns, rounds)
-                chosen = choose_path("cpu", M, has_native=native_default)
-                t_chosen = {"int4pack": t["int4op"], "native": t.get("native"), "cpu_dequant": t.get("deq+mm")}[chosen]
+                if native_default:
+                    chosen = "native" if M <= NATIVE_MAX_ROWS else "cached"
+                else:
+                    chosen = choose_path("cpu", M, can_dequant=cpu.packed_layout_is_known())
+                t_chosen = {"int4pack": t["int4op"], "native": t.get("native"), "cpu_dequant": t.get("deq+mm"),
+                            "cached": t["cached"], "cpu_dense_cached": t["cached"]}[chosen]
                 gbs = (int4_bytes(K, N, G) + M * K * 2) / t_chosen / 1e9
                 nan = float("nan")
                 print(
@@ -242,7 +252,7 @@ def bench_cuda(cfg: Config) -> None:
         for K, N, G in SHAPES[shape]:
             qw, qz, s = random_packed(K, N, G, "cuda")
             w16 = torch.randn(K, N, dtype=torch.float16, device=dev)
-            w = tinyserve_kernels.prepare(qw, qz, s, G)
+            w = dispatch.prepare(qw, qz, s, G)
             for M in cfg.m:
                 if cfg.quick and M > 256:
                     continue
@@ -252,7 +262,7 @@ def bench_cuda(cfg: Config) -> None:
                     "gemm": triton.testing.do_bench(lambda: int4_gemm(x, qw, qz, s, G, split_k=gemm_split_k(M, N, K, 64, 128, min(G, 64), sms))),
                     "deq+mm": triton.testing.do_bench(lambda: x @ dequantize_triton(qw, qz, s, G, x.dtype)),
                     "fp16": triton.testing.do_bench(lambda: x @ w16),
-                    "chosen": triton.testing.do_bench(lambda: tinyserve_kernels.int4_linear(x, w)),
+                    "chosen": triton.testing.do_bench(lambda: dispatch.int4_linear(x, w)),
                 }
                 if M <= GEMV_MAX_M:
                     t["gemv"] = triton.testing.do_bench(lambda: int4_gemv(x, qw, qz, s, G, split_k=gemv_split_k(N, K, G, sms)))

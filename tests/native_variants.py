@@ -1,5 +1,5 @@
 """Which builds of our CPU kernels (tinyserve_kernels/cpu_native.py, VARIANTS) the tests can run here, shared by the kernel
-tests and the fused decode step's tests: native (the best engine of this CPU) and each engine below it."""
+tests and the cpu-native backend's tests: native (the best engine of this CPU) and each engine below it."""
 
 import platform
 from functools import cache

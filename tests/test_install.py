@@ -44,7 +44,7 @@ def test_transformers_model_code_runs_beside_our_kernels():
     transformers' config loading (which imports its hub-kernels integration) and a Llama forward pass."""
     code = """
 import torch
-import tinyserve_kernels
+from tinyserve_kernels import dispatch
 from tinyserve_kernels.layout import dequantize, pack_linear
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 from transformers.integrations import hub_kernels  # imports Hugging Face's `kernels` where it is installed
@@ -57,9 +57,9 @@ x = torch.randn(3, 64, dtype=torch.bfloat16)  # [M, K]
 codes = torch.randint(0, 16, (16, 64), dtype=torch.int32)  # [N, K]
 zeros, steps = torch.full((16, 2), 8, dtype=torch.int32), torch.full((16, 2), 0.01).half()  # [N, K // G]
 qweight, qzeros, scales = pack_linear(codes, zeros, steps)
-w = tinyserve_kernels.prepare(qweight, qzeros, scales, 32)
+w = dispatch.prepare(qweight, qzeros, scales, 32)
 ref = x.float() @ dequantize(qweight, qzeros, scales, 32).float()  # [M, N]
-torch.testing.assert_close(tinyserve_kernels.int4_linear(x, w).float(), ref, rtol=0.02, atol=0.02)
+torch.testing.assert_close(dispatch.int4_linear(x, w).float(), ref, rtol=0.02, atol=0.02)
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

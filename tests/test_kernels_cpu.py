@@ -6,17 +6,10 @@ Weights come from the independent packer in kernels_reference.py, so a layout mi
 import pytest
 import torch
 
-import tinyserve_kernels
-from tinyserve_kernels import cpu, cpu_native, dispatch
+from tinyserve_kernels import cpu, dispatch
 from tinyserve_kernels.dispatch import CPU_DEQUANT_MIN_M, CPU_INT4PACK_MAX_M, CUDA_DEQUANT_MIN_M, CUDA_GEMV_MAX_M, choose_path
 from tinyserve_kernels.layout import dequantize, pack, unpack
 from kernels_reference import assert_matches, plain_pack, random_layer
-
-
-@pytest.fixture(autouse=True)
-def torch_op_path(monkeypatch):
-    """These tests are about torch's op path: keep prepare off our own kernel (tests/test_kernels_cpu_native.py)."""
-    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
 
 
 def test_plain_packer_agrees_with_hand_computed_word():
@@ -64,10 +57,10 @@ CPU_CASES = [
 @pytest.mark.parametrize("M,K,N,G,dtype,bias,cache", CPU_CASES)
 def test_cpu_entry_point_matches_reference(M, K, N, G, dtype, bias, cache):
     qw, qz, s, W = random_layer(K, N, G, seed=M + K)
-    w = tinyserve_kernels.prepare(qw, qz, s, G, cpu_dense_cache=cache)
+    w = dispatch.prepare(qw, qz, s, G, cpu_dense_cache=cache)
     x = torch.randn(2, M, K).to(dtype)  # a leading batch dimension: [..., K]
     b = torch.randn(N).to(dtype) if bias else None
-    y = tinyserve_kernels.int4_linear(x, w, b)
+    y = dispatch.int4_linear(x, w, b)
     assert y.shape == (2, M, N) and y.dtype == dtype
     ref = x.float() @ W + (b.float() if bias else 0.0)
     assert_matches(y, ref, torch.bfloat16)  # the CPU path computes in bf16 whatever x's dtype
@@ -76,7 +69,7 @@ def test_cpu_entry_point_matches_reference(M, K, N, G, dtype, bias, cache):
 @pytest.mark.parametrize("K,N,G", [(64, 72, 32), (576, 1536, 64)])
 def test_every_cpu_path_gives_the_same_answer(K, N, G):
     qw, qz, s, W = random_layer(K, N, G, seed=7)
-    w = tinyserve_kernels.prepare(qw, qz, s, G, cpu_dense_cache=True)
+    w = dispatch.prepare(qw, qz, s, G, cpu_dense_cache=True)
     x = torch.randn(5, K).bfloat16()
     ref = x.float() @ W
     assert_matches(cpu.int4pack_linear(x, w.int4pack), ref, torch.bfloat16)
@@ -101,25 +94,25 @@ def test_dequant_matmul_reproduces_the_ops_weights_across_chunks(monkeypatch):
 def test_group_sizes_the_op_cannot_take():
     # G = 96: the op takes 32, so each scale is repeated for 3 sub-groups. G = K = 80: no op group size divides it.
     qw, qz, s, W = random_layer(192, 64, 96, seed=1)
-    w = tinyserve_kernels.prepare(qw, qz, s, 96)
+    w = dispatch.prepare(qw, qz, s, 96)
     assert w.int4pack.op_group == 32 and w.dense is None
     x = torch.randn(4, 192)
-    assert_matches(tinyserve_kernels.int4_linear(x, w), x @ W, torch.bfloat16)
+    assert_matches(dispatch.int4_linear(x, w), x @ W, torch.bfloat16)
     qw, qz, s, W = random_layer(80, 16, 80, seed=2)
-    w = tinyserve_kernels.prepare(qw, qz, s, -1)
+    w = dispatch.prepare(qw, qz, s, -1)
     assert w.int4pack is None and w.dense is not None and w.group_size == 80
     x = torch.randn(3, 80)
-    assert_matches(tinyserve_kernels.int4_linear(x, w), x @ W, torch.bfloat16)
+    assert_matches(dispatch.int4_linear(x, w), x @ W, torch.bfloat16)
 
 
 def test_prepare_releases_raw_tensors_on_cpu_and_reports_bytes():
     K, N, G = 576, 1536, 64
     qw, qz, s, _ = random_layer(K, N, G)
-    w = tinyserve_kernels.prepare(qw, qz, s, G)
+    w = dispatch.prepare(qw, qz, s, G)
     assert (w.in_features, w.out_features, w.group_size) == (K, N, G)
     assert w.qweight is None and w.dense is None
     assert w.nbytes == K * N // 2 + (K // G) * N * 2 * 2  # packed nibbles + bf16 (scale, zero) pairs
-    cached = tinyserve_kernels.prepare(qw, qz, s, G, cpu_dense_cache=True)
+    cached = dispatch.prepare(qw, qz, s, G, cpu_dense_cache=True)
     assert cached.nbytes == w.nbytes + K * N * 2
 
 
@@ -142,24 +135,24 @@ def test_int4_linear_runs_the_chosen_cpu_path(monkeypatch):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
     qw, qz, s, _ = random_layer(64, 72, 32)
-    w = tinyserve_kernels.prepare(qw, qz, s, 32)
-    cached = tinyserve_kernels.prepare(qw, qz, s, 32, cpu_dense_cache=True)
+    w = dispatch.prepare(qw, qz, s, 32)
+    cached = dispatch.prepare(qw, qz, s, 32, cpu_dense_cache=True)
     for M in (1, CPU_INT4PACK_MAX_M + 1, CPU_DEQUANT_MIN_M):
-        tinyserve_kernels.int4_linear(torch.randn(M, 64), w)
+        dispatch.int4_linear(torch.randn(M, 64), w)
     assert calls == ["int4pack_linear", "int4pack_linear", "dequant_matmul"]
     calls.clear()
     for M in (1, CPU_INT4PACK_MAX_M + 1, CPU_DEQUANT_MIN_M):
-        tinyserve_kernels.int4_linear(torch.randn(M, 64), cached)
+        dispatch.int4_linear(torch.randn(M, 64), cached)
     assert calls == ["int4pack_linear", "dense_linear", "dense_linear"]
 
 
 def test_bad_input_is_rejected_with_a_message():
     qw, qz, s, _ = random_layer(64, 72, 32)
-    w = tinyserve_kernels.prepare(qw, qz, s, 32)
+    w = dispatch.prepare(qw, qz, s, 32)
     with pytest.raises(ValueError, match="expects 64"):
-        tinyserve_kernels.int4_linear(torch.randn(2, 63), w)
+        dispatch.int4_linear(torch.randn(2, 63), w)
     with pytest.raises(ValueError, match="does not divide"):
-        tinyserve_kernels.prepare(qw, qz, s, 48)
+        dispatch.prepare(qw, qz, s, 48)
 
 
 def test_raw_custom_op_and_its_fake_impl():
@@ -175,8 +168,8 @@ def test_raw_custom_op_and_its_fake_impl():
 @pytest.mark.parametrize("M,cache", [(1, False), (CPU_DEQUANT_MIN_M, False), (CPU_DEQUANT_MIN_M, True)])
 def test_entry_point_traces_under_torch_compile(M, cache):
     qw, qz, s, W = random_layer(64, 72, 32)
-    w = tinyserve_kernels.prepare(qw, qz, s, 32, cpu_dense_cache=cache)
-    f = torch.compile(lambda t: tinyserve_kernels.int4_linear(t, w), backend="eager", fullgraph=True)
+    w = dispatch.prepare(qw, qz, s, 32, cpu_dense_cache=cache)
+    f = torch.compile(lambda t: dispatch.int4_linear(t, w), backend="eager", fullgraph=True)
     x = torch.randn(M, 64).bfloat16()
     assert_matches(f(x), x.float() @ W, torch.bfloat16)
     g = torch.compile(lambda t: torch.ops.tinyserve.int4_linear(t, qw, qz, s, 32, None), backend="eager", fullgraph=True)

@@ -5,7 +5,9 @@ Every engine this CPU can run is built (native = the best one, then each one bel
 portable) and checked on odd shapes, fp32 and bf16 activations, with and without bias; then row invariance (row i
 of a batch is bit-identical to a one-row call, for every M) and that all engines give the same bits. Builds go to
 torch's extension cache (~15 s each the first time, milliseconds after). Without a compiler or ninja, or on a
-non-x86 CPU for the x86 variants, the tests skip with the reason.
+non-x86 CPU for the x86 variants, the tests skip with the reason. Also: the cpu-native backend's linears around these
+kernels (NativeInt4Linear, NativeInt8Linear), and when the runtime may use the kernels (TINYSERVE_CPU_KERNEL, a failed
+build).
 """
 
 import os
@@ -15,10 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tinyserve_kernels
-from tinyserve_kernels import cpu_native, dispatch
+from tinyserve_kernels import cpu, cpu_native
 from tinyserve_kernels.layout import dequantize
-from kernels_reference import random_layer as make_layer
+from kernels_reference import assert_matches, random_layer as make_layer
 from native_variants import ALL_VARIANTS, need, variants
 
 random_layer = cache(make_layer)  # each shape packed once (the reference packer is plain Python) and shared read-only
@@ -196,50 +197,89 @@ def test_bad_input_is_rejected():
         cpu_native.linear(torch.randn(2, 2, 64), w)
 
 
-def test_dispatch_uses_it_when_asked_and_falls_back_when_off(monkeypatch):
+def test_native_int4_linear_picks_the_kernel_by_rows():
+    """The cpu-native backend's INT4 linear (tinyserve/backends/cpu_native.py): our kernel up to NATIVE_MAX_ROWS rows,
+    the dense bf16 copy beyond when it holds one, else our kernel at every M; [..., K] inputs, the bias added."""
     need("native")
+    from tinyserve.backends.cpu_native import NATIVE_MAX_ROWS, NativeInt4Linear
+
     K, N, G = 576, 200, 64
-    qw, qz, s, _ = random_layer(K, N, G, seed=6)
-    w = tinyserve_kernels.prepare(qw, qz, s, G, native=True)
-    assert w.native is not None and w.int4pack is None and w.nbytes == w.native.packed.numel()
-    x = torch.randn(2, 3, K).bfloat16()  # a leading batch dimension
+    qw, qz, s, W = random_layer(K, N, G, seed=6)
+    w = cpu_native.repack(qw, qz, s, G)
+    dense = cpu.hold_dense(dequantize(qw, qz, s.float(), G).to(torch.bfloat16))
     b = torch.randn(N).bfloat16()
-    y = tinyserve_kernels.int4_linear(x, w, b)
-    assert y.shape == (2, 3, N) and torch.equal(y.view(6, N), cpu_native.linear(x.view(6, K), w.native, b))
-    assert [dispatch.choose_path("cpu", m, has_native=True) for m in (1, 17, 4096)] == ["native"] * 3
-    assert dispatch.choose_path("cpu", dispatch.CPU_NATIVE_MAX_M, has_native=True, has_dense=True) == "native"
-    assert dispatch.choose_path("cpu", dispatch.CPU_NATIVE_MAX_M + 1, has_native=True, has_dense=True) == "cpu_dense_cached"
-    cached = tinyserve_kernels.prepare(qw, qz, s, G, cpu_dense_cache=True, native=True)
-    assert dispatch.cpu_invariant_rows(cached) == dispatch.CPU_NATIVE_MAX_M and dispatch.cpu_invariant_rows(w) > 4096
-    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
-    assert not cpu_native.use_by_default()
-    off = tinyserve_kernels.prepare(qw, qz, s, G)
-    assert off.native is None and off.int4pack is not None
-    assert dispatch.cpu_invariant_rows(off) == dispatch.CPU_INT4PACK_MAX_M
+    held, plain = NativeInt4Linear(w, dense, b), NativeInt4Linear(w, None, b)
+    assert held.nbytes == plain.nbytes == w.packed.numel() + 2 * N  # what a one-row call reads: never the dense copy
+    x = torch.randn(2, 3, K).bfloat16()  # a leading batch dimension
+    y = held(x)
+    assert y.shape == (2, 3, N) and torch.equal(y.view(6, N), cpu_native.linear(x.view(6, K), w, b))
+    g = torch.Generator().manual_seed(16)
+    for M in (1, NATIVE_MAX_ROWS, NATIVE_MAX_ROWS + 1, 300):
+        x = torch.randn(M, K, generator=g).bfloat16()
+        native = cpu_native.linear(x, w, b)
+        from_dense = cpu.dense_linear(x, dense, N) + b
+        check(native, *reference(x, qw, qz, s, G, b))
+        assert_matches(from_dense, x.float() @ W + b.float(), torch.bfloat16)
+        assert not torch.equal(native, from_dense), M  # the two paths can be told apart
+        assert torch.equal(held(x), native if M <= NATIVE_MAX_ROWS else from_dense), M
+        assert torch.equal(plain(x), native), M
+    x = torch.randn(NATIVE_MAX_ROWS + 1, K, generator=g)  # fp32 in, fp32 out, on either path
+    assert held(x).dtype == plain(x).dtype == torch.float32
 
 
 def test_switch_values(monkeypatch):
-    for value, expected in [("0", "off"), ("off", "off"), ("1", "on"), ("on", "on"), ("auto", "auto"), ("", "auto")]:
-        monkeypatch.setenv(cpu_native.ENV_SWITCH, value)
-        assert cpu_native.mode() == expected
-    monkeypatch.delenv(cpu_native.ENV_SWITCH)
-    assert cpu_native.mode() == "auto"
+    from tinyserve.backends import ENV_SWITCH, cpu_kernel_mode
+
+    cases = [("0", "off"), ("off", "off"), ("false", "off"), ("no", "off"), (" OFF ", "off"), ("1", "on"), ("on", "on"),
+             ("true", "on"), ("yes", "on"), ("On", "on"), ("auto", "auto"), ("", "auto"), ("maybe", "auto")]
+    for value, expected in cases:
+        monkeypatch.setenv(ENV_SWITCH, value)
+        assert cpu_kernel_mode() == expected, value
+    monkeypatch.delenv(ENV_SWITCH)
+    assert cpu_kernel_mode() == "auto"
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+def test_when_the_kernels_are_usable(monkeypatch):
+    """off never builds; auto rules a CPU without AVX512-BF16 and VNNI out before any build, and needs one of the two
+    fast engines; on takes any engine that builds."""
+    from tinyserve.backends import cpu_kernels_usable
+
+    calls = []
+    engine = {"name": "amx"}
+    monkeypatch.setattr(cpu_native, "load", lambda variant: calls.append(("load", variant)))
+    monkeypatch.setattr(cpu_native, "available", lambda: calls.append("available") or True)
+    monkeypatch.setattr(cpu_native, "engine", lambda variant="native": calls.append("engine") or engine["name"])
+    monkeypatch.setattr(cpu_native, "has_fast_isa", lambda: False)
+    assert not cpu_kernels_usable("off") and not cpu_kernels_usable("auto")
+    assert calls == []
+    assert cpu_kernels_usable("on")  # any engine, asked for
+    monkeypatch.setattr(cpu_native, "has_fast_isa", lambda: True)
+    for name, usable in (("amx", True), ("avx512bf16", True), ("avx512f", False), ("portable", False)):
+        engine["name"] = name
+        assert cpu_kernels_usable("auto") == usable and cpu_kernels_usable("on"), name
+    calls.clear()
+    assert not cpu_kernels_usable("off") and calls == []
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog, tiny_int4_dir):
+    from tinyserve.backends import cpu_kernels_usable
+    from tinyserve.runner import ModelRunner, RunnerConfig
+
     def fail(variant):
         raise OSError("ninja is required to load C++ extensions")
 
     monkeypatch.setattr(cpu_native, "load", fail)
-    monkeypatch.setenv(cpu_native.ENV_SWITCH, "on")
+    monkeypatch.setenv("TINYSERVE_CPU_KERNEL", "on")
     cpu_native.available.cache_clear()
     try:
         with caplog.at_level("WARNING", logger="tinyserve_kernels.cpu_native"):
-            assert not cpu_native.use_by_default() and not cpu_native.available()
-        assert len(caplog.records) == 1 and "ninja is required" in caplog.records[0].getMessage()
-        qw, qz, s, _ = random_layer(64, 72, 32)
-        w = tinyserve_kernels.prepare(qw, qz, s, 32)
-        assert w.native is None and w.int4pack is not None
+            assert not cpu_kernels_usable("on") and not cpu_native.available()
+            r = ModelRunner(tiny_int4_dir, RunnerConfig(device="cpu", dtype="bfloat16", max_seq_len=32))
+        records = [rec for rec in caplog.records if rec.name == "tinyserve_kernels.cpu_native"]
+        assert len(records) == 1 and "ninja is required" in records[0].getMessage()
+        assert r.backend.name == "eager"  # the torch ops run instead
+        slot = r.alloc_slot()
+        assert r.prefill(slot, [5, 6, 7]).shape == (r.cfg.vocab_size,)
     finally:
         cpu_native.available.cache_clear()
 
@@ -253,7 +293,7 @@ INT8_M = (1, 2, 3, 9, 16, 17, 33)  # 9 and more: more than one 8-row AMX chunk
 
 @cache
 def int8_layer(K: int, N: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, K] int8 in -127..127 and bf16 scales [N], as Int8Linear.quantize makes them."""
+    """q [N, K] int8 in -127..127 and bf16 scales [N], as the backends hold the lm_head (cpu.quantize_int8_rows, scales in bf16)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     s = (torch.rand(N, generator=g) * 0.02 + 1e-3).bfloat16()
@@ -398,24 +438,32 @@ def test_torch_compile_traces_the_registered_ops():
     assert torch.equal(compiled(x), layers(x))
 
 
-def test_int8_lm_head_uses_it_when_asked():
-    # tinyserve's Int8Linear holds our layout when native (what the loader picks where the INT4 linears use our
-    # kernel), with the same codes and scales as torch's op gets.
+def test_int8_lm_head_forms_agree():
+    # The lm_head's int8 rows (cpu.quantize_int8_rows) as the cpu-native backend holds them (NativeInt8Linear: our
+    # layout and kernel) and as the eager backend does (Int8Linear: torch's op), both with the scales rounded to bf16:
+    # the same codes and scales, outputs within the two kernels' difference (as the test above).
     need("native")
-    from tinyserve.model import Int8Linear
+    from tinyserve.backends.cpu_native import NativeInt8Linear
+    from tinyserve.backends.eager import Int8Linear
 
     g = torch.Generator().manual_seed(15)
-    weight = torch.randn(200, 576, generator=g)  # fp32: quantize must not divide it in place (a tied embedding)
-    ours, theirs = Int8Linear.quantize(weight, torch.bfloat16, native=True), Int8Linear.quantize(weight, torch.bfloat16)
-    assert torch.equal(weight, torch.randn(200, 576, generator=torch.Generator().manual_seed(15)))
-    assert ours.qweight is None and ours.native is not None and theirs.native is None
-    assert torch.equal(ours.native.packed, cpu_native.repack_int8(theirs.qweight, theirs.scales).packed)
+    weight = torch.randn(200, 576, generator=g)
+    q, s = cpu.quantize_int8_rows(weight, rows=64)  # several blocks of rows
+    assert torch.equal(weight, torch.randn(200, 576, generator=torch.Generator().manual_seed(15)))  # not divided in place (a tied embedding)
+    assert q.shape == (200, 576) and q.dtype == torch.int8 and q.abs().max() <= 127 and s.dtype == torch.float32
+    torch.testing.assert_close(s, weight.abs().amax(1) / 127, rtol=1e-6, atol=0)
+    assert ((q.float() * s[:, None] - weight).abs() <= s[:, None] * (0.5 + 1e-5)).all()  # round to nearest
+    ours = NativeInt8Linear(cpu_native.repack_int8(q, s.to(torch.bfloat16)))
+    theirs = Int8Linear(q, s.to(torch.bfloat16))
+    q2, s2 = cpu_native.unpack_int8(ours.w)
+    assert torch.equal(q2, theirs.qweight) and torch.equal(s2, theirs.scales.float())
     assert ours.nbytes == 256 * 576 + 256 * 4
     x = torch.randn(2, 3, 576).bfloat16()  # a leading batch dimension
     y = ours(x)
-    assert y.shape == (2, 3, 200) and torch.equal(y.view(6, 200), cpu_native.int8_linear(x.view(6, 576), ours.native))
+    assert y.shape == (2, 3, 200) and torch.equal(y.view(6, 200), cpu_native.int8_linear(x.view(6, 576), ours.w))
     t = theirs(x).float()
-    scale = x.float().abs() @ (theirs.qweight.float().abs() * theirs.scales.float()[:, None]).T  # as the test above
+    assert t.shape == (2, 3, 200)
+    scale = x.float().abs() @ (q.float().abs() * theirs.scales.float()[:, None]).T
     assert ((y.float() - t).abs() <= t.abs() * 2.0**-7 + scale * 2.0**-12).all()
 
 

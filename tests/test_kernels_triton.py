@@ -135,11 +135,11 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3, 16, 17, 64, 300])
 def test_gpu_entry_point_all_paths(M, dtype):
-    import tinyserve_kernels
+    from tinyserve_kernels import dispatch
 
     x, qw, qz, s, b, ref = make_case(M, 1536, 576, 64, dtype, True, seed=M)
-    w = tinyserve_kernels.prepare(qw, qz, s, 64)
-    assert_matches(tinyserve_kernels.int4_linear(x, w, b).cpu(), ref, dtype)
+    w = dispatch.prepare(qw, qz, s, 64)
+    assert_matches(dispatch.int4_linear(x, w, b).cpu(), ref, dtype)
 
 
 @gpu
@@ -152,16 +152,16 @@ def test_gpu_autotuned_kernels():
 
 @gpu
 def test_gpu_cuda_graph_capture_of_entry_point():
-    import tinyserve_kernels
+    from tinyserve_kernels import dispatch
 
     x, qw, qz, s, b, ref = make_case(4, 2048, 512, 128, torch.float16, True)
-    w = tinyserve_kernels.prepare(qw, qz, s, 128)
+    w = dispatch.prepare(qw, qz, s, 128)
     static_x = x.clone()
-    tinyserve_kernels.int4_linear(static_x, w, b)  # warm up: autotuning must not happen during capture
+    dispatch.int4_linear(static_x, w, b)  # warm up: autotuning must not happen during capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = tinyserve_kernels.int4_linear(static_x, w, b)
+        static_y = dispatch.int4_linear(static_x, w, b)
     static_x.copy_(x * 2)
     graph.replay()
     torch.cuda.synchronize()
@@ -171,11 +171,11 @@ def test_gpu_cuda_graph_capture_of_entry_point():
 
 @gpu
 def test_gpu_torch_compile_reduce_overhead():
-    import tinyserve_kernels
+    from tinyserve_kernels import dispatch
 
     x, qw, qz, s, b, ref = make_case(1, 1024, 256, 64, torch.bfloat16, False)
-    w = tinyserve_kernels.prepare(qw, qz, s, 64)
-    f = torch.compile(lambda t: tinyserve_kernels.int4_linear(t, w), mode="reduce-overhead", fullgraph=True)
+    w = dispatch.prepare(qw, qz, s, 64)
+    f = torch.compile(lambda t: dispatch.int4_linear(t, w), mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         y = f(x)
     assert_matches(y.cpu(), ref, torch.bfloat16)

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from tinyserve.runner import ContextOverflow, CudaGraphDecoder, ModelRunner, RunnerConfig
+from tinyserve.backends.cuda_graphs import CudaGraphBackend
+from tinyserve.runner import ContextOverflow, ModelRunner, RunnerConfig
 
 ATOL = 1e-4
 
@@ -190,27 +191,28 @@ def test_real_model_greedy_text_matches_transformers(default_fp16_dir):
         assert text == tok.decode(expected)
 
 
-class EagerReplay(CudaGraphDecoder):
-    """The CUDA-graph decoder with capture replaced by an eager rerun into a static output buffer: everything the
+class EagerReplay(CudaGraphBackend):
+    """The CUDA-graphs backend with capture replaced by an eager rerun into a static output buffer: everything the
     graphs depend on (batch and length buckets, padding rows in the scratch slot, static inputs) runs on CPU."""
 
     captured: list = []
 
     def _capture(self, B, L):
         self.captured.append((B, L))
-        out = self._step(B, L)
-        return (lambda: out.copy_(self._step(B, L))), out
+        out = self._decode(B, L)
+        return (lambda: out.copy_(self._decode(B, L))), out
 
 
 @torch.inference_mode()
 def test_cuda_graph_bucketing_and_padding_on_cpu(tiny_model_dir):
-    from tinyserve.kv_cache import KVCache
+    from tinyserve.weights import load_weights
 
     eager = fp32_runner(tiny_model_dir, max_seq_len=300, num_slots=5)
     graphed = fp32_runner(tiny_model_dir, max_seq_len=300, num_slots=5)
-    # What ModelRunner sets up on CUDA: one extra cache slot for padding rows, and the graph decoder.
-    graphed.cache = KVCache(graphed.cfg, 6, graphed.max_seq_len, graphed.dtype, graphed.device)
-    graphed.graphs = EagerReplay(graphed)
+    # What plan() builds on CUDA, on the CPU: the graphs backend (one extra cache slot for padding rows).
+    weights = load_weights(tiny_model_dir, graphed.cfg, graphed.device, graphed.dtype)
+    graphed.backend = EagerReplay(graphed.cfg, weights, graphed.device, graphed.backend.opts)
+    assert graphed.cache.k.shape[1] == 6
     EagerReplay.captured = []
     prompts = {0: random_ids(5, 30), 2: random_ids(12, 31), 3: random_ids(270, 32)}
     for r in (eager, graphed):

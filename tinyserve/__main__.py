@@ -9,8 +9,8 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from tinyserve.default_model import ModelFolderError, resolve_model
 from tinyserve.runner import RunnerConfig
 
 EXIT_USAGE = 2
@@ -29,26 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinyserve.sampling import SamplingError
     from tinyserve.weights import WeightsError
 
-    errors: list[type[BaseException]] = [CliError, ConfigError, WeightsError, SamplingError, ContextOverflow, NoFreeSlot, SafetensorError]
-    try:
-        from tinyserve_quantize.default_model import DefaultModelError
-
-        errors.append(DefaultModelError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def resolve_model(model: str | None) -> Path:
-    """--model DIR, or the embedded default model, AWQ-quantized and cached on first use."""
-    if model:
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise CliError(f"--model {model}: no such folder")
-        return path
-    from tinyserve_quantize.default_model import ensure_quantized_default
-
-    return ensure_quantized_default(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return (CliError, ConfigError, WeightsError, SamplingError, ContextOverflow, NoFreeSlot, SafetensorError, ModelFolderError)
 
 
 def load(model: str | None, runner_cfg: RunnerConfig):

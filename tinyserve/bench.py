@@ -9,7 +9,7 @@ interleaved (int4, fp, hf-fp32, hf-bf16, int4, ...), and each row reports its be
 the best of interleaved runs is the fairest estimate of every row's speed at the same time. Decode tok/s counts the tokens
 after the first (the first comes from the prefill); detokenization is not timed (transformers' generate does not
 detokenize either). The memory read bandwidth of the machine is measured in the same run, and tinyserve rows break
-one decode step down into linear kernels, attention, and everything else.
+one decode step down into its linears and everything else.
 """
 
 import argparse
@@ -146,14 +146,12 @@ def main(cfg: BenchConfig) -> int:
 
 
 def resolve_folders(cfg: BenchConfig) -> None:
-    from tinyserve.__main__ import resolve_model
+    from tinyserve.default_model import default_folder, resolve_model
 
     if "int4" in cfg.rows:
         cfg.model = str(resolve_model(cfg.model))
     if any(r != "int4" for r in cfg.rows) and not cfg.fp_model:
-        from tinyserve_quantize.default_model import ensure_fp16_default
-
-        cfg.fp_model = str(ensure_fp16_default())
+        cfg.fp_model = str(default_folder("fp16"))
 
 
 def _child(cfg: BenchConfig, row: str, env: dict) -> dict:
@@ -305,7 +303,7 @@ def bench_tinyserve(cfg: BenchConfig, row: str, ids: list[int]) -> RowResult:
     return RowResult(
         name=row, decode_tok_s=decode_tok_s, prefill_tok_s=len(ids) / ttft, ttft_s=ttft, peak_mib=_peak_mib(dev),
         bytes_per_token=bytes_per_token, device=describe(dev), breakdown_ms=breakdown,
-        notes=f"dtype {str(runner.dtype).removeprefix('torch.')}, lm_head {runner.weights.lm_head.__class__.__name__}, warm-up {warmup_s:.1f} s",
+        notes=f"backend {runner.backend.name}, dtype {str(runner.dtype).removeprefix('torch.')}, lm_head {runner.weights.lm_head.__class__.__name__}, warm-up {warmup_s:.1f} s",
     )
 
 
@@ -323,15 +321,11 @@ def _greedy(runner, slot: int, ids: list[int], new_tokens: int) -> tuple[float, 
 
 
 def time_breakdown(runner, slot: int, context: int, token_ms: float, n: int = 30) -> dict:
-    """Where one decode token's time goes, in ms: the linear kernels alone (run back to back on inputs of the right
-    shapes), attention alone (the same calls: our CPU decode attention where the runner uses it, else SDPA), the rest
-    of the step (norms, RoPE, cache writes, residuals, dispatch and Python), and the generation loop around the step
-    (argmax, bookkeeping)."""
-    import torch.nn.functional as F
-
+    """Where one decode token's time goes, in ms: the backend's linears alone (called back to back on one row of the
+    right shapes), the rest of the step (attention, norms, RoPE, cache writes, residuals, dispatch and Python), and
+    the generation loop around the step (argmax, bookkeeping)."""
     w, c, dev = runner.weights, runner.cfg, runner.device
     pos = min(context, runner.length(slot) - 1)
-    tok = 0
 
     def timed(fn) -> float:
         fn()
@@ -342,35 +336,21 @@ def time_breakdown(runner, slot: int, context: int, token_ms: float, n: int = 30
         _sync(dev)
         return (time.perf_counter() - t) / n * 1e3
 
-    step_ms = timed(lambda: runner.decode([slot], [tok], positions=[pos]))
+    step_ms = timed(lambda: runner.decode([slot], [0], positions=[pos]))
     x = torch.randn(1, c.hidden_size, dtype=runner.dtype, device=dev)
     xa = torch.randn(1, c.q_size, dtype=runner.dtype, device=dev)
     xi = torch.randn(1, c.intermediate_size, dtype=runner.dtype, device=dev)
 
-    def linears():  # one_row: the direct kernel call a one-row step makes (without the dispatcher's ~5 us)
+    def linears():
         for lw in w.layers:
-            lw.qkv.one_row(x), lw.o.one_row(xa), lw.gate_up.one_row(x), lw.down.one_row(xi)
-        w.lm_head.one_row(x)
+            lw.qkv(x), lw.o(xa), lw.gate_up(x), lw.down(xi)
+        w.lm_head(x)
 
-    R = c.num_heads // c.num_kv_heads
-    q = torch.randn(1, c.num_kv_heads, R, c.head_dim, dtype=runner.dtype, device=dev)
-    k = runner.cache.k[0, slot : slot + 1, :, : pos + 1]
-    v = runner.cache.v[0, slot : slot + 1, :, : pos + 1]
-    lengths = torch.tensor([pos + 1], device=dev)
-
-    def attention():
-        for _ in range(c.num_layers):
-            if runner.attention is not None:
-                runner.attention(q, k, v, lengths)
-            else:
-                F.scaled_dot_product_attention(q, k, v)
-
-    lin_ms, attn_ms = timed(linears), timed(attention)
+    lin_ms = timed(linears)
     return {
         "step": step_ms,
-        "linear kernels": lin_ms,
-        "attention": attn_ms,
-        "rest of step": max(step_ms - lin_ms - attn_ms, 0.0),
+        "linears": lin_ms,
+        "rest of step": max(step_ms - lin_ms, 0.0),
         "loop": max(token_ms - step_ms, 0.0),
     }
 
@@ -439,10 +419,10 @@ def bench_transformers(cfg: BenchConfig, row: str, ids: list[int]) -> RowResult:
 
 
 def synthetic_int4(preset: str, dev: torch.device, dtype: torch.dtype):
-    """A ModelConfig and random INT4 (group 128) weights with the preset's shapes, built directly on the device."""
-    import tinyserve_kernels
+    """A ModelConfig and random INT4 (group 128) weights with the preset's shapes, built directly on the device (as
+    weights.load_weights returns them: the backend converts them)."""
     from tinyserve.config import ModelConfig, QuantConfig
-    from tinyserve.model import DenseLinear, Int4Linear, LayerWeights, ModelWeights
+    from tinyserve.model import DenseLinear, LayerWeights, ModelWeights, PackedLinear
 
     shapes = SYNTHETIC[preset]
     d = dict(shapes, model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -450,11 +430,11 @@ def synthetic_int4(preset: str, dev: torch.device, dtype: torch.dtype):
     g = torch.Generator(device=dev).manual_seed(0)
     G = SYNTHETIC_GROUP_SIZE
 
-    def int4(k: int, n: int) -> Int4Linear:
+    def int4(k: int, n: int) -> PackedLinear:
         qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device=dev, generator=g)
         qzeros = torch.randint(-(2**31), 2**31 - 1, (k // G, n // 8), dtype=torch.int32, device=dev, generator=g)
         scales = (torch.rand(k // G, n, device=dev, generator=g) * 0.01).half()
-        return Int4Linear(tinyserve_kernels.prepare(qweight, qzeros, scales, G))
+        return PackedLinear(qweight, qzeros, scales, G)
 
     H, I = cfg.hidden_size, cfg.intermediate_size
     layers = [

@@ -1,8 +1,9 @@
-"""Load a Hugging Face folder's safetensors into `model.ModelWeights` on a device.
+"""Load a Hugging Face folder's safetensors into `model.ModelWeights` on a device, as the file stores them.
 
 Reads single-file and sharded (`model.safetensors.index.json`) checkpoints, float (fp16/bf16/fp32) and AWQ INT4
-(AutoAWQ GEMM layout: `*.qweight`, `*.qzeros`, `*.scales` per linear). q/k/v and gate/up are fused into one linear
-each by concatenating along N at load time. Never unpickles anything: `.bin`/`.pt` checkpoints are refused.
+(AutoAWQ GEMM layout: `*.qweight`, `*.qzeros`, `*.scales` per linear, kept packed as `model.PackedLinear`; the
+backend converts them for its kernels). q/k/v and gate/up are fused into one linear each by concatenating along N.
+Never unpickles anything: `.bin`/`.pt` checkpoints are refused.
 """
 
 import json
@@ -12,12 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-import tinyserve_kernels
-from tinyserve_kernels.layout import PACK_FACTOR, check_shapes, dequantize
 from tinyserve.config import ModelConfig
-from tinyserve.model import DenseLinear, Int4Linear, Int8Linear, LayerWeights, Linear, ModelWeights
-
-LM_HEAD_MODES = ("dense", "int8")
+from tinyserve.model import DenseLinear, LayerWeights, Linear, ModelWeights, PackedLinear
+from tinyserve_kernels.layout import PACK_FACTOR, check_shapes, dequantize
 
 
 class WeightsError(ValueError):
@@ -97,14 +95,9 @@ class _Part:
 
 
 class Loader:
-    def __init__(
-        self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, dense_prefill: bool = False,
-        cpu_native: bool | None = None,
-    ):
+    def __init__(self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         self.ck = Checkpoint(folder)
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.dense_prefill = dense_prefill  # CPU: keep a bf16 copy of INT4 weights for long prompts (tinyserve_kernels.prepare)
-        self.cpu_native = cpu_native  # CPU: our own INT4 kernel (True), torch's op (False), or where it wins (None)
 
     def part(self, name: str, k: int, n: int, bias: bool) -> _Part:
         """Read linear `name` (K = in_features, N = out_features) in whichever form the checkpoint has it."""
@@ -142,8 +135,7 @@ class Loader:
             qweight = torch.cat([p.qweight for p in parts], dim=1).to(self.device)
             qzeros = torch.cat([p.qzeros for p in parts], dim=1).to(self.device)
             scales = torch.cat([p.scales for p in parts], dim=1).to(self.device)
-            return Int4Linear(tinyserve_kernels.prepare(qweight, qzeros, scales, parts[0].group_size, cpu_dense_cache=self.dense_prefill,
-                                               native=self.cpu_native), bias)
+            return PackedLinear(qweight, qzeros, scales, parts[0].group_size, bias)
         if all(p.weight is not None for p in parts):
             weight = torch.cat([p.weight for p in parts], dim=0)
         else:
@@ -153,9 +145,7 @@ class Loader:
     def vector(self, name: str, n: int) -> torch.Tensor:
         return self.ck.get(name, (n,)).to(self.device, self.dtype)
 
-    def load(self, lm_head: str = "dense") -> ModelWeights:
-        if lm_head not in LM_HEAD_MODES:
-            raise WeightsError(f"unknown lm_head mode {lm_head!r} (choose from {', '.join(LM_HEAD_MODES)})")
+    def load(self) -> ModelWeights:
         c = self.cfg
         H, I, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
         layers = []
@@ -180,10 +170,6 @@ class Loader:
             raise WeightsError(f"missing tensor lm_head.weight in {self.ck.folder} (config.json says the embeddings are not tied)")
         else:
             head = self.fused([self.part("lm_head", H, c.vocab_size, False)])
-        if lm_head == "int8" and isinstance(head, DenseLinear):
-            # Our CPU kernel wherever the INT4 linears would use it (self.cpu_native; None: where it wins).
-            native = self.cpu_native if self.cpu_native is not None else tinyserve_kernels.cpu_native.use_by_default()
-            head = Int8Linear.quantize(head.weight, self.dtype, native=native and self.device.type == "cpu")
         weights = ModelWeights(embed=embed, layers=layers, norm=self.vector("model.norm.weight", H), lm_head=head)
         self.ck.close()
         return weights
@@ -194,8 +180,5 @@ def p_n(p: _Part) -> int:
     return p.weight.shape[0] if p.weight is not None else p.scales.shape[1]
 
 
-def load_weights(
-    folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, lm_head: str = "dense", dense_prefill: bool = False,
-    cpu_native: bool | None = None,
-) -> ModelWeights:
-    return Loader(folder, cfg, device, dtype, dense_prefill, cpu_native).load(lm_head)
+def load_weights(folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> ModelWeights:
+    return Loader(folder, cfg, device, dtype).load()

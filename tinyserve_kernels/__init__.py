@@ -1,5 +1,4 @@
-"""INT4 kernels and the packed weight layout. Imports neither `quantize` nor `tinyserve`."""
+"""INT4 kernels and the packed weight layout (layout.py). Imports neither tinyserve_quantize nor tinyserve.
 
-from tinyserve_kernels.dispatch import Int4Weights, int4_linear, prepare
-
-__all__ = ["Int4Weights", "int4_linear", "prepare"]
+Importing this package loads nothing: import the module you need (layout, dispatch, cpu, cpu_native, gemm, gemv).
+"""

@@ -175,3 +175,18 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> to
     x = x.to(torch.bfloat16)
     y = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "") if PREPACK_DENSE else x @ weight
     return y if y.shape[1] == out_features else y[:, :out_features]
+
+
+def quantize_int8_rows(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (codes [N, K] int8, scales [N] fp32): weight-only int8 with one symmetric scale per output row,
+    max|w| / 127, round to nearest, `rows` rows at a time (bounded memory). W[n, :] = codes[n, :] * scales[n]."""
+    N = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(N, dtype=torch.float32, device=weight.device)
+    for a in range(0, N, rows):
+        w = weight[a : a + rows].to(torch.float32, copy=True)  # a copy even for fp32 weights: divided in place below
+        s = w.abs().amax(dim=1).clamp_(min=1e-12).div_(127.0)
+        q[a : a + rows] = w.div_(s[:, None]).round_().clamp_(-127, 127)
+        scales[a : a + rows] = s
+    return q, scales
+

@@ -1,52 +1,24 @@
-"""Our CPU INT4 kernel (tinyserve_kernels/csrc/cpu_int4.cpp), int8 lm_head kernel (tinyserve_kernels/csrc/cpu_int8.cpp) and decode
-attention (tinyserve_kernels/csrc/cpu_attention.cpp): one C++ library built on first use, weights repacked once, one op per
-call, called through direct Python bindings (csrc/bindings.cpp).
-
-Why our own kernel: torch's `_weight_int4pack_mm_for_cpu` decodes every weight again for each few rows of x, so its
-cost grows about linearly with M (a 16-row decode step of continuous batching costs ~16 one-row steps), and it
-reaches about half the memory bandwidth at M = 1. Ours decodes each 64-byte piece of weights once for all rows and
-multiplies codes by x in integers: x becomes 14-bit block floating point per group (finer than bf16, see the C++
-file), so the inner sums are exact int32 VPDPBUSD / AMX-INT8 dot products: 2.5x less time per weight than bf16 dot products
-on decoded weights in a microbenchmark (BENCHMARKS.md, "Exact integer sums"). Exact sums make every row's result independent of M, of where the row sits in
-the batch, of the thread count and of the engine (AMX, AVX512-VNNI, AVX512BW, portable: all bit-identical), so greedy
-output cannot depend on what else is batched. See the C++ file for the layout and the arithmetic.
+"""Our CPU kernels (csrc/): the INT4 linear, the int8 lm_head, decode attention and the whole-step Decoder, built
+into one C++ library on first use and called through direct Python bindings (csrc/bindings.cpp).
 
     w = repack(qweight, qzeros, scales, G)      # once, at load time: NativePacked
     y = linear(x, w, bias)                      # x [M, K] fp32/bf16 -> y [M, N] in x's dtype
-
     h = repack_int8(qweight8, scales8)          # weight-only int8 rows [N, K] + scales [N]: NativeInt8
-    y = int8_linear(x, h, bias)                 # the same for the lm_head (tinyserve/model.py, Int8Linear)
+    y = int8_linear(x, h, bias)
+    o = decode_attention(q, k, v, lengths)      # q [M, Hkv, R, D] over cache views k, v [M, Hkv, L, D]
+    load("native").Decoder(...)                 # every layer of a step in one call (tinyserve/backends/cpu_native.py)
 
-    o = decode_attention(q, k, v, lengths)      # decode: q [M, Hkv, R, D] over cache views k, v [M, Hkv, L, D]
+Why our own: torch's int4 op decodes the weights again for every few rows of x and reaches about half the memory
+bandwidth at one row. Ours decodes each weight once for all rows and sums codes times x in exact integer dot products
+(x as 14-bit block floating point per group; see cpu_int4.cpp), so a row's result does not depend on M, on the other
+rows, on the thread count or on the engine (AMX, AVX512-BF16, AVX512F, portable: bit-identical).
 
-    load("native").DecodeStep(...)              # a whole decode step around these kernels (tinyserve/fused_step.py)
-
-decode_attention replaces torch's SDPA in CPU decode steps wherever these kernels run (tinyserve/runner.py): a decode
-query block is only the R query heads of one kv head, and SDPA's CPU flash kernel took ~2x our time per layer
-(BENCHMARKS.md, "Decode attention"). It never reads past a row's length, so rows are batch-invariant by construction.
-
-The int8 op exists for the same reasons: torch's `_weight_int8pack_mm` reads the whole weight again for every row of x
-(the SmolLM2 lm_head: ~3.5 ms per row, 46% of a 16-row decode step) and reaches about a third of the bandwidth at one
-row; ours multiplies the stored codes directly in exact integer sums (1.9x faster at one row, 5.9x at 16).
-
-The build uses torch.utils.cpp_extension (g++ and ninja, -O3 -march=native) into torch's extension cache, keyed by
-the source and this CPU's flags; later processes load the cached library in milliseconds. If the build fails (no
-compiler, no ninja, no Python headers for the bindings), one warning is logged and callers fall back to torch's
-int4 op (tinyserve_kernels/cpu.py) and int8 op, and to torch's SDPA for attention.
-
-When the runtime uses it (use_by_default; TINYSERVE_CPU_KERNEL overrides; the int8 lm_head follows the INT4 linears,
-tinyserve/weights.py):
-  auto (default)  where the AMX or the AVX512-BF16 engine runs (that CPU also has AVX512-VNNI): with AMX it is
-                  1.4-1.9x faster than torch's op at M = 1 and 2-4.4x at M = 16; the AVX512-BF16 engine alone (the
-                  avx512bf16 build on the same Xeon, an earlier build; no CPU without AMX was measured) 1.2-1.3x and 1.6-1.9x
-                  (BENCHMARKS.md, "Exact integer sums"); other CPUs keep torch's op and never build this;
-  1, on           on any CPU the build runs on (row-invariant decode everywhere, the speed of the engine it gets);
-  0, off          never built or used.
+The build (torch.utils.cpp_extension, -O3 -march=native) lands in torch's extension cache, keyed by the sources and
+this CPU's flags. A failed build logs one warning and `available()` is False: the eager backend's torch ops run instead.
 """
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -68,7 +40,6 @@ INT8_GROUP_N = 64  # the int8 layout pads N to a multiple of this (4 blocks: the
 META_BYTES = 64  # per group and block: 16 fp16 scales, 16 zero points (u8), 16 zero bytes
 ENGINES = ("portable", "avx512f", "avx512bf16", "amx")  # index = the op's engine() value
 STALE_LOCK_S = 300  # a build takes 10-20 s: a lock this old belongs to a build that was killed
-ENV_SWITCH = "TINYSERVE_CPU_KERNEL"  # auto (default) | 1, on | 0, off: see the module docstring
 
 # Build variants: name -> extra compiler flags. "native" is what the runtime uses; the tests also build the engines
 # below the native one (on a machine that can run them) to check each against the reference.
@@ -181,44 +152,20 @@ def namespace(variant: str) -> str:
     return "tinyserve_cpu" if variant == "native" else f"tinyserve_cpu_{variant}"
 
 
-def mode() -> str:
-    """TINYSERVE_CPU_KERNEL as one of "auto", "on", "off" (an unknown value counts as auto)."""
-    v = os.environ.get(ENV_SWITCH, "auto").strip().lower()
-    if v in ("0", "off", "false", "no"):
-        return "off"
-    return "on" if v in ("1", "on", "true", "yes") else "auto"
-
-
-def enabled() -> bool:
-    return mode() != "off"
-
-
-def use_by_default() -> bool:
-    """Whether tinyserve_kernels.prepare should hold CPU weights for this kernel (see the module docstring). In auto mode a CPU
-    without AVX512-BF16 and VNNI is ruled out from its flags, before any build; a CPU with them must also get one of the
-    two fast engines (AMX needs Linux's permission to use the tiles; without it the AVX512-BF16 engine runs)."""
-    m = mode()
-    if m == "off":
-        return False
-    if m == "auto" and not {"avx512_bf16", "avx512_vnni"} <= set(_cpu_flags().split()):
-        return False
-    return available() and (m == "on" or engine() in ("amx", "avx512bf16"))
+def has_fast_isa() -> bool:
+    """Whether this CPU has AVX512-BF16 and VNNI, the instructions of the two fast engines (AMX and AVX512-BF16)."""
+    return {"avx512_bf16", "avx512_vnni"} <= set(_cpu_flags().split())
 
 
 @cache
 def available() -> bool:
-    """Whether the native kernel can be used in this process: enabled, and built (now, or cached) and loaded.
-
-    Compiles on first use (a log line says so, 10-20 s on 2 cores). Never raises: a failed build logs one warning
-    and returns False, and the callers use torch's int4 op instead.
-    """
-    if not enabled():
-        return False
+    """Whether the kernels are built (now, or cached) and loaded. Compiles on first use (a log line says so, 15-30 s on
+    2 cores). Never raises: a failed build logs one warning and returns False."""
     try:
         load("native")
     except Exception as e:  # a missing compiler or ninja, a failed compile or load: fall back, never crash
         log.warning("the CPU INT4 kernel could not be built (%s: %s); using torch's int4 op instead (slower for batched "
-                    "decode). Set %s=0 to skip the attempt.", type(e).__name__, str(e).strip().splitlines()[-1:] or "", ENV_SWITCH)
+                    "decode). Set TINYSERVE_CPU_KERNEL=0 to skip the attempt.", type(e).__name__, str(e).strip().splitlines()[-1:] or "")
         return False
     return True
 

@@ -1,48 +1,32 @@
-"""The one INT4 linear entry point. It picks the implementation by device and by M (rows of x) in choose_path.
+"""The INT4 linear of the torch-op paths: one entry point that picks the kernel by device and by M (rows of x).
 
     w = prepare(qweight, qzeros, scales, group_size)   # once, at load time, on the device the layer runs on
     y = int4_linear(x, w, bias)                         # x: [..., K] -> y: [..., N], in x's dtype
 
-Two entry points, one per way of holding the weight:
-- int4_linear(x, w): the runtime's call, with weights converted once by prepare (on CPU to the layout of our own
-  kernel, tinyserve_kernels/cpu_native.py, where it wins, else to torch's int4 layout).
-- torch.ops.tinyserve.int4_linear(x, qweight, qzeros, scales, group_size, bias): the raw file tensors, registered with
-  torch.library.custom_op and a fake implementation, so torch.compile and CUDA-graph capture see one opaque op with a
-  known output shape instead of tracing into Triton launches and autotuning. On CUDA int4_linear goes through it. On
-  CPU int4_linear calls torch's int4 op and matmuls directly (torch.compile traces them), its per-call dequant path
-  is its own custom op (tinyserve::cpu_dequant_matmul), and the raw op there is the slow-but-exact reference path
-  (it dequantizes the whole weight every call): CPU callers should prepare.
-
-Thresholds are rows of x (M = x.numel() // K). See BENCHMARKS.md, "INT4 kernels (issue 3)", for the runs behind them.
+On CUDA int4_linear calls torch.ops.tinyserve.int4_linear on the file tensors (Triton GEMV/GEMM or dequant + cuBLAS),
+a custom op with a fake implementation so CUDA-graph capture and torch.compile see one opaque call. On CPU it calls
+torch's int4 op, a dense bf16 copy cached at load time, or a per-call dequant + matmul (tinyserve_kernels/cpu.py).
+Our own CPU kernels (cpu_native.py) are not chosen here: the cpu-native backend holds them (tinyserve/backends/).
+Thresholds are rows of x, from scripts/bench_kernels.py (BENCHMARKS.md, "INT4 kernels (issue 3)").
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from tinyserve_kernels import cpu, cpu_native
+from tinyserve_kernels import cpu
 from tinyserve_kernels.layout import PACK_FACTOR, check_shapes, dequantize, resolve_group_size
 
-# CPU, chosen with scripts/bench_kernels.py on the 2-core dev VM (BENCHMARKS.md, "INT4 kernels (issue 3)"):
-# up to this M torch's int4 op beats a bf16 matmul, even one on a dense weight cached at load time (it won at
-# M = 1, 2, 4, 8 and lost at 16 on all six SmolLM2 and Llama-2-7B shapes measured).
+# CPU: torch's int4 op beats a bf16 matmul (even on a cached dense weight) up to this M; its rows are also
+# batch-invariant only up to here (beyond it a dense GEMM with another summation order takes over).
 CPU_INT4PACK_MAX_M = 8
-# From this M on, with no cached dense weight, dequantizing per call + a bf16 matmul beats the int4 op (it won at
-# M = 96 and 128 on all six shapes measured, at 64 on one of six).
+# CPU without a cached dense weight: from this M, per-call dequantize + bf16 matmul beats the int4 op.
 CPU_DEQUANT_MIN_M = 96
-# Our own kernel (tinyserve_kernels/cpu_native.py, AMX engine), same benchmark: up to this M it beats a cached dense bf16 weight
-# (it won at M = 1..32 on all five SmolLM2 shapes, fused ones included, and lost at 64 on one of five). Its row results
-# do not depend on M (row invariance), so batched decode up to this many rows is one call. With no dense copy it is
-# used at every M: it beat per-call dequantize + matmul at M = 16..1024 on the three Llama-2-7B shapes (1.1-30x) but
-# one, a tie (4096x4096 at M = 1024). Rechecked with the cached weight prepacked for oneDNN (cpu.hold_dense), 1 thread:
-# ours still won at M = 16..32 on all five and lost at 48 on four ("Prepacked dense prompt weights").
-CPU_NATIVE_MAX_M = 32
-
-# CUDA: provisional, not yet measured (no GPU was lent to the session that wrote this). GEMV_MAX_M is the largest M
-# one padded 16-row tensor-core tile covers; DEQUANT_MIN_M follows vLLM's AWQ heuristic (dequantize + cuBLAS from
-# 256 rows). scripts/bench_kernels.py prints all three CUDA paths per M so a GPU run can set them.
+# CUDA, provisional (no GPU has measured them yet): one padded 16-row tensor-core tile for the GEMV; dequantize +
+# cuBLAS from 256 rows as vLLM's AWQ heuristic.
 CUDA_GEMV_MAX_M = 16
 CUDA_DEQUANT_MIN_M = 256
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare layers by identity, never tensor by tensor
 class Int4Weights:
@@ -55,7 +39,6 @@ class Int4Weights:
     in_features: int  # K
     out_features: int  # N
     int4pack: cpu.CpuPacked | None = None  # CPU: torch's int4 layout (None when the op cannot take this group size)
-    native: cpu_native.NativePacked | None = None  # CPU: our kernel's layout (then int4pack is None)
     dense: torch.Tensor | None = None  # CPU: bf16, as cpu.hold_dense keeps it, when cached at load time or G unsupported
 
     @property
@@ -64,23 +47,15 @@ class Int4Weights:
         tensors = [self.qweight, self.qzeros, self.scales, self.dense]
         if self.int4pack is not None:
             tensors += [self.int4pack.packed, self.int4pack.scale_zero]
-        if self.native is not None:
-            tensors.append(self.native.packed)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def prepare(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, cpu_dense_cache: bool = False,
-    native: bool | None = None,
-) -> Int4Weights:
+def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, cpu_dense_cache: bool = False) -> Int4Weights:
     """Check the packed tensors and convert them for their device (they must already be on it).
 
-    cpu_dense_cache (CPU only): also keep a dense bf16 copy of the weight, 2 bytes per weight on top of ~0.5 for the
-    INT4 form, so that prompts of more than CPU_INT4PACK_MAX_M rows run a plain bf16 matmul instead of dequantizing
-    every call. Worth it for small models (SmolLM2-135M: ~0.2 GB); for 7B-class models it would add ~13 GB.
-    native (CPU only): hold the weight for our own kernel instead of torch's op; None: where it wins
-    (tinyserve_kernels.cpu_native.use_by_default). Otherwise a group size torch's CPU op cannot take (not a multiple of 32) is
-    held as dense bf16.
+    cpu_dense_cache (CPU only): also keep a dense bf16 copy of the weight (2 bytes per weight on top of ~0.5) so
+    prompts of more than CPU_INT4PACK_MAX_M rows run a plain bf16 matmul instead of dequantizing every call. A group
+    size torch's CPU op cannot take (not a multiple of 32) is held as dense bf16 only.
     """
     K = qweight.shape[0]
     G = resolve_group_size(group_size, K)
@@ -88,36 +63,25 @@ def prepare(
     N = qweight.shape[1] * PACK_FACTOR
     if qweight.device.type != "cpu":
         return Int4Weights(qweight, qzeros, scales, G, K, N)
-    use_native = native if native is not None else cpu_native.use_by_default()
     op_takes_g = cpu.op_group_size(G) is not None
     dense = None
-    if cpu_dense_cache or not (use_native or op_takes_g):  # without a packed form the dense weight is the only one
+    if cpu_dense_cache or not op_takes_g:
         dense = cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))  # one rounding
-    if use_native:
-        return Int4Weights(None, None, None, G, K, N, native=cpu_native.repack(qweight, qzeros, scales, G), dense=dense)
-    if not op_takes_g:
-        return Int4Weights(None, None, None, G, K, N, dense=dense)
-    return Int4Weights(None, None, None, G, K, N, int4pack=cpu.pack_for_cpu(qweight, qzeros, scales, G), dense=dense)
+    packed = cpu.pack_for_cpu(qweight, qzeros, scales, G) if op_takes_g else None
+    return Int4Weights(None, None, None, G, K, N, int4pack=packed, dense=dense)
 
 
-def choose_path(
-    device_type: str, M: int, *, group_size: int = 128, has_int4pack: bool = True, has_dense: bool = False, can_dequant: bool = True,
-    has_native: bool = False,
-) -> str:
-    """The kernel for M rows of x: the single place where the choice by device and M is made.
-
-    group_size matters on CUDA (the fused kernels need a multiple of 16); on CPU, what prepare built: has_native
-    (our kernel's form), has_int4pack (torch's int4 form: none for group sizes the op cannot take), has_dense (a cached
-    dense copy), can_dequant (this torch build's int4 layout is one dequant_matmul can read).
-    """
+def choose_path(device_type: str, M: int, *, group_size: int = 128, has_int4pack: bool = True, has_dense: bool = False,
+                can_dequant: bool = True) -> str:
+    """The kernel for M rows of x. group_size matters on CUDA (the fused kernels need a multiple of 16); on CPU, what
+    prepare built: torch's int4 form (none for group sizes the op cannot take), a cached dense copy, and whether this
+    torch build's int4 layout is one dequant_matmul can read."""
     if device_type == "cuda":
         if group_size % 16:
             return "dequant_matmul"
         if M <= CUDA_GEMV_MAX_M:
             return "gemv"
         return "gemm" if M < CUDA_DEQUANT_MIN_M else "dequant_matmul"
-    if has_native:
-        return "native" if M <= CPU_NATIVE_MAX_M or not has_dense else "cpu_dense_cached"
     if not has_int4pack:
         return "cpu_dense_cached"
     if M <= CPU_INT4PACK_MAX_M:
@@ -125,16 +89,6 @@ def choose_path(
     if has_dense:
         return "cpu_dense_cached"
     return "cpu_dequant" if M >= CPU_DEQUANT_MIN_M and can_dequant else "int4pack"
-
-
-def cpu_invariant_rows(w: Int4Weights | None) -> int:
-    """How many rows of x one CPU call may take while each row's result stays bit-identical to a one-row call (what
-    batch-invariant decode groups rows by). Our kernel is row-invariant by construction on its whole path (every M
-    when no dense copy is held); torch's op path is grouped by CPU_INT4PACK_MAX_M, beyond which a dense GEMM with
-    another summation order takes over. None (a model without INT4 weights): CPU_INT4PACK_MAX_M as well."""
-    if w is not None and w.native is not None:
-        return CPU_NATIVE_MAX_M if w.dense is not None else 1 << 30
-    return CPU_INT4PACK_MAX_M
 
 
 def int4_linear(x: torch.Tensor, w: Int4Weights, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,13 +102,8 @@ def int4_linear(x: torch.Tensor, w: Int4Weights, bias: torch.Tensor | None = Non
         return torch.ops.tinyserve.int4_linear(x, w.qweight, w.qzeros, w.scales, w.group_size, bias)
     x2 = x.reshape(-1, w.in_features)
     packed = w.int4pack
-    path = choose_path(
-        "cpu", x2.shape[0], has_int4pack=packed is not None, has_dense=w.dense is not None,
-        can_dequant=packed is not None and packed.decodable, has_native=w.native is not None,
-    )
-    if path == "native":
-        y = cpu_native.linear(x2, w.native, bias)  # bias added in fp32 before the one rounding
-        return y.to(x.dtype).view(*x.shape[:-1], w.out_features)
+    path = choose_path("cpu", x2.shape[0], has_int4pack=packed is not None, has_dense=w.dense is not None,
+                       can_dequant=packed is not None and packed.decodable)
     if path == "int4pack":
         y = cpu.int4pack_linear(x2, packed)
     elif path == "cpu_dense_cached":

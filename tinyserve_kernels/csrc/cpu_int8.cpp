@@ -1,5 +1,5 @@
 // CPU int8 weight-only linear (the lm_head): y[M, N] = (x[M, K] @ q[N, K]^T) * s[N] (+ bias), one symmetric scale per
-// output row (tinyserve/model.py, Int8Linear).
+// output row (tinyserve/backends/cpu_native.py, NativeInt8Linear).
 //
 // Why: torch's _weight_int8pack_mm reads the whole [N, K] weight again for every row of x, so a 16-row decode step
 // pays for the lm_head 16 times, and at one row it reaches about a third of the memory bandwidth. This kernel reads

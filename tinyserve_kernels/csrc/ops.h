@@ -53,7 +53,7 @@ struct AttentionArgs {
 };
 void decode_attention_into(const AttentionArgs& a);
 
-// The Llama-style decoder stack (tinyserve/model.py, decode and prefill) in one call per step (cpu_decode.cpp): bf16
+// The Llama-style decoder stack (tinyserve/model.py, forward) in one call per step (cpu_decode.cpp): bf16
 // activations, INT4 linears in this library's layout, keys and values written into the cache in place. Both return
 // the final norm's output (the lm_head stays in Python).
 class Decoder {
@@ -61,7 +61,7 @@ class Decoder {
   // layers: per layer [attn_norm [H], qkv, o, mlp_norm [H], gate_up, down] (the linears packed for int4_mm with group
   // size G); biases: per layer the four linears' biases, each [N] or None; dense: per layer the four linears' bf16
   // copies for prompts (tinyserve_kernels/cpu.py, hold_dense: oneDNN-packed [N, K] or plain [K, N]) or None, used for prompts of
-  // more than native_max_rows tokens (tinyserve_kernels/dispatch.py's CPU_NATIVE_MAX_M). cos, sin [P, D] bf16
+  // more than native_max_rows tokens (the backend's NATIVE_MAX_ROWS). cos, sin [P, D] bf16
   // (model.rope_tables); k_cache, v_cache [layers, slots, Hkv, S, D] bf16. Positions go up to min(P, S) - 1.
   Decoder(at::Tensor embed, std::vector<std::vector<at::Tensor>> layers, std::vector<std::vector<std::optional<at::Tensor>>> biases,
           std::vector<std::vector<std::optional<at::Tensor>>> dense, at::Tensor norm, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
@@ -86,7 +86,7 @@ class Decoder {
     Linear qkv, o, gate_up, down;
   };
   void linear(const Linear& l, const uint16_t* x, int64_t M, uint16_t* y) const;  // the INT4 kernel
-  at::Tensor linear(const Linear& l, const at::Tensor& x) const;                    // x [M, K] bf16: as dispatch.py picks
+  at::Tensor linear(const Linear& l, const at::Tensor& x) const;                    // x [M, K] bf16: INT4 kernel or dense copy by M
 
   at::Tensor embed_, norm_, cos_, sin_, k_, v_;
   std::vector<Layer> layers_;
