@@ -4,11 +4,11 @@
     python scripts/bench_decode_step.py --m 1 4 16 --threads 2 --profile
 
 One ModelRunner per (backend, batch_invariant) on the embedded default model (AWQ INT4), 16 slots each holding a
-100-token prompt. The backend is chosen at load time (tinyserve/backends/, plan) from TINYSERVE_CPU_KERNEL, which this
+100-token prompt. The backend is chosen at load time (tinyserve/runtime/backends/, plan) from TINYSERVE_CPU_KERNEL, which this
 script sets before each runner is built and restores after: "cpu-native" (TINYSERVE_CPU_KERNEL=auto, the runtime's
-default on CPU: the whole step in one C++ call around our kernels, tinyserve/backends/cpu_native.py; skipped with a
-message where tinyserve.backends.cpu_kernels_usable("auto") is false, i.e. no AMX or AVX512-BF16 engine) and "eager"
-(TINYSERVE_CPU_KERNEL=0: the reference forward with torch's int4 op and int8 op, tinyserve/backends/eager.py).
+default on CPU: the whole step in one C++ call around our kernels, tinyserve/runtime/backends/cpu_native.py; skipped with a
+message where tinyserve.runtime.backends.cpu_kernels_usable("auto") is false, i.e. no AMX or AVX512-BF16 engine) and "eager"
+(TINYSERVE_CPU_KERNEL=0: the reference forward with torch's int4 op and int8 op, tinyserve/runtime/backends/eager.py).
 Every round times each (runner, M) in turn, 3 steps of M rows at position 100, then the lm_head alone at each M: ours
 (NativeInt8Linear) and torch's `_weight_int8pack_mm` (eager Int8Linear) on the same int8 codes and scales, quantized
 from the model's lm_head weight (tied to the embeddings); each row reports its best round (the shared VM's neighbours
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-CPU_KERNEL_ENV = "TINYSERVE_CPU_KERNEL"  # read by tinyserve.backends.plan when a runner is built
+CPU_KERNEL_ENV = "TINYSERVE_CPU_KERNEL"  # read by tinyserve.runtime.backends.plan when a runner is built
 
 
 @contextmanager
@@ -51,11 +51,11 @@ def main() -> None:
         ap.error("--m: rows per step must be 1..16 (the runners have 16 slots)")
     torch.set_num_threads(a.threads)
 
-    from tinyserve.backends import cpu_kernels_usable
-    from tinyserve.backends.cpu_native import NativeInt8Linear
-    from tinyserve.backends.eager import Int8Linear
-    from tinyserve.default_model import default_folder
-    from tinyserve.runner import ModelRunner, RunnerConfig
+    from tinyserve.runtime.backends import cpu_kernels_usable
+    from tinyserve.runtime.backends.cpu_native import NativeInt8Linear
+    from tinyserve.runtime.backends.eager import Int8Linear
+    from tinyserve.cli.default_model import default_folder
+    from tinyserve.runtime.runner import ModelRunner, RunnerConfig
     from tinyserve_kernels import cpu, cpu_native
 
     folder = default_folder("quantized")

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tinyserve.backends import cpu_kernel_mode, cpu_kernels_usable
-from tinyserve.backends.cpu_native import NATIVE_MAX_ROWS
+from tinyserve.runtime.backends import cpu_kernel_mode, cpu_kernels_usable
+from tinyserve.runtime.backends.cpu_native import NATIVE_MAX_ROWS
 from tinyserve_kernels import cpu, cpu_native, dispatch
 from tinyserve_kernels.dispatch import choose_path, prepare
 from tinyserve_kernels.layout import pack

@@ -1,4 +1,4 @@
-"""The cpu-native backend (tinyserve/backends/cpu_native.py, tinyserve_kernels/csrc/cpu_decode.cpp): every layer of a
+"""The cpu-native backend (tinyserve/runtime/backends/cpu_native.py, tinyserve_kernels/csrc/cpu_decode.cpp): every layer of a
 step in one C++ call. Checked against the reference forward (model.reference_step) run on the backend's own converted
 weights (NativeInt4Linear, NativeInt8Linear: the same kernels, called from torch) and on copies of its cache, on the
 tiny Llama and Qwen2 models (Qwen2: qkv biases, untied lm_head) with INT4 weights: decode batches of non-consecutive
@@ -16,10 +16,10 @@ from native_variants import need, variants
 from runtime_helpers import write_rtn_folder
 
 from tinyserve import model
-from tinyserve.backends import cpu_kernels_usable
-from tinyserve.backends.cpu_native import NATIVE_MAX_ROWS, CpuNativeBackend, NativeInt4Linear
+from tinyserve.runtime.backends import cpu_kernels_usable
+from tinyserve.runtime.backends.cpu_native import NATIVE_MAX_ROWS, CpuNativeBackend, NativeInt4Linear
 from tinyserve.model import SeqChunk
-from tinyserve.runner import ContextOverflow, ModelRunner, RunnerConfig
+from tinyserve.runtime.runner import ContextOverflow, ModelRunner, RunnerConfig
 from tinyserve.weights import load_weights
 
 PROMPTS = {0: 9, 1: 3, 2: 15, 3: 6}  # slot -> prompt length

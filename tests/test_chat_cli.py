@@ -9,8 +9,8 @@ import sys
 import pexpect
 import pytest
 
-from tinyserve.__main__ import main
-from tinyserve.tokenizer import Tokenizer
+from tinyserve.cli.main import main
+from tinyserve.generation.tokenizer import Tokenizer
 from runtime_helpers import write_rtn_folder
 
 CLI = [sys.executable, "-m", "tinyserve"]

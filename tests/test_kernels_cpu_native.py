@@ -198,10 +198,10 @@ def test_bad_input_is_rejected():
 
 
 def test_native_int4_linear_picks_the_kernel_by_rows():
-    """The cpu-native backend's INT4 linear (tinyserve/backends/cpu_native.py): our kernel up to NATIVE_MAX_ROWS rows,
+    """The cpu-native backend's INT4 linear (tinyserve/runtime/backends/cpu_native.py): our kernel up to NATIVE_MAX_ROWS rows,
     the dense bf16 copy beyond when it holds one, else our kernel at every M; [..., K] inputs, the bias added."""
     need("native")
-    from tinyserve.backends.cpu_native import NATIVE_MAX_ROWS, NativeInt4Linear
+    from tinyserve.runtime.backends.cpu_native import NATIVE_MAX_ROWS, NativeInt4Linear
 
     K, N, G = 576, 200, 64
     qw, qz, s, W = random_layer(K, N, G, seed=6)
@@ -228,7 +228,7 @@ def test_native_int4_linear_picks_the_kernel_by_rows():
 
 
 def test_switch_values(monkeypatch):
-    from tinyserve.backends import ENV_SWITCH, cpu_kernel_mode
+    from tinyserve.runtime.backends import ENV_SWITCH, cpu_kernel_mode
 
     cases = [("0", "off"), ("off", "off"), ("false", "off"), ("no", "off"), (" OFF ", "off"), ("1", "on"), ("on", "on"),
              ("true", "on"), ("yes", "on"), ("On", "on"), ("auto", "auto"), ("", "auto"), ("maybe", "auto")]
@@ -242,7 +242,7 @@ def test_switch_values(monkeypatch):
 def test_when_the_kernels_are_usable(monkeypatch):
     """off never builds; auto rules a CPU without AVX512-BF16 and VNNI out before any build, and needs one of the two
     fast engines; on takes any engine that builds."""
-    from tinyserve.backends import cpu_kernels_usable
+    from tinyserve.runtime.backends import cpu_kernels_usable
 
     calls = []
     engine = {"name": "amx"}
@@ -262,8 +262,8 @@ def test_when_the_kernels_are_usable(monkeypatch):
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog, tiny_int4_dir):
-    from tinyserve.backends import cpu_kernels_usable
-    from tinyserve.runner import ModelRunner, RunnerConfig
+    from tinyserve.runtime.backends import cpu_kernels_usable
+    from tinyserve.runtime.runner import ModelRunner, RunnerConfig
 
     def fail(variant):
         raise OSError("ninja is required to load C++ extensions")
@@ -443,8 +443,8 @@ def test_int8_lm_head_forms_agree():
     # layout and kernel) and as the eager backend does (Int8Linear: torch's op), both with the scales rounded to bf16:
     # the same codes and scales, outputs within the two kernels' difference (as the test above).
     need("native")
-    from tinyserve.backends.cpu_native import NativeInt8Linear
-    from tinyserve.backends.eager import Int8Linear
+    from tinyserve.runtime.backends.cpu_native import NativeInt8Linear
+    from tinyserve.runtime.backends.eager import Int8Linear
 
     g = torch.Generator().manual_seed(15)
     weight = torch.randn(200, 576, generator=g)

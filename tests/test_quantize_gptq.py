@@ -143,7 +143,7 @@ def test_block_output_error_below_rtn(arch):
 def test_folder_is_served_unchanged_by_the_runtime(tmp_path, tiny_model_dir, method, bits):
     """`python -m tinyserve_quantize --method gptq|awq-gptq` writes the same packed layout as AWQ: config says awq/gemm with the
     bits used, the report has GPTQ's rows, and the runtime's INT4 decoder computes what the dequantized weights do."""
-    from tinyserve.runner import ModelRunner, RunnerConfig
+    from tinyserve.runtime.runner import ModelRunner, RunnerConfig
 
     out = tmp_path / method
     summary = run(QuantizeConfig(tiny_model_dir, out, method=method, w_bit=bits, n_samples=16, seqlen=64),

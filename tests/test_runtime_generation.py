@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from tinyserve.chat import Chat, ChatConfig
-from tinyserve.generate import GenerationParams, Session
-from tinyserve.runner import ContextOverflow, ModelRunner, RunnerConfig
-from tinyserve.sampling import SamplingError, SamplingParams, SequenceSampler, sample
-from tinyserve.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+from tinyserve.cli.chat import Chat, ChatConfig
+from tinyserve.generation.session import GenerationParams, Session
+from tinyserve.runtime.runner import ContextOverflow, ModelRunner, RunnerConfig
+from tinyserve.generation.sampling import SamplingError, SamplingParams, SequenceSampler, sample
+from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 

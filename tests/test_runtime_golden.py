@@ -8,7 +8,7 @@ engine); they were the same with 1 and 2 threads. They change
 when the quantizer's output, the CPU INT4 kernels' arithmetic or the decoder change: then check the new text reads
 as well as this one before recording new ids.
 
-They are recorded per backend family (tinyserve/backends/): "eager" (torch's int4 and int8 ops: CPUs without
+They are recorded per backend family (tinyserve/runtime/backends/): "eager" (torch's int4 and int8 ops: CPUs without
 AVX512-BF16 and VNNI, or TINYSERVE_CPU_KERNEL=0) and "cpu-native" (our C++ decoder and kernels), each for one sequence
 and for serving. Our kernels' inner sums are exact integers, so every AVX-512 engine gives the same bits. Since the
 single forward (issue 16) all four sets are the same ids on this machine; test_backends_track_the_reference_forward
@@ -56,10 +56,10 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
 @torch.inference_mode()
 def test_first_32_greedy_tokens_of_the_default_int4_model(serving):
     from tinyserve_quantize.default_model import ensure_quantized_default
-    from tinyserve.generate import GenerationParams, Session
-    from tinyserve.runner import ModelRunner, RunnerConfig
-    from tinyserve.sampling import SamplingParams
-    from tinyserve.tokenizer import Tokenizer
+    from tinyserve.generation.session import GenerationParams, Session
+    from tinyserve.runtime.runner import ModelRunner, RunnerConfig
+    from tinyserve.generation.sampling import SamplingParams
+    from tinyserve.generation.tokenizer import Tokenizer
 
     folder = ensure_quantized_default()
     # serve on 2 cores: batch-invariant decode, 1 compute thread (its default: all cores but one). With our kernels the
@@ -95,10 +95,10 @@ def test_backends_track_the_reference_forward(kernel_switch, monkeypatch):
     decode steps) is the reference forward's (model.forward on the unconverted weights: exact dequant, bf16), or the
     reference's margin between the two is within TIE. On this machine there was no such tie case: all agree."""
     from tinyserve_quantize.default_model import ensure_quantized_default
-    from tinyserve.kv_cache import KVCache
+    from tinyserve.runtime.kv_cache import KVCache
     from tinyserve.model import CacheAttention, SeqChunk, forward, rope_tables
-    from tinyserve.runner import ModelRunner, RunnerConfig
-    from tinyserve.tokenizer import Tokenizer
+    from tinyserve.runtime.runner import ModelRunner, RunnerConfig
+    from tinyserve.generation.tokenizer import Tokenizer
     from tinyserve.weights import load_weights
 
     monkeypatch.setenv("TINYSERVE_CPU_KERNEL", kernel_switch)

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinyserve import model
-from tinyserve.backends import cpu_kernels_usable
-from tinyserve.backends.cpu_native import NativeInt8Linear
-from tinyserve.backends.eager import Int4Linear, Int8Linear
+from tinyserve.runtime.backends import cpu_kernels_usable
+from tinyserve.runtime.backends.cpu_native import NativeInt8Linear
+from tinyserve.runtime.backends.eager import Int4Linear, Int8Linear
 from tinyserve.config import ConfigError, ModelConfig
 from tinyserve.model import DenseLinear, SeqChunk
-from tinyserve.runner import ModelRunner, RunnerConfig
+from tinyserve.runtime.runner import ModelRunner, RunnerConfig
 from tinyserve.weights import WeightsError, load_weights
 from tinyserve_kernels import cpu
 from runtime_helpers import dequantized_reference, write_rtn_folder
@@ -65,7 +65,7 @@ def awq_dir():
 @pytest.fixture(scope="module")
 def int4_reference(awq_dir, default_fp16_dir):
     """For each prompt: (prompt length, the reference's 32-token greedy sequence, its logits at each choice)."""
-    from tinyserve.tokenizer import Tokenizer
+    from tinyserve.generation.tokenizer import Tokenizer
 
     ref = dequantized_reference(awq_dir, default_fp16_dir)
     ref_bf16 = dequantized_reference(awq_dir, default_fp16_dir, dtype=torch.bfloat16)

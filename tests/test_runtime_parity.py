@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from tinyserve.backends.cuda_graphs import CudaGraphBackend
-from tinyserve.runner import ContextOverflow, ModelRunner, RunnerConfig
+from tinyserve.runtime.backends.cuda_graphs import CudaGraphBackend
+from tinyserve.runtime.runner import ContextOverflow, ModelRunner, RunnerConfig
 
 ATOL = 1e-4
 
@@ -132,7 +132,7 @@ def test_family_variants_match_transformers(tmp_path, kind):
 
 
 def test_slots_and_positions_are_checked(tiny_llama_dir):
-    from tinyserve.kv_cache import NoFreeSlot
+    from tinyserve.runtime.kv_cache import NoFreeSlot
 
     runner = fp32_runner(tiny_llama_dir, max_seq_len=16, num_slots=2)
     a, b = runner.alloc_slot(), runner.alloc_slot()
@@ -167,9 +167,9 @@ def test_max_seq_len_is_capped_by_the_model(tiny_llama_dir):
 @torch.inference_mode()
 def test_real_model_greedy_text_matches_transformers(default_fp16_dir):
     """The embedded SmolLM2-135M, unquantized, fp32: 32 greedy tokens identical to transformers on three prompts."""
-    from tinyserve.generate import GenerationParams, Session
-    from tinyserve.sampling import SamplingParams
-    from tinyserve.tokenizer import Tokenizer
+    from tinyserve.generation.session import GenerationParams, Session
+    from tinyserve.generation.sampling import SamplingParams
+    from tinyserve.generation.tokenizer import Tokenizer
 
     runner = fp32_runner(default_fp16_dir, max_seq_len=256)
     tok = Tokenizer(default_fp16_dir, runner.cfg.eos_token_ids)

@@ -8,9 +8,9 @@ import torch
 from aiohttp.test_utils import TestClient, TestServer
 
 from server_helpers import is_openai_error, parse_sse
-from tinyserve.runner import ModelRunner, RunnerConfig
-from tinyserve.server import ServeConfig, State, attach_engine, build_app
-from tinyserve.tokenizer import Tokenizer
+from tinyserve.runtime.runner import ModelRunner, RunnerConfig
+from tinyserve.server.app import ServeConfig, State, attach_engine, build_app
+from tinyserve.generation.tokenizer import Tokenizer
 
 SECRET = "secret internal detail 0xdeadbeef"
 BODY = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0}

@@ -10,12 +10,12 @@ import torch
 
 from tinyserve_kernels.dispatch import CPU_INT4PACK_MAX_M
 from runtime_helpers import write_rtn_folder
-from tinyserve import protocol as P
-from tinyserve.generate import GenerationParams, Session
-from tinyserve.runner import ModelRunner, RunnerConfig
-from tinyserve.sampling import SamplingParams
-from tinyserve.scheduler import FinishReason, QueueFull, Scheduler, SchedulerConfig, SeqSpec
-from tinyserve.tokenizer import Tokenizer
+from tinyserve.server import protocol as P
+from tinyserve.generation.session import GenerationParams, Session
+from tinyserve.runtime.runner import ModelRunner, RunnerConfig
+from tinyserve.generation.sampling import SamplingParams
+from tinyserve.generation.scheduler import FinishReason, QueueFull, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.generation.tokenizer import Tokenizer
 
 NUM_SLOTS = CPU_INT4PACK_MAX_M + 4  # a full batch takes the grouped path of the batch-invariant decode
 GREEDY = SamplingParams(temperature=0.0)

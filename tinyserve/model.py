@@ -1,7 +1,7 @@
 """The Llama-style decoder (Llama-2/3, SmolLM2, Mistral-style, Qwen2/2.5): one reference forward, pure torch.
 
 `forward` runs a batch of sequences, each T >= 1 new tokens at its own slot and start position (a prompt chunk and a
-decode step are the same call), and is the definition every backend (tinyserve/backends/) is tested against. No
+decode step are the same call), and is the definition every backend (tinyserve/runtime/backends/) is tested against. No
 device placement, no cache allocation, no kernel choice: the linears are whatever callables the weights hold (a
 backend swaps in its kernels), the cache is passed in. Families differ only by data (biases, RoPE settings).
 

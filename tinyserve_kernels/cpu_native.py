@@ -6,7 +6,7 @@ into one C++ library on first use and called through direct Python bindings (csr
     h = repack_int8(qweight8, scales8)          # weight-only int8 rows [N, K] + scales [N]: NativeInt8
     y = int8_linear(x, h, bias)
     o = decode_attention(q, k, v, lengths)      # q [M, Hkv, R, D] over cache views k, v [M, Hkv, L, D]
-    load("native").Decoder(...)                 # every layer of a step in one call (tinyserve/backends/cpu_native.py)
+    load("native").Decoder(...)                 # every layer of a step in one call (tinyserve/runtime/backends/cpu_native.py)
 
 Why our own: torch's int4 op decodes the weights again for every few rows of x and reaches about half the memory
 bandwidth at one row. Ours decodes each weight once for all rows and sums codes times x in exact integer dot products

@@ -6,7 +6,7 @@
 On CUDA int4_linear calls torch.ops.tinyserve.int4_linear on the file tensors (Triton GEMV/GEMM or dequant + cuBLAS),
 a custom op with a fake implementation so CUDA-graph capture and torch.compile see one opaque call. On CPU it calls
 torch's int4 op, a dense bf16 copy cached at load time, or a per-call dequant + matmul (tinyserve_kernels/cpu.py).
-Our own CPU kernels (cpu_native.py) are not chosen here: the cpu-native backend holds them (tinyserve/backends/).
+Our own CPU kernels (cpu_native.py) are not chosen here: the cpu-native backend holds them (tinyserve/runtime/backends/).
 Thresholds are rows of x, from scripts/bench_kernels.py (BENCHMARKS.md, "INT4 kernels (issue 3)").
 """
 

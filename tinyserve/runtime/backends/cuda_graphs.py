@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from tinyserve.backends.base import BackendOptions
-from tinyserve.backends.eager import EagerBackend
+from tinyserve.runtime.backends.base import BackendOptions
+from tinyserve.runtime.backends.eager import EagerBackend
 from tinyserve.config import ModelConfig
 from tinyserve.model import ModelWeights, SeqChunk, forward
 

@@ -11,8 +11,8 @@
   only, so a row's logits do not depend on the other rows. `start` may be at most the slot's length (restarting
   earlier truncates: chat turns reuse a cached prefix); reading positions never written is refused.
   A chunk past `max_seq_len` raises `ContextOverflow` (callers turn that into a `length` finish).
-- The backend (tinyserve/backends/) is planned once here, from the device, the model and the options; the runner
-  knows nothing of kernels. Sampling is separate (tinyserve.sampling): feed it the logits.
+- The backend (tinyserve/runtime/backends/) is planned once here, from the device, the model and the options; the runner
+  knows nothing of kernels. Sampling is separate (tinyserve.generation.sampling): feed it the logits.
 """
 
 import os
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from tinyserve.backends import BackendOptions, plan
+from tinyserve.runtime.backends import BackendOptions, plan
 from tinyserve.config import ConfigError, ModelConfig
-from tinyserve.kv_cache import SlotPool
+from tinyserve.runtime.kv_cache import SlotPool
 from tinyserve.model import ModelWeights, SeqChunk
 from tinyserve.weights import load_weights
 

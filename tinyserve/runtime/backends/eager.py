@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tinyserve.backends.base import Backend, BackendOptions, dense_prefill_fits, int8_lm_head
+from tinyserve.runtime.backends.base import Backend, BackendOptions, dense_prefill_fits, int8_lm_head
 from tinyserve.config import ModelConfig
 from tinyserve.model import DenseLinear, ModelWeights, PackedLinear, SeqChunk, nbytes, reference_step
 from tinyserve_kernels import cpu, dispatch

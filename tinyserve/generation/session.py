@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from tinyserve.runner import ContextOverflow, ModelRunner
-from tinyserve.sampling import SampleResult, SamplingParams
-from tinyserve.scheduler import FinishReason, Scheduler, SchedulerConfig, SeqSpec
-from tinyserve.tokenizer import Tokenizer
+from tinyserve.runtime.runner import ContextOverflow, ModelRunner
+from tinyserve.generation.sampling import SampleResult, SamplingParams
+from tinyserve.generation.scheduler import FinishReason, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.generation.tokenizer import Tokenizer
 
 
 class GenerationError(RuntimeError):

@@ -15,10 +15,10 @@ import sys
 import termios
 from dataclasses import dataclass, field
 
-from tinyserve.generate import GenerationParams, Session
-from tinyserve.runner import ContextOverflow
-from tinyserve.sampling import SamplingParams
-from tinyserve.scheduler import FinishReason
+from tinyserve.generation.session import GenerationParams, Session
+from tinyserve.runtime.runner import ContextOverflow
+from tinyserve.generation.sampling import SamplingParams
+from tinyserve.generation.scheduler import FinishReason
 
 HELP = "commands: /reset, /system TEXT, /stats, /exit. Ctrl-C stops a reply; Ctrl-D quits."
 

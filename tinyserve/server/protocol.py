@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the scheduler imports torch; this module touches nothing of the model
-    from tinyserve.scheduler import FinishReason
+    from tinyserve.generation.scheduler import FinishReason
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 20

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tinyserve.backends.base import Backend, BackendOptions, dense_prefill_fits, int8_lm_head
-from tinyserve.backends.eager import CpuDenseLinear
+from tinyserve.runtime.backends.base import Backend, BackendOptions, dense_prefill_fits, int8_lm_head
+from tinyserve.runtime.backends.eager import CpuDenseLinear
 from tinyserve.config import ModelConfig
 from tinyserve.model import ModelWeights, PackedLinear, SeqChunk, nbytes
 from tinyserve_kernels import cpu, cpu_native

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from tinyserve.config import ModelConfig
-from tinyserve.kv_cache import KVCache
+from tinyserve.runtime.kv_cache import KVCache
 from tinyserve.model import ModelWeights, SeqChunk, rope_tables
 
 # On CPU, keep a dense bf16 copy of INT4 weights for prompts (a dense GEMM beats the INT4 kernels beyond a few rows)

@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP server (aiohttp): `python -m tinyserve serve`.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 until the model is
-loaded and while shutting down), GET /metrics (Prometheus), GET / (the chat page, tinyserve/web/).
+loaded and while shutting down), GET /metrics (Prometheus), GET / (the chat page, tinyserve/server/web/).
 
-The HTTP side only validates (tinyserve.protocol), tokenizes, submits sequences to the engine and writes what comes
+The HTTP side only validates (tinyserve.server.protocol), tokenizes, submits sequences to the engine and writes what comes
 back; model compute runs in the engine's worker thread. Handlers run with aiohttp's handler cancellation, so a client
 that goes away cancels its handler, whose `finally` aborts its sequences (their slots are free at the next step).
 
@@ -28,13 +28,13 @@ from pathlib import Path
 from aiohttp import web
 from jinja2 import TemplateError
 
-from tinyserve import protocol as P
-from tinyserve.engine import Engine, RequestStream
-from tinyserve.metrics import Metrics
-from tinyserve.protocol import APIError
-from tinyserve.scheduler import FinishReason, Output, QueueFull, SchedulerConfig, SeqSpec
+from tinyserve.server import protocol as P
+from tinyserve.server.engine import Engine, RequestStream
+from tinyserve.server.metrics import Metrics
+from tinyserve.server.protocol import APIError
+from tinyserve.generation.scheduler import FinishReason, Output, QueueFull, SchedulerConfig, SeqSpec
 
-log = logging.getLogger("tinyserve.server")
+log = logging.getLogger("tinyserve.server.app")
 WEB_DIR = Path(__file__).parent / "web"
 EXIT_USAGE = 2
 
@@ -249,7 +249,7 @@ def _max_tokens(req: P.Request, prompt_len: int, context: int) -> int:
 
 
 def _specs(req: P.Request, prompts: list[list[int]], context: int) -> list[SeqSpec]:
-    from tinyserve.sampling import SamplingError, SamplingParams
+    from tinyserve.generation.sampling import SamplingError, SamplingParams
 
     s = req.sampling
     specs = []
@@ -552,7 +552,7 @@ async def _shutdown(state: State, runner: web.AppRunner, site: web.TCPSite) -> N
 
 
 def add_args(p) -> None:
-    """The serve subcommand's own flags (the runtime flags, --model included, come from tinyserve.__main__)."""
+    """The serve subcommand's own flags (the runtime flags, --model included, come from tinyserve.cli.main)."""
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000)

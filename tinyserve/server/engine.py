@@ -19,12 +19,12 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
-from tinyserve.metrics import Metrics
-from tinyserve.runner import ModelRunner
-from tinyserve.scheduler import FinishReason, Output, Scheduler, SchedulerConfig, SeqSpec
-from tinyserve.tokenizer import Tokenizer
+from tinyserve.server.metrics import Metrics
+from tinyserve.runtime.runner import ModelRunner
+from tinyserve.generation.scheduler import FinishReason, Output, Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.generation.tokenizer import Tokenizer
 
-log = logging.getLogger("tinyserve.engine")
+log = logging.getLogger("tinyserve.server.engine")
 
 
 class RequestStream:

@@ -146,7 +146,7 @@ def main(cfg: BenchConfig) -> int:
 
 
 def resolve_folders(cfg: BenchConfig) -> None:
-    from tinyserve.default_model import default_folder, resolve_model
+    from tinyserve.cli.default_model import default_folder, resolve_model
 
     if "int4" in cfg.rows:
         cfg.model = str(resolve_model(cfg.model))
@@ -227,7 +227,7 @@ def run_row(cfg: BenchConfig, row: str):
 
 
 def _device(cfg: BenchConfig) -> torch.device:
-    from tinyserve.runner import resolve_device
+    from tinyserve.runtime.runner import resolve_device
 
     return resolve_device(cfg.device)
 
@@ -262,7 +262,7 @@ def prompt_ids(cfg: BenchConfig) -> list[int]:
         g = torch.Generator().manual_seed(0)
         return torch.randint(10, SYNTHETIC[cfg.synthetic]["vocab_size"], (cfg.prompt_tokens,), generator=g).tolist()
     from tinyserve_quantize.text_data import eval_text
-    from tinyserve.tokenizer import Tokenizer
+    from tinyserve.generation.tokenizer import Tokenizer
 
     folder = cfg.model if cfg.model else cfg.fp_model
     ids = Tokenizer(folder).encode(eval_text()[:20000])[: cfg.prompt_tokens]
@@ -278,7 +278,7 @@ def _peak_mib(dev: torch.device) -> float:
 
 
 def bench_tinyserve(cfg: BenchConfig, row: str, ids: list[int]) -> RowResult:
-    from tinyserve.runner import ModelRunner, RunnerConfig
+    from tinyserve.runtime.runner import ModelRunner, RunnerConfig
 
     dev = _device(cfg)
     rc = RunnerConfig(

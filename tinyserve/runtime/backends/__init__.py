@@ -15,10 +15,10 @@ import os
 
 import torch
 
-from tinyserve.backends.base import Backend, BackendOptions
-from tinyserve.backends.cpu_native import CpuNativeBackend, applies as cpu_native_applies
-from tinyserve.backends.cuda_graphs import CudaGraphBackend
-from tinyserve.backends.eager import EagerBackend
+from tinyserve.runtime.backends.base import Backend, BackendOptions
+from tinyserve.runtime.backends.cpu_native import CpuNativeBackend, applies as cpu_native_applies
+from tinyserve.runtime.backends.cuda_graphs import CudaGraphBackend
+from tinyserve.runtime.backends.eager import EagerBackend
 from tinyserve.config import ModelConfig
 from tinyserve.model import ModelWeights
 from tinyserve_kernels import cpu_native

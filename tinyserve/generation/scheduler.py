@@ -21,7 +21,7 @@ the slot and how many prompt tokens that slot already holds (`SeqSpec.slot`, `Se
 neither allocates nor frees that slot and prefills from `cached` on.
 
 Greedy output must not depend on the batch: a prompt is always cut into the same chunks (boundaries at multiples of
-`prefill_chunk`, whatever else is waiting), sampling is per row (tinyserve.sampling) and the runner's decode is
+`prefill_chunk`, whatever else is waiting), sampling is per row (tinyserve.generation.sampling) and the runner's decode is
 built so a row's logits do not depend on the other rows.
 
 The scheduler is synchronous and owns the runner; `add` and `abort` may be called from any thread (the engine calls
@@ -36,10 +36,10 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
-from tinyserve.kv_cache import NoFreeSlot
-from tinyserve.runner import ContextOverflow, ModelRunner
-from tinyserve.sampling import SampleResult, SamplingParams, SequenceSampler, sample
-from tinyserve.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
+from tinyserve.runtime.kv_cache import NoFreeSlot
+from tinyserve.runtime.runner import ContextOverflow, ModelRunner
+from tinyserve.generation.sampling import SampleResult, SamplingParams, SequenceSampler, sample
+from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 
 class FinishReason(str, Enum):
