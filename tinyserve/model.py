@@ -177,8 +177,8 @@ class CacheAttention:
             if T == 1:
                 # Grouped-query attention without copying keys: the R query heads that share a key/value head become
                 # R query rows of that head (q head h uses kv head h // R, as transformers' repeat_kv).
-                qs = q[row].view(Hkv, Hq // Hkv, D)
-                out[row] = F.scaled_dot_product_attention(qs, kc[:, :end], vc[:, :end]).view(Hq, D)
+                qs = q[row].view(1, Hkv, Hq // Hkv, D)  # 4-D: CPU SDPA's flash kernel (3-D inputs take the slow math path)
+                out[row] = F.scaled_dot_product_attention(qs, kc[None, :, :end], vc[None, :, :end]).view(Hq, D)
             else:
                 qs = q[row : row + T].transpose(0, 1)  # [Hq, T, D]
                 o = F.scaled_dot_product_attention(qs[None], kc[None, :, :end], vc[None, :, :end], attn_mask=mask,
