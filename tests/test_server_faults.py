@@ -59,3 +59,19 @@ def test_internal_failures_are_500s_without_internals(tiny_llama_dir):
         asyncio.run(scenario())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_model_that_fails_to_load_ends_serve_with_one_line(tiny_llama_dir, tmp_path):
+    """The model loads in a thread after the port opens; its error reaches the event loop and serve exits 2 with the
+    message (it used to hang: the callback referenced the exception after its except block had unset it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", folder)
+    proc = subprocess.run([sys.executable, "-m", "tinyserve", "serve", "--model", str(folder), "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "tinyserve: error: no .safetensors files in" in proc.stderr and "Traceback" not in proc.stderr

@@ -7,7 +7,6 @@ import threading
 import time
 from http.client import HTTPConnection
 
-import pytest
 import requests
 
 from server_helpers import ServerProcess, parse_sse

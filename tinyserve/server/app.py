@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -481,7 +482,7 @@ def _load_in_thread(load: Callable[[], tuple]) -> asyncio.Future:
         try:
             result = load()
         except BaseException as e:  # noqa: BLE001 - handed to the event loop
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+            loop.call_soon_threadsafe(lambda e=e: fut.done() or fut.set_exception(e))  # bound now: `e` is unset after the block
         else:
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
 
@@ -502,7 +503,7 @@ async def serve(config: ServeConfig, load: Callable[[], tuple], user_errors: tup
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        print(f"tinyserve: error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", flush=True)
+        print(f"tinyserve: error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     log.info("listening on http://%s:%d (loading the model; /health answers 503 until it is ready)", config.host, config.port)
 
@@ -519,7 +520,7 @@ async def serve(config: ServeConfig, load: Callable[[], tuple], user_errors: tup
         try:
             model_runner, tokenizer = loading.result()
         except user_errors as e:
-            print(f"tinyserve: error: {e}", flush=True)
+            print(f"tinyserve: error: {e}", file=sys.stderr, flush=True)
             status = EXIT_USAGE
         except Exception:
             log.exception("loading the model failed")
