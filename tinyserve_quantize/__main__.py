@@ -3,6 +3,7 @@ GEMM layout.
 
     python -m tinyserve_quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|rtn] [--w-bit 4] [--group-size 64]
                        [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
+                       [--max-shard-size 5GB]
 
 Writes to a temporary folder and renames it into place at the end; refuses to replace an existing --out without
 --overwrite. Mistakes (missing or malformed folder, unsupported architecture or dtype, bad settings) are reported in
@@ -11,6 +12,7 @@ one line, without a traceback. 3-bit codes are stored in the same 4-bit containe
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,9 +20,21 @@ import torch
 
 from tinyserve_quantize.awq import SearchConfig
 from tinyserve_quantize.clip_search import CLIP_MODES
+from tinyserve_quantize.export import SHARD_BYTES
 from tinyserve_quantize.gptq import CALIB_INPUTS, GPTQConfig
 from tinyserve_quantize.pipeline import USER_ERRORS, QuantizeConfig, run
 from tinyserve_quantize.quantizer import SUPPORTED_GROUP_SIZES
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def shard_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes -> bytes (GB = 10**9, as transformers' max_shard_size reads it)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[m.group(2).upper()] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
 def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
@@ -38,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--fake", action="store_true", help="write quantize-dequantized fp16 weights instead of packed INT4")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--max-shard-size", type=shard_size, default=SHARD_BYTES,
+                   help="largest weights file; above it, model-0000i-of-0000n.safetensors + index (default 5GB)")
     g = p.add_argument_group("search (AWQ; defaults are what measured best, see BENCHMARKS.md)")
     g.add_argument("--duo-scaling", action="store_true", help="scales x_mean^a / w_mean^(1-a) (AutoAWQ's default)")
     g.add_argument("--no-scale", action="store_true", help="skip the scale search (clip only)")
@@ -67,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     )
     gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)
     return QuantizeConfig(a.model, a.out, a.method, a.w_bit, a.group_size, a.calib_text, a.n_samples, a.seqlen,
-                          a.fake, a.overwrite, search, gptq)
+                          a.fake, a.overwrite, search, gptq, a.max_shard_size)
 
 
 def main(cfg: QuantizeConfig) -> dict:

@@ -1,7 +1,8 @@
 """Writing a quantized model folder, atomically.
 
 Packed folder (the AutoAWQ "GEMM" layout of tinyserve_kernels.layout):
-    model.safetensors   every decoder linear as <name>.qweight / .qzeros / .scales (+ .bias), everything else fp16
+    model.safetensors   every decoder linear as <name>.qweight / .qzeros / .scales (+ .bias), everything else fp16;
+                        above max_shard_bytes instead model-0000i-of-0000n.safetensors + model.safetensors.index.json
     config.json         the source config + "quantization_config" (quant_method awq, bits, group_size, zero_point,
                         version gemm, modules_to_not_convert null) and dtype float16
     tokenizer files, chat template, generation_config.json: copied from the source folder
@@ -9,7 +10,9 @@ Packed folder (the AutoAWQ "GEMM" layout of tinyserve_kernels.layout):
 Fake-quant folder (--fake): the same model as plain fp16 weights (quantize-dequantized), no quantization_config.
 
 Everything is written to a temporary folder beside the target and renamed into place at the end, so a failure or an
-interrupt never leaves a half-written model under the target name.
+interrupt never leaves a half-written model under the target name. The layout (tensor names, dtypes, shapes, config
+keys, shards) is what vLLM's and SGLang's `awq` / `awq_marlin` loaders read: tests/test_quantize_serving_formats.py
+checks it.
 """
 
 import json
@@ -27,8 +30,11 @@ from tinyserve_quantize.awq import QuantResult
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Largest shard, in bytes: huggingface_hub's split_torch_state_dict_into_shards default ("5GB" = 5 * 10**9).
+SHARD_BYTES = 5 * 10**9
 NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # weights are written, never copied
-NOT_COPIED_NAMES = ("config.json", "model.safetensors.index.json", "quantization_report.json", "quantization_report.png")
+NOT_COPIED_NAMES = ("config.json", INDEX_FILE, "quantization_report.json", "quantization_report.png")
 
 
 def quantization_config(spec: QuantSpec) -> dict:
@@ -71,6 +77,67 @@ def output_config(src_config: dict, spec: QuantSpec, fake: bool) -> dict:
     return config
 
 
+class ShardWriter:
+    """Tensors -> `folder`/model.safetensors, or, once they pass max_shard_bytes, model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}), the names transformers and vLLM look for.
+
+    Shards fill in the order tensors are added; a shard is written as soon as the next tensor would overflow it, so at
+    most one shard's tensors are held (a streaming exporter can add block by block). A tensor larger than the limit gets
+    a shard of its own. Shards are written under provisional names and renamed by close(), once their count is known;
+    `folder` is expected to be a temporary folder that is renamed into place afterwards (write_folder)."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES):
+        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
+        self._shard: dict[str, torch.Tensor] = {}
+        self._shard_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []  # (provisional path, tensor names) per shard on disk
+        self._names: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} added twice")
+        size = tensor.numel() * tensor.element_size()
+        if self._shard and self._shard_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._shard[name] = tensor
+        self._names.add(name)
+        self._shard_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self._written) + 1:05d}.part"
+        save_file(self._shard, str(path), metadata={"format": "pt"})
+        self._written.append((path, list(self._shard)))
+        self._shard, self._shard_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write what is left (and the index when sharded); returns the weight files' names."""
+        if not self._written:  # everything fits one file: model.safetensors, as an unsharded export always wrote it
+            save_file(self._shard, str(self.folder / WEIGHTS_FILE), metadata={"format": "pt"})
+            self._shard = {}
+            return [WEIGHTS_FILE]
+        if self._shard:
+            self._flush()
+        n = len(self._written)
+        files, weight_map = [], {}
+        for i, (path, names) in enumerate(self._written, 1):
+            files.append(f"model-{i:05d}-of-{n:05d}.safetensors")
+            os.replace(path, self.folder / files[-1])
+            weight_map.update(dict.fromkeys(names, files[-1]))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        self._written = []
+        return files
+
+
+def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+    writer = ShardWriter(folder, max_shard_bytes)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    return writer.close()
+
+
 def write_folder(
     out: Path,
     src: Path,
@@ -78,17 +145,19 @@ def write_folder(
     config: dict,
     extra: Callable[[Path], None] | None = None,
     if_exists: str = "error",
+    max_shard_bytes: int = SHARD_BYTES,
 ) -> bool:
     """Write the folder atomically. extra(tmp_dir) may add files (the report). if_exists: "error" refuses an existing
     `out`, "replace" swaps it out only once the new folder is complete, "keep" leaves an existing one (another
-    process finished first) and discards ours. Returns whether `out` is now the folder written here."""
+    process finished first) and discards ours. Weights above max_shard_bytes are sharded (ShardWriter). Returns whether
+    `out` is now the folder written here."""
     out = Path(out)
     if out.exists() and if_exists == "error":
         raise QuantizationError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_tensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for f in sorted(Path(src).iterdir()):
             if f.is_file() and f.name not in NOT_COPIED_NAMES and not f.name.endswith(NOT_COPIED):

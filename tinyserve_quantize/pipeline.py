@@ -15,7 +15,7 @@ import torch
 
 from tinyserve_quantize.awq import SearchConfig, check_model
 from tinyserve_quantize.calibration import CalibrationError, calibration_windows
-from tinyserve_quantize.export import output_config, state_dict, write_folder
+from tinyserve_quantize.export import SHARD_BYTES, output_config, state_dict, write_folder
 from tinyserve_quantize.gptq import GPTQConfig
 from tinyserve_quantize.methods import CALIBRATED, METHODS, quantize_model
 from tinyserve_quantize.model_families import family_for
@@ -41,6 +41,7 @@ class QuantizeConfig:
     overwrite: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    max_shard_bytes: int = SHARD_BYTES  # larger weights are written as model-0000i-of-0000n.safetensors + index
 
     def __post_init__(self):
         self.model, self.out = Path(self.model), Path(self.out)
@@ -48,6 +49,8 @@ class QuantizeConfig:
             raise QuantizationError(f"method {self.method!r}; choose one of {list(METHODS)}")
         if self.n_samples < 1 or self.seqlen < 2:
             raise QuantizationError("--n-samples must be at least 1 and --seqlen at least 2")
+        if self.max_shard_bytes < 1:
+            raise QuantizationError(f"--max-shard-size must be at least 1 byte, not {self.max_shard_bytes}")
         self.spec = QuantSpec(self.w_bit, self.group_size)
 
 
@@ -115,7 +118,7 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         if result.report and key in result.report[0]:
             summary[f"sum_{key}"] = sum(r[key] for r in result.report)
     written = write_folder(cfg.out, cfg.model, tensors, output_config(src_config, cfg.spec, cfg.fake),
-                           lambda tmp: write_report(tmp, summary, result.report), if_exists)
+                           lambda tmp: write_report(tmp, summary, result.report), if_exists, cfg.max_shard_bytes)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     what = "fake-quantized fp16" if cfg.fake else "packed"
     if written:
