@@ -65,5 +65,7 @@ def quantized_folder(recipe: Recipe = DEFAULT_RECIPE) -> Path:
 
 
 def is_complete(folder: Path) -> bool:
-    """Whether a default-model folder was fully written (folders are written under a temporary name, then renamed)."""
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    """Whether a default-model folder was fully written (folders are written under a temporary name, then renamed):
+    config.json and the weights, one file or an index of shards."""
+    weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    return (folder / "config.json").is_file() and weights
