@@ -260,9 +260,12 @@ def test_sharded_layout(folders):
         assert len(part) == 1 or sum(t.numel() * t.element_size() for t in part.values()) <= SHARD
         got.update(part)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
-    # q, k and v of one layer sit in different files, so vLLM's stacked loading really reads across shards.
-    qkv_files = {index["weight_map"][f"model.layers.1.self_attn.{p}.qweight"] for p in ("q_proj", "k_proj", "v_proj")}
-    assert len(qkv_files) > 1
+    # The parts of one stacked vLLM parameter (q/k/v or gate/up of a layer, or one linear's qweight/qzeros/scales) sit
+    # in different files somewhere, so stacked loading really reads across shards.
+    layers = {int(k.split(".")[2]) for k in index["weight_map"] if k.startswith("model.layers.")}
+    stacks = [[f"model.layers.{i}.self_attn.{p}.qweight" for p in ("q_proj", "k_proj", "v_proj")] for i in layers]
+    stacks += [[f"model.layers.{i}.mlp.{p}.{t}" for p in ("gate_proj", "up_proj") for t in ("qweight", "qzeros", "scales")] for i in layers]
+    assert any(len({index["weight_map"][k] for k in stack}) > 1 for stack in stacks)
 
 
 def test_max_shard_size_option(capsys):
@@ -312,7 +315,7 @@ def test_vllm_checker_catches_what_vllm_refuses(folders, tmp_path):
             edit_config(cfg)
             (dst / "config.json").write_text(json.dumps(cfg))
         if edit_tensors:
-            f = shards(dst)[-1]
+            f = next(f for f in shards(dst) if any(k.endswith(".scales") for k in load_file(f)))
             t = load_file(f)
             edit_tensors(t)
             save_file(t, f, metadata={"format": "pt"})

@@ -141,13 +141,14 @@ def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_byte
 def write_folder(
     out: Path,
     src: Path,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | Callable[[Path], None],
     config: dict,
     extra: Callable[[Path], None] | None = None,
     if_exists: str = "error",
     max_shard_bytes: int = SHARD_BYTES,
 ) -> bool:
-    """Write the folder atomically. extra(tmp_dir) may add files (the report). if_exists: "error" refuses an existing
+    """Write the folder atomically. tensors: the weights, or a function that writes them into the temporary folder
+    (streaming.py). extra(tmp_dir) may add files (the report). if_exists: "error" refuses an existing
     `out`, "replace" swaps it out only once the new folder is complete, "keep" leaves an existing one (another
     process finished first) and discards ours. Weights above max_shard_bytes are sharded (ShardWriter). Returns whether
     `out` is now the folder written here."""
@@ -157,7 +158,10 @@ def write_folder(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write_tensors(tmp, tensors, max_shard_bytes)
+        if callable(tensors):
+            tensors(tmp)
+        else:
+            write_tensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for f in sorted(Path(src).iterdir()):
             if f.is_file() and f.name not in NOT_COPIED_NAMES and not f.name.endswith(NOT_COPIED):

@@ -22,6 +22,7 @@ from tinyserve_quantize.model_families import family_for
 from tinyserve_quantize.model_io import ModelFolderError, awq_config, config_dtype, load_model, load_tokenizer, read_config, weight_files
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
 from tinyserve_quantize.report import write_report
+from tinyserve_quantize.streaming import stream_rtn
 from tinyserve_quantize.text_data import calib_text, read_user_text
 
 USER_ERRORS = (QuantizationError, CalibrationError, ModelFolderError)
@@ -80,6 +81,10 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     if cfg.method in CALIBRATED and cfg.calib_text is not None:
         texts = read_user_text(cfg.calib_text, "calibration text", CalibrationError)
 
+    tied = bool(src_config.get("tie_word_embeddings", False))
+    if cfg.method == "rtn" and not cfg.fake:
+        return run_streaming_rtn(cfg, src_config, family, dtype, tied, t_start, log, progress, if_exists)
+
     model = load_model(cfg.model)
     check_model(model, family, cfg.spec)
     t_quant = time.perf_counter()
@@ -92,7 +97,6 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     result = quantize_model(cfg.method, model, family, cfg.spec, windows, cfg.search, cfg.gptq, progress, log)
     quant_seconds = time.perf_counter() - t_quant
 
-    tied = bool(src_config.get("tie_word_embeddings", False))
     tensors = state_dict(model, result, cfg.spec, cfg.fake, tied)
     search = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(cfg.search).items()}
     summary = {
@@ -128,3 +132,32 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     else:
         log(f"quantize: {cfg.out} was written meanwhile by another process; keeping it")
     return summary
+
+
+def run_streaming_rtn(cfg: QuantizeConfig, src_config: dict, family, dtype: str, tied: bool, t_start: float, log, progress: bool,
+                      if_exists: str) -> dict:
+    """RTN straight from the checkpoint to the output folder, one tensor at a time (streaming.py): the model is never
+    loaded, so memory does not grow with its size."""
+    rows: list[dict] = []
+    summary = {"title": f"{cfg.model.name}: RTN w{cfg.w_bit} g{cfg.group_size}", "source": str(cfg.model), "source_dtype": dtype,
+               "method": "rtn", "bits": cfg.w_bit, "group_size": cfg.group_size, "fake": False, "calibration": None,
+               "search": None, "gptq": None, "streamed": True, "threads": torch.get_num_threads()}
+
+    def weights(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        rows.extend(stream_rtn(cfg.model, tmp, family, cfg.spec, tied, cfg.max_shard_bytes, progress))
+        summary.update(linears=len(rows), quantize_seconds=round(time.perf_counter() - t0, 1))
+
+    def report(tmp: Path) -> None:
+        summary.update(wall_seconds=round(time.perf_counter() - t_start, 1), peak_rss_gib=round(peak_rss_gib(), 2))
+        write_report(tmp, summary, rows)
+
+    written = write_folder(cfg.out, cfg.model, weights, output_config(src_config, cfg.spec, False), report, if_exists, cfg.max_shard_bytes)
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    if written:
+        log(f"quantize: wrote packed RTN w{cfg.w_bit} g{cfg.group_size} model to {cfg.out}, streamed ({summary['linears']} linears; "
+            f"quantization {summary['quantize_seconds']:.1f} s, total {summary['wall_seconds']:.1f} s, peak RSS {summary['peak_rss_gib']:.2f} GiB)")
+    else:
+        log(f"quantize: {cfg.out} was written meanwhile by another process; keeping it")
+    return summary
+
