@@ -6,7 +6,7 @@ rtn; tests/test_quantize_streaming.py). The calibrated methods still load the wh
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
