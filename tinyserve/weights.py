@@ -6,74 +6,19 @@ backend converts them for its kernels). q/k/v and gate/up are fused into one lin
 Never unpickles anything: `.bin`/`.pt` checkpoints are refused.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from tinyserve.config import ModelConfig
 from tinyserve.model import DenseLinear, LayerWeights, Linear, ModelWeights, PackedLinear
+from tinyserve_kernels.checkpoint import Checkpoint
 from tinyserve_kernels.layout import PACK_FACTOR, check_shapes, dequantize
 
 
 class WeightsError(ValueError):
     """A tensor is missing, has the wrong shape, or the folder has no usable weights. One line for the user."""
-
-
-class Checkpoint:
-    """Tensor name -> safetensors file, read lazily one tensor at a time."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        self.where: dict[str, Path] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                raise WeightsError(f"{index} is not a valid safetensors index: {e}") from None
-            for name, file in weight_map.items():
-                path = self.folder / file
-                if not path.is_file():
-                    raise WeightsError(f"{index} names shard {file}, which is missing from {self.folder}")
-                self.where[name] = path
-        else:
-            files = sorted(self.folder.glob("*.safetensors"))
-            if not files:
-                pickled = [p.name for p in self.folder.glob("*") if p.suffix in (".bin", ".pt", ".pth")]
-                hint = f" (found {', '.join(pickled)}: pickle checkpoints are not loaded, convert them to safetensors)" if pickled else ""
-                raise WeightsError(f"no .safetensors files in {self.folder}{hint}")
-            for path in files:
-                with self._open(path) as f:
-                    for name in f.keys():
-                        self.where[name] = path
-        self._handles: dict[Path, object] = {}
-
-    def _open(self, path: Path):
-        try:
-            return safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise WeightsError(f"cannot read {path}: {e}") from None
-
-    def has(self, name: str) -> bool:
-        return name in self.where
-
-    def close(self) -> None:
-        """Drop the open files (their memory maps would otherwise stay resident)."""
-        self._handles.clear()
-
-    def get(self, name: str, shape: tuple[int, ...] | None = None, why: str = "") -> torch.Tensor:
-        if name not in self.where:
-            raise WeightsError(f"missing tensor {name} in {self.folder}{f' ({why})' if why else ''}")
-        path = self.where[name]
-        if path not in self._handles:
-            self._handles[path] = self._open(path)
-        t = self._handles[path].get_tensor(name)
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise WeightsError(f"tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        return t
 
 
 @dataclass
@@ -96,7 +41,7 @@ class _Part:
 
 class Loader:
     def __init__(self, folder: str | Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
-        self.ck = Checkpoint(folder)
+        self.ck = Checkpoint(folder, WeightsError)
         self.cfg, self.device, self.dtype = cfg, device, dtype
 
     def part(self, name: str, k: int, n: int, bias: bool) -> _Part:

@@ -31,7 +31,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from tinyserve_kernels.layout import unpack
+from tinyserve_kernels.layout import dequantize, unpack
 
 OP_GROUP_SIZES = (256, 128, 64, 32)  # group sizes the int4pack op accepts, largest first
 N_BLOCK = 64  # the op packs N in blocks of 64 columns on AVX-512 builds; we pad N to a multiple of it
@@ -168,6 +168,12 @@ def hold_dense(weight_kn: torch.Tensor) -> torch.Tensor:
     if PREPACK_DENSE:
         return torch.ops.mkldnn._reorder_linear_weight(weight_kn.t().contiguous(), DENSE_PACK_ROWS)
     return weight_kn
+
+
+def dense_copy(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The packed weight (file layout) as a dense bf16 [K, N], held as dense_linear takes it (hold_dense): computed in
+    fp32, rounded once."""
+    return hold_dense(dequantize(qweight, qzeros, scales.float(), group_size).to(torch.bfloat16))
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g
     op_takes_g = cpu.op_group_size(G) is not None
     dense = None
     if cpu_dense_cache or not op_takes_g:
-        dense = cpu.hold_dense(dequantize(qweight, qzeros, scales.float(), G).to(torch.bfloat16))  # one rounding
+        dense = cpu.dense_copy(qweight, qzeros, scales, G)
     packed = cpu.pack_for_cpu(qweight, qzeros, scales, G) if op_takes_g else None
     return Int4Weights(None, None, None, G, K, N, int4pack=packed, dense=dense)
 

@@ -4,57 +4,34 @@ tensor in fp32, whatever the model's size. It writes the same bytes as quantizin
 rtn; tests/test_quantize_streaming.py). The calibrated methods still load the whole model (issue 17 goes on).
 """
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
+from tinyserve_kernels.checkpoint import Checkpoint
 from tinyserve_kernels.layout import pack_linear
 from tinyserve_quantize.export import ShardWriter
 from tinyserve_quantize.model_families import Family
-from tinyserve_quantize.model_io import ModelFolderError, weight_files
+from tinyserve_quantize.model_io import ModelFolderError
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, quantize_weight
 
-INDEX_FILE = "model.safetensors.index.json"
 # Tensors a Llama/Qwen2 *ForCausalLM holds besides the decoder linears; anything else in a checkpoint (e.g. old
 # rotary inv_freq buffers) is not a parameter of the model and is not written, as the loaded-model path does not.
 KEPT = re.compile(r"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight|"
                   r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight")
 
 
-class LazyCheckpoint:
-    """Tensor name -> its safetensors file (from the index, or by listing each file's keys); tensors read on demand."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            self.where = {k: self.folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            self.where = {}
-            for path in weight_files(self.folder):
-                with safe_open(str(path), framework="pt") as f:
-                    self.where.update(dict.fromkeys(f.keys(), path))
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        # Opened per tensor: the file's pages this read maps are unmapped again at once instead of staying resident
-        # while the rest of a multi-GB shard is read (measured: 10.0 GiB peak RSS for a 7B model with one handle per file).
-        with safe_open(str(self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-
 def stream_rtn(src: Path, tmp: Path, family: Family, spec: QuantSpec, tied: bool, max_shard_bytes: int,
                progress: bool = True) -> list[dict]:
     """Write src's RTN-quantized tensors into the folder tmp; returns the report rows (one per linear)."""
-    ck = LazyCheckpoint(src)
+    # Opened per tensor: a multi-GB shard's pages do not pile up (with one handle per file, a 7B model peaked at
+    # 10.0 GiB RSS instead of 2.8).
+    ck = Checkpoint(src, ModelFolderError, keep_open=False)
     linears = {f"{family.layers}.{i}.{name}" for i in _layer_ids(ck.names(), family) for name in family.linears}
-    missing = sorted(f"{n}.weight" for n in linears if f"{n}.weight" not in ck.where)
+    missing = sorted(f"{n}.weight" for n in linears if not ck.has(f"{n}.weight"))
     if missing:
         raise ModelFolderError(f"{src} lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""))
     writer, rows = ShardWriter(tmp, max_shard_bytes), []

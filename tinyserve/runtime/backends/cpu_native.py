@@ -18,7 +18,6 @@ from tinyserve.runtime.backends.eager import CpuDenseLinear
 from tinyserve.config import ModelConfig
 from tinyserve.model import ModelWeights, PackedLinear, SeqChunk, nbytes
 from tinyserve_kernels import cpu, cpu_native
-from tinyserve_kernels.layout import dequantize
 
 # Our INT4 kernel beats a cached dense bf16 weight up to this many rows (scripts/bench_kernels.py, five SmolLM2
 # shapes; BENCHMARKS.md "Exact integer sums"); without a dense copy it runs at every M.
@@ -76,9 +75,7 @@ class CpuNativeBackend(Backend):
         for lw in weights.layers:
             for name in lw.linears():
                 p: PackedLinear = getattr(lw, name)
-                dense = None
-                if dense_copy:
-                    dense = cpu.hold_dense(dequantize(p.qweight, p.qzeros, p.scales.float(), p.group_size).to(torch.bfloat16))
+                dense = cpu.dense_copy(p.qweight, p.qzeros, p.scales, p.group_size) if dense_copy else None
                 setattr(lw, name, NativeInt4Linear(cpu_native.repack(p.qweight, p.qzeros, p.scales, p.group_size), dense, p.bias))
         head = weights.lm_head
         if isinstance(head, PackedLinear):
