@@ -98,8 +98,7 @@ def test_awq_beats_rtn_on_a_block_with_planted_salient_channels(arch):
         else:
             sites = {g.linears[0]: b.get_submodule(g.linears[0]) for g in family.groups}
             _, stats = run_block(b, calib, kw, sites, holdout_every=4)
-            result = QuantResult({})
-            quantize_block(b, 0, family, spec, search, stats, result)
+            result = QuantResult(quantize_block(b, 0, family, spec, search, stats).linears)
             wrapper = torch.nn.Module()
             wrapper.add_module("model", torch.nn.Module())
             wrapper.model.add_module("layers", torch.nn.ModuleList([b]))

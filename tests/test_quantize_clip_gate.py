@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from tinyserve_kernels.layout import pack_linear
-from tinyserve_quantize.awq import PackedLinear, SearchConfig, awq_quantize, dequantize_into
-from tinyserve_quantize.clip_gate import Candidate, _Reference, _Tail, better, gate_sub_blocks, sub_blocks
-from tinyserve_quantize.model_families import FAMILIES
+from tinyserve_quantize.awq import Alternative, BlockOutput, PackedLinear, SearchConfig, block_params, dequantize_into
+from tinyserve_quantize.blocks import LoadedModel
+from tinyserve_quantize.clip_gate import Gate, _Reference, better
+from tinyserve_quantize.methods import quantize_model
+from tinyserve_quantize.model_families import FAMILIES, sub_blocks
 from tinyserve_quantize.quantizer import QuantSpec, quantize_weight
 from tests.test_quantize_awq import tiny_model
 
@@ -25,13 +27,39 @@ def windows(n: int = 2, S: int = 48, vocab: int = 256) -> torch.Tensor:
     return torch.randint(0, vocab, (n, S), generator=torch.Generator().manual_seed(1))
 
 
+def run_gate(model, family, chosen: dict, alternatives: dict[str, Alternative], tmp_path, chosen_params: dict | None = None) -> tuple:
+    """Record every block of the in-memory model (the reference) with the given chosen linears (and parameters, by
+    default the model's) and alternatives, then decide, in fp32. Returns (outcome, every block's final linears, params)."""
+    gate = Gate(LoadedModel(model, family), windows(), SPEC.group_size, tmp_path, torch.float32)
+    for i, block in enumerate(model.get_submodule(family.layers)):
+        inside = f"{family.layers}.{i}."
+        alts = {label: Alternative({n: p for n, p in a.linears.items() if n.startswith(inside)},
+                                   {n: v for n, v in a.params.items() if n.startswith(inside)},
+                                   {n: {} for n in a.linears if n.startswith(inside)})
+                for label, a in alternatives.items()}
+        params = {n: (chosen_params or {}).get(n, v) for n, v in block_params(block, i, family).items()}
+        gate.record(block, BlockOutput(i, {n: p for n, p in chosen.items() if n.startswith(inside)}, params, [],
+                                       {k: a for k, a in alts.items() if a.linears}))
+    outcome = gate.decide()
+    final_linears, final_params = {}, {}
+    for i in range(len(model.get_submodule(family.layers))):
+        lins, params = gate.block(i)
+        final_linears.update(lins)
+        final_params.update(params)
+    return outcome, final_linears, final_params
+
+
+def same(a: PackedLinear, b: PackedLinear) -> bool:
+    return torch.equal(a.qweight, b.qweight) and torch.equal(a.qzeros, b.qzeros) and torch.equal(a.scales, b.scales)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gate_takes_whichever_candidate_is_closer_to_fp(arch):
+def test_gate_takes_whichever_candidate_is_closer_to_fp(arch, tmp_path):
     model, family = tiny_model(arch), FAMILIES[arch]
     names = [f"{family.layers}.{i}.{n}" for i in range(2) for n in family.linears]
     good = {n: packed(model.get_submodule(n).weight.detach()) for n in names}
-    # Block 0's MLP: the "clipped" candidate is damaged (weights halved), so the gate must drop it. Block 1's
-    # attention: the "unclipped" alternative is the damaged one, so the gate must keep the clipped candidate.
+    # Block 0's MLP: the "clipped" choice is damaged (weights halved), so the gate must drop it. Block 1's
+    # attention: the "unclipped" alternative is the damaged one, so the gate must keep the clipped choice.
     mlp0 = [n for n in names if n.startswith(f"{family.layers}.0.mlp.")]
     attn1 = [n for n in names if n.startswith(f"{family.layers}.1.self_attn.") and n.endswith(("v_proj", "o_proj"))]
     clipped = dict(good)
@@ -40,17 +68,16 @@ def test_gate_takes_whichever_candidate_is_closer_to_fp(arch):
     unclipped = {n: good[n] for n in mlp0}
     unclipped.update({n: packed(model.get_submodule(n).weight.detach(), 0.5) for n in attn1})
 
-    outcome = gate_sub_blocks(model, family, clipped, [Candidate("unclipped", unclipped)], windows(), SPEC.group_size,
-                              torch.float32)
+    outcome, final, _ = run_gate(model, family, clipped, {"unclipped": Alternative(unclipped)}, tmp_path)
 
-    assert outcome.decisions == {f"{family.layers}.0.mlp.": ("unclipped", {})}
+    assert outcome.decisions == {f"{family.layers}.0.mlp.": "unclipped"}
     assert outcome.tested == 2
     assert outcome.kl_final < outcome.kl_search
     for n in names:
-        assert clipped[n] is good[n], n  # block 0's MLP replaced by the good weights, block 1 kept its own
+        assert same(final[n], good[n]), n  # block 0's MLP replaced by the good weights, block 1 kept its own
 
 
-def test_gate_sets_a_winning_candidates_norms_and_picks_the_best_candidate():
+def test_gate_sets_a_winning_candidates_norms_and_picks_the_best_candidate(tmp_path):
     model, family = tiny_model("llama"), FAMILIES["llama"]
     names = [f"{family.layers}.{i}.{n}" for i in range(2) for n in family.linears]
     good = {n: packed(model.get_submodule(n).weight.detach()) for n in names}
@@ -59,31 +86,38 @@ def test_gate_sets_a_winning_candidates_norms_and_picks_the_best_candidate():
     for n in attn0:
         chosen[n] = packed(model.get_submodule(n).weight.detach(), 0.5)
     norm = f"{family.layers}.0.input_layernorm.weight"
-    w = model.get_parameter(norm).detach()
+    w = model.get_parameter(norm).detach().clone()
     # Both candidates restore the attention weights; one also triples its input norm (worse), one keeps it.
-    worse = Candidate("unclipped", {n: good[n] for n in attn0}, {norm: 3 * w})
-    best = Candidate("rtn", {n: good[n] for n in attn0}, {norm: w.clone()})
-    outcome = gate_sub_blocks(model, family, chosen, [worse, best], windows(), SPEC.group_size, torch.float32)
-    label, params = outcome.decisions[f"{family.layers}.0.self_attn."]
-    assert label == "rtn" and torch.equal(params[norm], w)
-    assert all(chosen[n] is good[n] for n in attn0)
+    worse = Alternative({n: good[n] for n in attn0}, {norm: 3 * w})
+    best = Alternative({n: good[n] for n in attn0}, {norm: w.clone()})
+    # The chosen weights' norm is damaged too: only the alternative's norm restores it.
+    outcome, final, params = run_gate(model, family, chosen, {"unclipped": worse, "rtn": best}, tmp_path, {norm: 0.5 * w})
+    assert outcome.decisions[f"{family.layers}.0.self_attn."] == "rtn"
+    assert torch.equal(params[norm], w)
+    assert all(same(final[n], good[n]) for n in attn0)
 
 
 def test_sub_blocks_hold_their_norms():
     assert sub_blocks(FAMILIES["qwen2"]) == [("self_attn.", ("input_layernorm",)), ("mlp.", ("post_attention_layernorm",))]
 
 
+def final_hidden(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The final norm's output of each window [S, H] (what the gate's reference is built on)."""
+    with torch.no_grad():
+        return [model.model(input_ids=w[None]).last_hidden_state[0] for w in ids]
+
+
 def test_reference_kl_is_zero_for_the_unquantized_model_and_grows_with_damage():
-    model, family = tiny_model("llama"), FAMILIES["llama"]
-    tail = _Tail(model, family, windows(), torch.float32)
-    ref = _Reference(tail, tail.hidden(0, tail.inputs))
-    assert ref.kl(tail.hidden(0, tail.inputs)).abs().max() < 1e-5
-    down = tail.model.get_submodule(f"{family.layers}.0.mlp.down_proj")
+    model = tiny_model("llama")
+    ids = windows()
+    ref = _Reference(model.lm_head.weight.detach(), final_hidden(model, ids))
+    assert ref.kl(final_hidden(model, ids)).abs().max() < 1e-5
+    down = model.model.layers[0].mlp.down_proj
     kls = []
     for factor in (0.9, 0.5):
         with torch.no_grad():
             down.weight.mul_(factor)
-        kls.append(ref.kl(tail.hidden(0, tail.inputs)))
+        kls.append(ref.kl(final_hidden(model, ids)))
     assert 0 < kls[0].mean() < kls[1].mean()
     assert better(kls[0], kls[1], z=2.0) and not better(kls[1], kls[0], z=0.0)
 
@@ -108,15 +142,12 @@ def test_the_written_model_is_what_the_gate_measured(arch):
     w = windows(8, 64)
     # gate_z=-1: every test takes its best candidate, so decisions (RTN ones included) are made on this tiny model
     search = SearchConfig(compute_dtype=torch.float32, gate_z=-1.0, gate_windows=2)
-    result = awq_quantize(model, family, SPEC, w, search, progress=False, log=lambda m: None)
+    result = quantize_model("awq", model, family, SPEC, w, search, progress=False, log=lambda m: None)
     assert result.gate["decisions"], "the gate made no decision: the test would check nothing"
     rows = {r["name"]: r for r in result.report}
     for prefix, label in result.gate["decisions"].items():
         assert all(r["gate"] == label for n, r in rows.items() if n.startswith(prefix) and "gate" in r)
-    assert not result.unclipped and not result.rtn  # the alternatives are not kept after the gate
     dequantize_into(model, result, SPEC.group_size)
     held = w[[3, 7]]  # the held-out windows the gate ran on (every 4th of 8)
-    tail = _Tail(original, family, held, torch.float32)
-    ref = _Reference(tail, tail.hidden(0, tail.inputs))
-    tail_q = _Tail(model, family, held, torch.float32)
-    assert abs(float(ref.kl(tail_q.hidden(0, tail_q.inputs)).mean()) - result.gate["kl_final"]) < 1e-4
+    ref = _Reference(original.lm_head.weight.detach(), final_hidden(original, held))
+    assert abs(float(ref.kl(final_hidden(model, held)).mean()) - result.gate["kl_final"]) < 1e-4

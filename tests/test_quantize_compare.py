@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tinyserve_quantize.awq import dequantize_into, rtn_quantize
+from tinyserve_quantize.awq import dequantize_into
+from tinyserve_quantize.methods import quantize_model
 from tinyserve_quantize.compare import CompareConfig, main, parse_args
 from tinyserve_quantize.evaluate import perplexity, text_ids
 from tinyserve_quantize.model_families import family_for
@@ -36,7 +37,7 @@ def test_all_methods_on_tiny_llama(tmp_path, tiny_llama_dir, capsys):
         assert r["rtn_recovered"] == pytest.approx((rows["rtn"]["ppl"] - r["ppl"]) / (rows["rtn"]["ppl"] - rows["fp16"]["ppl"]))
     # The RTN row is exactly RTN's fake-quantized model on the same tokens.
     model = load_model(tiny_llama_dir)
-    dequantize_into(model, rtn_quantize(model, family_for(read_config(tiny_llama_dir)), QuantSpec(4, 64), progress=False), 64)
+    dequantize_into(model, quantize_model("rtn", model, family_for(read_config(tiny_llama_dir)), QuantSpec(4, 64), None, progress=False), 64)
     ids = text_ids(load_tokenizer(tiny_llama_dir), eval_text(), 256)
     assert rows["rtn"]["ppl"] == pytest.approx(perplexity(model, ids, 64)[0], rel=1e-6)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tinyserve_quantize.awq import dequantize_into, rtn_quantize
+from tinyserve_quantize.awq import dequantize_into
+from tinyserve_quantize.methods import quantize_model
 from tinyserve_quantize.evaluate import evaluate_folder
 from tinyserve_quantize.model_families import family_for
 from tinyserve_quantize.model_io import load_model, read_config
@@ -108,7 +109,7 @@ def test_quantized_model_stays_close_to_the_original(tiny_runs):
     src, packed, _, _ = tiny_runs
     original, quantized, rtn = load_model(src), load_model(packed), load_model(src)
     family = family_for(read_config(src))
-    dequantize_into(rtn, rtn_quantize(rtn, family, QuantSpec(4, 64), progress=False), 64)
+    dequantize_into(rtn, quantize_model("rtn", rtn, family, QuantSpec(4, 64), None, progress=False), 64)
     ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
     ref = original(input_ids=ids).logits
     err_awq = float((quantized(input_ids=ids).logits - ref).norm() / ref.norm())

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tinyserve_kernels.layout import dequantize, pack_linear
-from tinyserve_quantize.awq import QuantResult
 from tinyserve_quantize.calibration import run_block
 from tinyserve_quantize.gptq import GPTQConfig, gptq_block, gptq_weight
 from tinyserve_quantize.model_families import FAMILIES
@@ -130,7 +129,7 @@ def test_block_output_error_below_rtn(arch):
             sites = {g.linears[0]: b.get_submodule(g.linears[0]) for g in family.groups}
             _, stats = run_block(b, calib, kw, sites, holdout_every=4)
             # b's linears now hold their dequantized weights
-            gptq_block(b, 0, family, spec, GPTQConfig(), stats, QuantResult({}), awq=method == "awq-gptq")
+            gptq_block(b, 0, family, spec, GPTQConfig(), stats, awq=method == "awq-gptq")
         return float(((b(fresh, **kw) - reference) ** 2).mean())
 
     rtn = output_error("rtn")

@@ -2,13 +2,15 @@
 shard by shard. It must write the same bytes as quantizing the loaded model, for both families (Qwen2: q/k/v biases,
 untied lm_head), and its sharded output must read back as the single file does."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from tinyserve_quantize.__main__ import parse_args
-from tinyserve_quantize.awq import check_model, rtn_quantize
+from tinyserve_quantize.awq import check_model
+from tinyserve_quantize.methods import quantize_model
 from tinyserve_quantize.export import output_config, state_dict, write_folder
 from tinyserve_quantize.model_families import family_for
 from tinyserve_quantize.model_io import load_model, read_config
@@ -21,7 +23,7 @@ def loaded_model_rtn(src, out, group_size: int) -> None:
     config = read_config(src)
     family, spec, model = family_for(config), QuantSpec(4, group_size), load_model(src)
     check_model(model, family, spec)
-    result = rtn_quantize(model, family, spec, progress=False)
+    result = quantize_model("rtn", model, family, spec, None, progress=False)
     tensors = state_dict(model, result, spec, False, bool(config.get("tie_word_embeddings", False)))
     write_folder(out, src, tensors, output_config(config, spec, False))
 
@@ -78,12 +80,16 @@ def write_random_llama(folder, layers: int, hidden: int = 256, intermediate: int
 
 
 def peak_rss_mib(code: str) -> float:
+    import os
     import subprocess
     import sys
 
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork and exec.
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork and exec. A fixed mmap
+    # threshold: with glibc's adaptive one, freed blocks' memory stays in the heap and RSS creeps up ~60 MB over the
+    # first dozen blocks before it levels off, which would read as growth with the depth.
     peak = "\nprint(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)"
-    out = subprocess.run([sys.executable, "-c", code + peak], capture_output=True, text=True, check=True, timeout=300).stdout
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code + peak], capture_output=True, text=True, check=True, timeout=300, env=env).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -101,3 +107,60 @@ def test_streaming_memory_does_not_grow_with_the_layers(tmp_path):
     margin = 30.0
     assert rss[("stream", 24)] - rss[("stream", 2)] < margin, rss
     assert rss[("load", 24)] - rss[("load", 2)] > margin, rss
+
+
+
+def loaded_model_quantize(cfg) -> dict:
+    """The in-memory path: the whole model loaded in fp32 (model_io.load_model), quantized in place by
+    methods.quantize_model, exported with export.state_dict."""
+    from tinyserve_quantize.calibration import calibration_windows
+    from tinyserve_quantize.model_io import load_tokenizer
+    from tinyserve_quantize.text_data import calib_text
+
+    config = read_config(cfg.model)
+    family, model = family_for(config), load_model(cfg.model)
+    windows = calibration_windows(load_tokenizer(cfg.model), calib_text(), cfg.n_samples, cfg.seqlen, log=lambda m: None)
+    result = quantize_model(cfg.method, model, family, cfg.spec, windows, cfg.search, cfg.gptq, progress=False, log=lambda m: None)
+    tensors = state_dict(model, result, cfg.spec, cfg.fake, bool(config.get("tie_word_embeddings", False)))
+    write_folder(cfg.out, cfg.model, tensors, output_config(config, cfg.spec, cfg.fake))
+    return {"gate": result.gate, "report": result.report}
+
+
+@pytest.mark.parametrize("method,extra", [("awq", []), ("awq-gptq", []), ("gptq", ["--fake"])])
+def test_streaming_calibrated_methods_write_the_in_memory_paths_bytes(tiny_model_dir, tmp_path, method, extra):
+    """AWQ (gate included: z = -1 makes it take decisions on this tiny model), AWQ+GPTQ and GPTQ (fake-quantized
+    output) quantized from the checkpoint block by block write the same bytes and report as the loaded model."""
+    def cfg(out: str):
+        c = parse_args(["--model", str(tiny_model_dir), "--out", str(tmp_path / out), "--method", method, "--group-size", "32",
+                        "--n-samples", "8", "--seqlen", "64", "--gate-windows", "2", *extra])
+        c.search = dataclasses.replace(c.search, gate_z=-1.0)
+        return c
+
+    loaded = loaded_model_quantize(cfg("loaded"))
+    summary = run(cfg("streamed"), log=lambda m: None, progress=False)
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "loaded" / f).read_bytes(), f
+    report = json.loads((tmp_path / "streamed" / "quantization_report.json").read_text())
+    assert report["layers"] == json.loads(json.dumps(loaded["report"]))
+    assert summary.get("clip_gate") == (json.loads(json.dumps(loaded["gate"])) if loaded["gate"] else None)
+    if method == "awq":
+        assert summary["clip_gate"]["decisions"], "the gate made no decision: the test would check less than it says"
+
+
+def test_streaming_awq_memory_does_not_grow_with_the_layers(tmp_path, default_fp16_dir):
+    """AWQ with its gate, from the checkpoint: the peak RSS of a 24-layer model is within a margin of the 2-layer one's
+    (22 extra layers are ~65 MB in fp32, which loading the model would add). The gate keeps no dequantized block in
+    memory here (--gate-cache-size 0), so it re-reads every block from its spill."""
+    import shutil
+
+    dirs = {}
+    for n in (2, 24):
+        dirs[n] = write_random_llama(tmp_path / f"l{n}", n, vocab=49152)  # the default model's tokenizer
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(default_fp16_dir / f, dirs[n] / f)
+    code = ("from tinyserve_quantize.__main__ import parse_args\nfrom tinyserve_quantize.pipeline import run\n"
+            "s = run(parse_args(['--model', '{src}', '--out', '{dst}', '--group-size', '32', '--n-samples', '8', '--seqlen', '32',"
+            " '--gate-windows', '1', '--gate-cache-size', '0', '--max-shard-size', '1000000']), log=lambda m: None, progress=False)\n"
+            "assert s['clip_gate']['tested'] > 0")
+    rss = {n: peak_rss_mib(code.format(src=dirs[n], dst=tmp_path / f"awq-{n}")) for n in (2, 24)}
+    assert rss[24] - rss[2] < 30.0, rss

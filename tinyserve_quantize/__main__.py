@@ -29,11 +29,11 @@ from tinyserve_quantize.quantizer import SUPPORTED_GROUP_SIZES
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def shard_size(text: str) -> int:
+def byte_size(text: str, minimum: int = 1) -> int:
     """'5GB', '500MB', '2GiB' or a number of bytes -> bytes (GB = 10**9, as transformers' max_shard_size reads it)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[m.group(2).upper()] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB")
+    if not m or m.group(2).upper() not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[m.group(2).upper()] < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 2GiB" + (" (or 0)" if minimum == 0 else ""))
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--fake", action="store_true", help="write quantize-dequantized fp16 weights instead of packed INT4")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--max-shard-size", type=shard_size, default=SHARD_BYTES,
+    p.add_argument("--max-shard-size", type=byte_size, default=SHARD_BYTES,
                    help="largest weights file; above it, model-0000i-of-0000n.safetensors + index (default 5GB)")
     g = p.add_argument_group("search (AWQ; defaults are what measured best, see BENCHMARKS.md)")
     g.add_argument("--duo-scaling", action="store_true", help="scales x_mean^a / w_mean^(1-a) (AutoAWQ's default)")
@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--no-clip-gate", action="store_true",
                    help="keep the search's choices without testing each sub-block against its unclipped and RTN weights by the model's output (clip_gate.py)")
     g.add_argument("--gate-windows", type=int, default=8, help="held-out calibration windows the gate runs on (default 8)")
+    g.add_argument("--gate-cache-size", type=lambda t: byte_size(t, 0), default=SearchConfig.gate_cache_bytes,
+                   help="dequantized blocks the gate keeps in memory (default 2GiB; 0: none); the others are re-read from its spill on disk")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
     g = p.add_argument_group("GPTQ (gptq and awq-gptq)")
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     a = p.parse_args(argv)
     search = SearchConfig(
         duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, gqa_vo=not a.no_gqa_vo, refit=not a.no_refit, clip_mode=a.clip_mode,
-        holdout_gate=not a.no_holdout_gate, clip_gate=not a.no_clip_gate, gate_windows=a.gate_windows, token_stride=a.token_stride,
+        holdout_gate=not a.no_holdout_gate, clip_gate=not a.no_clip_gate, gate_windows=a.gate_windows, gate_cache_bytes=a.gate_cache_size,
+        token_stride=a.token_stride,
         compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
     )
     gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)

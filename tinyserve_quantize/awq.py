@@ -1,34 +1,25 @@
-"""The quantization loop: block by block, search scales and clips (AWQ) or round to nearest (RTN), and return every
-decoder linear as packed tensors plus one report row per linear.
+"""AWQ and RTN of one decoder block (blockwise.py walks the blocks): search scales and clips, and return the block's
+linears as packed tensors, its folded norms and one report row per linear.
 
-Per block (AWQ):
-1. run a copy of the unquantized block (in `compute_dtype`) on its captured inputs, collecting input statistics
-   (calibration.run_block); its outputs are the next block's inputs;
-2. per scaling group, search alpha on the fit tokens, keep it only if it beats no scaling on held-out tokens, and
+Per block (AWQ), given run_block's input statistics of the unquantized block:
+1. per scaling group, search alpha on the fit tokens, keep it only if it beats no scaling on held-out tokens, and
    fold the scales into the fp32 block (scale_search);
-3. per linear (except q/k), search a clip ratio per group the same way (clip_search);
-4. quantize with the chosen bounds and pack (tinyserve_kernels.layout.pack_linear).
-After the last block, the gate (clip_gate.py) keeps each sub-block's search result only where it brings the model's
-output closer to the unquantized model's on held-out windows than its unclipped or plain-RTN alternative does.
+2. per linear (except q/k), search a clip ratio per group the same way (clip_search);
+3. quantize with the chosen bounds and pack (tinyserve_kernels.layout.pack_linear);
+4. for the gate (clip_gate.py), which runs after the last block: the sub-blocks' unclipped and plain-RTN alternatives.
 """
 
-import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from tinyserve_kernels.layout import dequantize, pack_linear
-from tinyserve_quantize.calibration import SiteStats, capture_block_inputs, run_block
-from tinyserve_quantize.clip_gate import Candidate, gate_sub_blocks, sub_blocks
+from tinyserve_quantize.calibration import SiteStats
 from tinyserve_quantize.clip_search import CLIP_MODES, clip_ratios, refit_bounds, search_clip
-from tinyserve_quantize.model_families import Family, ScalingGroup
+from tinyserve_quantize.model_families import Family, ScalingGroup, sub_blocks
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
 from tinyserve_quantize.scale_search import fold_scales, gqa_tie, search_scales, weighted_error
-
-METHODS = ("awq", "rtn")
 
 
 @dataclass(frozen=True)
@@ -48,6 +39,7 @@ class SearchConfig:
     clip_gate: bool = True  # test each sub-block's result against unclipped / RTN by the model's KL to fp (clip_gate.py)
     gate_windows: int = 8  # held-out calibration windows the clip gate runs on
     gate_z: float = 2.0  # the gate takes a candidate only when the KL falls by more than gate_z standard errors
+    gate_cache_bytes: int = 2 * 2**30  # dequantized blocks the gate keeps in memory (the rest re-read from its spill)
     token_stride: int = 1  # use every n-th token for the Gram matrices
     compute_dtype: torch.dtype = torch.bfloat16  # of the calibration forward passes and the error products
 
@@ -69,14 +61,31 @@ class PackedLinear:
 
 
 @dataclass
+class Alternative:
+    """Another way to quantize some of a block's sub-blocks, for the gate (clip_gate.py): "unclipped" (AWQ's scales,
+    plain rounding) for clipped linears, "rtn" (original weights and norms, plain rounding) for every linear of a scaled
+    or clipped sub-block."""
+
+    linears: dict[str, PackedLinear] = field(default_factory=dict)  # full linear name -> packed
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # full parameter name -> value (norms before folding)
+    rows: dict[str, dict] = field(default_factory=dict)  # full linear name -> its report fields under this alternative
+
+
+@dataclass
+class BlockOutput:
+    """What quantizing one decoder block gives: what the export writes for it, and the gate's alternatives."""
+
+    index: int
+    linears: dict[str, PackedLinear]  # full linear name -> packed
+    params: dict[str, torch.Tensor]  # the block's other parameters (norms, scales folded in), full name -> fp32
+    report: list[dict]  # one row per linear
+    alternatives: dict[str, Alternative] = field(default_factory=dict)  # "unclipped" / "rtn" -> Alternative
+
+
+@dataclass
 class QuantResult:
     linears: dict[str, PackedLinear]  # full module name -> packed weights
     report: list[dict] = field(default_factory=list)  # one row per linear
-    # The gate's alternatives (clip_gate.py), name -> (packed, its report fields): clipped linears unclipped (AWQ's
-    # scales, plain rounding), and every linear of a scaled or clipped sub-block rounded from its original weights.
-    unclipped: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
-    rtn: dict[str, tuple[PackedLinear, dict]] = field(default_factory=dict)
-    rtn_params: dict[str, torch.Tensor] = field(default_factory=dict)  # the folded norms' weights before folding
     gate: dict | None = None  # the gate's outcome (KL before and after, decision per sub-block), for the report
 
 
@@ -105,16 +114,20 @@ def _row(name: str, lin: nn.Linear, spec: QuantSpec, **extra) -> dict:
     return {"name": name, "shape": [N, K], "bytes_fp16": bytes_fp16, "bytes_packed": bytes_packed, **extra}
 
 
-def rtn_quantize(model: nn.Module, family: Family, spec: QuantSpec, progress: bool = True) -> QuantResult:
-    """Plain round-to-nearest of every decoder linear (min/max per group); no calibration."""
-    result = QuantResult({})
-    layers = model.get_submodule(family.layers)
-    for i, block in enumerate(tqdm(layers, desc="RTN", unit="block", disable=not progress)):
-        for name in family.linears:
-            lin, full = block.get_submodule(name), f"{family.layers}.{i}.{name}"
-            result.linears[full] = _pack(lin.weight.detach().float(), lin.bias, spec, full)
-            result.report.append(_row(full, lin, spec, layer=i))
-    return result
+def block_params(block: nn.Module, i: int, family: Family) -> dict[str, torch.Tensor]:
+    """The block's parameters that are not quantized linears (its norms), full name -> fp32 copy."""
+    inside = tuple(n + "." for n in family.linears)
+    return {f"{family.layers}.{i}.{n}": p.detach().float().clone() for n, p in block.named_parameters() if not n.startswith(inside)}
+
+
+def rtn_block(block: nn.Module, i: int, family: Family, spec: QuantSpec) -> BlockOutput:
+    """Plain round-to-nearest of every linear of block i (min/max per group); no calibration."""
+    out = BlockOutput(i, {}, block_params(block, i, family), [])
+    for name in family.linears:
+        lin, full = block.get_submodule(name), f"{family.layers}.{i}.{name}"
+        out.linears[full] = _pack(lin.weight.detach().float(), lin.bias, spec, full)
+        out.report.append(_row(full, lin, spec, layer=i))
+    return out
 
 
 def _top1_share(x_mean: torch.Tensor) -> float:
@@ -151,11 +164,12 @@ def quantize_block(
     spec: QuantSpec,
     search: SearchConfig,
     stats: dict[str, SiteStats],
-    result: QuantResult,
-) -> None:
+    alternatives: bool = False,
+) -> BlockOutput:
     """Scale (all groups first: a fold into a linear prev rescales that linear's rows, so nothing may be packed
-    before every fold is done), then clip and pack every linear of one fp32 block (block i of the model) into
-    result. stats: run_block's statistics, keyed by the first linear of each scaling group."""
+    before every fold is done), then clip and pack every linear of one fp32 block (block i of the model), which is
+    left holding its folded, unquantized weights. stats: run_block's statistics, keyed by the first linear of each
+    scaling group. alternatives: also give the gate's alternatives (clip_gate.py)."""
     ratios = clip_ratios(search.clip_grid, search.max_shrink)
     names = family.linears
     W0 = {n: block.get_submodule(n).weight.detach().clone() for n in names}  # [N, K] before any fold
@@ -166,6 +180,8 @@ def quantize_block(
     out_scale = {n: torch.ones(W0[n].shape[0]) for n in names}  # its output is now y / out_scale
     site = {n: g.linears[0] for g in family.groups for n in g.linears}
     alphas, err_rtn = {}, {}  # per linear: its group's alpha; RTN's held-out output error
+    out = BlockOutput(i, {}, {}, [])
+    unclipped, rtn = Alternative(), Alternative()
     for group in family.groups:
         lins = [block.get_submodule(n) for n in group.linears]
         alpha = None
@@ -197,7 +213,7 @@ def quantize_block(
             clip_mean, clipped = float(clip.ratio.mean()), float((clip.ratio < 1).float().mean())
             if search.refit:
                 lo, hi, refitted = refit_bounds(W, lo, hi, H_fit, H_val, spec, search.holdout_gate)
-        result.linears[full] = _pack(W, lin.bias, spec, full, lo, hi)
+        out.linears[full] = _pack(W, lin.bias, spec, full, lo, hi)
 
         def held_out_error(lo, hi) -> float:
             """Held-out output error per output element, mapped back to the original input and output spaces."""
@@ -206,82 +222,25 @@ def quantize_block(
 
         err_awq = held_out_error(lo, hi)
         err_rtn[name] = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
-        if search.clip_gate and (clipped or refitted):
-            result.unclipped[full] = (_pack(W, lin.bias, spec, full), dict(clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0,
-                                                                            mse_awq=held_out_error(None, None)))
-        result.report.append(
+        if alternatives and (clipped or refitted):
+            unclipped.linears[full] = _pack(W, lin.bias, spec, full)
+            unclipped.rows[full] = dict(clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0, mse_awq=held_out_error(None, None))
+        out.report.append(
             _row(full, lin, spec, layer=i, alpha=alphas[name], clip_mean_ratio=clip_mean, clipped_share=clipped, refit_share=refitted,
                  mse_rtn=err_rtn[name], mse_awq=err_awq, top1pct_mass=_top1_share(st.x_mean))
         )
-    if search.clip_gate:
+    out.params = block_params(block, i, family)
+    if alternatives:
         for prefix, norms in sub_blocks(family):
             part = [n for n in names if n.startswith(prefix)]
-            if any(alphas[n] is not None or f"{family.layers}.{i}.{n}" in result.unclipped for n in part):
+            if any(alphas[n] is not None or f"{family.layers}.{i}.{n}" in unclipped.linears for n in part):
                 for n in part:
                     full = f"{family.layers}.{i}.{n}"
-                    result.rtn[full] = (_pack(W0[n], b0[n], spec, full), dict(alpha=None, clip_mean_ratio=1.0, clipped_share=0.0,
-                                                                         refit_share=0.0, mse_awq=err_rtn[n]))
-                result.rtn_params.update({f"{family.layers}.{i}.{k}": v for k, v in norms0.items() if any(k.startswith(nm + ".") for nm in norms)})
-
-
-@torch.no_grad()
-def awq_quantize(
-    model: nn.Module,
-    family: Family,
-    spec: QuantSpec,
-    windows: torch.Tensor,
-    search: SearchConfig = SearchConfig(),
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> QuantResult:
-    """model: the fp32 *ForCausalLM, modified in place (scales folded into norms and linears). windows [B, S] ids."""
-    if next(model.parameters()).dtype != torch.float32:
-        raise ValueError("awq_quantize needs the model in fp32 (folding and searching are done in fp32)")
-    result = QuantResult({})
-    layers = model.get_submodule(family.layers)
-    inputs, block_kwargs = capture_block_inputs(model, layers, windows)  # [B, S, H] fp32
-    for i, block in enumerate(tqdm(layers, desc="AWQ", unit="block", disable=not progress)):
-        runner = copy.deepcopy(block).to(search.compute_dtype)
-        sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
-        inputs, stats = run_block(runner, inputs, block_kwargs, sites, search.holdout_every, search.token_stride)
-        del runner
-
-        quantize_block(block, i, family, spec, search, stats, result)
-    if search.clip_gate and (result.unclipped or result.rtn):
-        run_clip_gate(model, family, spec, windows, search, result, progress, log)
-    result.unclipped.clear()
-    result.rtn.clear()
-    result.rtn_params.clear()
-    return result
-
-
-def run_clip_gate(model, family, spec, windows, search, result, progress, log) -> None:
-    """Run the gate (clip_gate.py) on held-out calibration windows (calibration.run_block's split), apply its
-    decisions to the result and to the model's folded norms, and record them in the report."""
-    B = len(windows)
-    held = [i for i in range(B) if search.holdout_every and i % search.holdout_every == search.holdout_every - 1] or list(range(B))
-    n = min(search.gate_windows, len(held))
-    picks = [held[round(j * len(held) / n)] for j in range(n)]  # spread over the held-out windows
-    bar = (lambda it: tqdm(it, desc="gate", unit="block")) if progress else None
-    candidates = [Candidate("unclipped", {k: p for k, (p, _) in result.unclipped.items()}),
-                  Candidate("rtn", {k: p for k, (p, _) in result.rtn.items()}, result.rtn_params)]
-    outcome = gate_sub_blocks(model, family, result.linears, candidates, windows[picks], spec.group_size, search.compute_dtype,
-                              search.gate_z, bar)
-    fields = {"unclipped": result.unclipped, "rtn": result.rtn}
-    for prefix, (label, params) in outcome.decisions.items():
-        for k, v in params.items():
-            model.get_parameter(k).data.copy_(v)  # the export writes the norms from the model
-    for row in result.report:
-        taken = [label for prefix, (label, _) in outcome.decisions.items() if row["name"].startswith(prefix)]
-        if row["name"] in result.unclipped or row["name"] in result.rtn:
-            row["gate"] = taken[0] if taken else "kept"
-        if taken and row["name"] in fields[taken[0]]:
-            row.update(fields[taken[0]][row["name"]][1])
-    counts = {label: sum(1 for lb, _ in outcome.decisions.values() if lb == label) for label in ("unclipped", "rtn")}
-    result.gate = {"windows": len(picks), "kl_search": outcome.kl_search, "kl_final": outcome.kl_final,
-                   "tested": outcome.tested, "decisions": {p: lb for p, (lb, _) in outcome.decisions.items()}}
-    log(f"gate: KL to fp {outcome.kl_search:.5f} -> {outcome.kl_final:.5f} nats/token on {len(picks)} held-out windows; "
-        f"of {outcome.tested} sub-blocks, {counts['unclipped']} went unclipped, {counts['rtn']} back to RTN")
+                    rtn.linears[full] = _pack(W0[n], b0[n], spec, full)
+                    rtn.rows[full] = dict(alpha=None, clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0, mse_awq=err_rtn[n])
+                rtn.params.update({f"{family.layers}.{i}.{k}": v for k, v in norms0.items() if any(k.startswith(nm + ".") for nm in norms)})
+        out.alternatives = {label: alt for label, alt in (("unclipped", unclipped), ("rtn", rtn)) if alt.linears}
+    return out
 
 
 @torch.no_grad()

@@ -13,57 +13,34 @@ candidate replaces the current weights when it lowers the KL by more than z stan
 difference (better()). A sub-block holds every op its scaling groups fold into, so each swap is exact.
 
 Cost: the blocks before the one being decided do not change, so each test runs only the rest of the model, from the
-decided block's cached input; about one full forward of the held-out windows per block and candidate, in bf16 on a
-throwaway copy.
+decided block's cached input; about one full forward of the held-out windows per block and candidate, in bf16.
+
+Memory: the gate holds no model. While the blocks are quantized (blockwise.py), record() runs each folded, still
+unquantized block on the gate's windows (the reference's forward, one block at a time) and spills the block's packed
+linears, norms and alternatives to a folder; decide() then runs blocks from the spill, dequantized, keeping the last
+blocks (the ones every later test runs) in memory within a byte budget.
 """
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.func import functional_call
 
 from tinyserve_kernels.layout import dequantize
+from tinyserve_quantize.awq import BlockOutput, PackedLinear
 from tinyserve_quantize.calibration import capture_block_inputs
-from tinyserve_quantize.model_families import Family
-
+from tinyserve_quantize.model_families import sub_blocks
 
 @dataclass
 class GateOutcome:
     kl_search: float  # mean KL per token (nats) with the search's choices
     kl_final: float  # after the gate
-    decisions: dict  # sub-block ("model.layers.3.mlp.") -> (label of the candidate it took, parameter values it set)
-    tested: int  # sub-blocks that had candidates to test
-
-
-class _Tail:
-    """A bf16 copy of the model that runs decoder blocks [i, L) plus the final norm and head on cached inputs."""
-
-    @torch.no_grad()
-    def __init__(self, model: nn.Module, family: Family, windows: torch.Tensor, dtype: torch.dtype):
-        # Copy straight into `dtype`: deepcopy(model).to(dtype) would first hold a second fp32 copy of every weight.
-        memo = {id(t): nn.Parameter(t.detach().to(dtype), requires_grad=False) for t in model.parameters()}
-        memo.update({id(t): t.to(dtype) if t.is_floating_point() else t.clone() for t in model.buffers()})
-        self.model = copy.deepcopy(model, memo)
-        self.layers = self.model.get_submodule(family.layers)
-        self.norm = self.model.get_submodule(family.norm)
-        inputs, self.kwargs = capture_block_inputs(self.model, self.layers, windows)  # [B, S, H] fp32 (exact from dtype)
-        self.inputs = list(inputs.to(dtype).split(1))  # per window [1, S, H] at block 0
-
-    def block(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        out = self.layers[i](h, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    @torch.no_grad()
-    def hidden(self, i: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Run blocks [i, L) and the final norm on each window's block-i input; -> per window [S, H]."""
-        out = []
-        for h in hs:
-            for j in range(i, len(self.layers)):
-                h = self.block(j, h)
-            out.append(self.norm(h)[0])
-        return out
+    decisions: dict  # sub-block ("model.layers.3.mlp.") -> label of the alternative it took
+    tested: int  # sub-blocks that had alternatives to test
 
 
 class _Reference:
@@ -78,8 +55,8 @@ class _Reference:
     TOP_K = 64
 
     @torch.no_grad()
-    def __init__(self, tail: _Tail, normed: list[torch.Tensor]):
-        head = tail.model.get_output_embeddings().weight  # [V, H]
+    def __init__(self, head: torch.Tensor, normed: list[torch.Tensor]):
+        """head [V, H], normed: per window the final norm's output [S, H], both in the gate's dtype."""
         self.rows, self.pos, self.p, self.logp = [], [], [], []
         for x in normed:
             top = (x @ head.t()).float().topk(self.TOP_K, dim=-1)  # [S, k]
@@ -108,91 +85,164 @@ def better(candidate: torch.Tensor, current: torch.Tensor, z: float) -> bool:
     return bool(d.mean() > z * d.std() / len(d) ** 0.5)
 
 
-def sub_blocks(family: Family) -> list[tuple[str, tuple[str, ...]]]:
-    """[(linear prefix inside a block, the norms that feed it)]: ("self_attn.", ("input_layernorm",)), ("mlp.", ...).
-    A sub-block holds every op its scaling groups fold into, so it can be swapped as a whole."""
-    out: dict[str, list[str]] = {}
-    for g in family.groups:
-        prefix = g.linears[0].split(".")[0] + "."
-        norms = out.setdefault(prefix, [])
-        if g.prev is not None and g.prev not in family.linears and g.prev not in norms:
-            norms.append(g.prev)
-    return [(prefix, tuple(norms)) for prefix, norms in out.items()]
+def _to(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
-@dataclass
-class Candidate:
-    """Another way to quantize some sub-blocks: packed linears and parameter values (full names) replacing the
-    chosen ones wherever this candidate wins."""
+def _spill(out: BlockOutput) -> dict[str, torch.Tensor]:
+    """A block's chosen and alternative tensors under "<tag>|L|<linear>.<field>" and "<tag>|P|<parameter>" keys."""
+    flat, seen = {}, set()
 
-    label: str  # "unclipped" (AWQ's scales, plain rounding) or "rtn" (no scales, plain rounding of the original)
-    linears: dict  # full linear name -> PackedLinear
-    params: dict = field(default_factory=dict)  # full parameter name -> tensor (the norms' weights before folding)
+    def put(key: str, t: torch.Tensor) -> None:
+        flat[key] = t.clone() if t.data_ptr() in seen else t.contiguous()  # safetensors refuses shared storage
+        seen.add(t.data_ptr())
+
+    for tag, linears, params in [("chosen", out.linears, out.params)] + [(k, a.linears, a.params) for k, a in out.alternatives.items()]:
+        for name, p in linears.items():
+            for f in ("qweight", "qzeros", "scales", "bias"):
+                if getattr(p, f) is not None:
+                    put(f"{tag}|L|{name}.{f}", getattr(p, f))
+        for name, t in params.items():
+            put(f"{tag}|P|{name}", t)
+    return flat
 
 
-@torch.no_grad()
-def gate_sub_blocks(
-    model: nn.Module,
-    family: Family,
-    chosen: dict,
-    candidates: list[Candidate],
-    windows: torch.Tensor,
-    group_size: int,
-    dtype: torch.dtype = torch.bfloat16,
-    z: float = 2.0,
-    progress: Callable | None = None,
-) -> GateOutcome:
-    """model: the fp *ForCausalLM with AWQ's scales folded in (its linears still unquantized: the reference).
-    chosen: full linear name -> PackedLinear, the search's result, updated in place with the decisions.
-    candidates: alternatives for some sub-blocks. windows [B, S] held-out token ids. Per sub-block, first block to
-    last, the candidate with the lowest KL replaces the current weights if it is better() than them."""
-    tail = _Tail(model, family, windows, dtype)
-    ref = _Reference(tail, tail.hidden(0, tail.inputs))  # before any weight is quantized
+def _unspill(flat: dict[str, torch.Tensor]) -> dict[str, tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]]:
+    """_spill's keys -> tag -> (linears, params)."""
+    parts: dict[str, tuple[dict, dict]] = {}
+    fields: dict[tuple[str, str], dict] = {}
+    for key, t in flat.items():
+        tag, kind, name = key.split("|")
+        params = parts.setdefault(tag, ({}, {}))[1]
+        if kind == "P":
+            params[name] = t
+        else:
+            lin, f = name.rsplit(".", 1)
+            fields.setdefault((tag, lin), {})[f] = t
+    for (tag, lin), f in fields.items():
+        parts[tag][0][lin] = PackedLinear(f["qweight"], f["qzeros"], f["scales"], f.get("bias"))
+    return parts
 
-    def load(names: list[str], packed: dict) -> None:
-        for n in names:
-            p = packed[n]
-            lin = tail.model.get_submodule(n)
-            lin.weight.data = dequantize(p.qweight, p.qzeros, p.scales, group_size).t().to(dtype).contiguous()
+
+class Gate:
+    """Runs the gate over a model given block by block (blocks.py's sources), from a spill folder."""
+
+    @torch.no_grad()
+    def __init__(self, source, windows: torch.Tensor, group_size: int, spill: Path, dtype: torch.dtype = torch.bfloat16,
+                 z: float = 2.0, cache_bytes: int = 2 * 2**30):
+        """windows [B, S]: the held-out token ids the gate measures on. cache_bytes: dequantized blocks decide() keeps
+        in memory, from the last block backwards (every test runs them); the others are re-read from the spill."""
+        self.source, self.family = source, source.family
+        self.layers = source.model.get_submodule(self.family.layers)
+        self.group_size, self.spill, self.dtype, self.z, self.cache_bytes = group_size, Path(spill), dtype, z, cache_bytes
+        inputs, kwargs = capture_block_inputs(source.model, self.layers, windows)  # [B, S, H] fp32
+        # rotary cos/sin [1, S, D] (and a mask, if any) in the gate's dtype, as the blocks compute in it
+        self.kwargs = {k: tuple(_to(t, dtype) for t in v) if isinstance(v, tuple) else _to(v, dtype) for k, v in kwargs.items()}
+        self.inputs = list(inputs.to(dtype).split(1))  # per window [1, S, H] at block 0
+        self.hs = self.inputs  # the reference's hidden states after the blocks recorded so far
+        self.rows: dict[str, dict[str, dict]] = {}  # alternative -> full linear name -> its report fields
+        self.decisions: dict[str, str] = {}  # sub-block prefix -> label taken
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+        self.cacheable: set[int] = set()  # set by decide()
+
+    def _run(self, i: int, params: dict[str, torch.Tensor], hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block i with the given parameters (names inside the block, in the gate's dtype) on each window [1, S, H]."""
+        outs = [functional_call(self.layers[i], params, (h,), self.kwargs) for h in hs]
+        return [o[0] if isinstance(o, tuple) else o for o in outs]
+
+    @torch.no_grad()
+    def record(self, block: nn.Module, out: BlockOutput) -> None:
+        """Block out.index's folded, unquantized weights (the reference) and its quantization (the spill)."""
+        self.hs = self._run(out.index, {n: p.detach().to(self.dtype) for n, p in block.named_parameters()}, self.hs)
+        save_file(_spill(out), str(self.spill / f"block-{out.index:05d}.safetensors"))
+        for label, alt in out.alternatives.items():
+            self.rows.setdefault(label, {}).update(alt.rows)
+
+    def block(self, i: int) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
+        """Block i's linears and parameters (full names) with the decisions made so far applied."""
+        parts = _unspill(load_file(str(self.spill / f"block-{i:05d}.safetensors")))
+        linears, params = parts["chosen"]
+        for prefix, norms in sub_blocks(self.family):
+            label = self.decisions.get(f"{self.family.layers}.{i}.{prefix}")
+            if label is not None:
+                self._swap(i, prefix, norms, parts[label], linears, params)
+        return linears, params
+
+    def _swap(self, i, prefix, norms, alt, linears, params) -> None:
+        """Put the alternative's linears of one sub-block and the parameters of the norms feeding it into linears, params."""
+        inside = f"{self.family.layers}.{i}."
+        linears.update({n: p for n, p in alt[0].items() if n.startswith(inside + prefix)})
+        params.update({n: v for n, v in alt[1].items() if any(n.startswith(inside + nm + ".") for nm in norms)})
+
+    def _state(self, i: int, linears: dict, params: dict) -> dict[str, torch.Tensor]:
+        """Full-name packed linears and parameters of block i -> its parameters inside the block, dequantized, in dtype."""
+        inside = f"{self.family.layers}.{i}."
+        state = {n[len(inside):]: v.to(self.dtype) for n, v in params.items()}
+        for n, p in linears.items():
+            state[n[len(inside):] + ".weight"] = dequantize(p.qweight, p.qzeros, p.scales, self.group_size).t().to(self.dtype).contiguous()
             if p.bias is not None:
-                lin.bias.data = p.bias.to(dtype)
+                state[n[len(inside):] + ".bias"] = p.bias.to(self.dtype)
+        return state
 
-    def set_params(values: dict) -> None:
-        for name, v in values.items():
-            tail.model.get_parameter(name).data = v.to(dtype)
+    def _chosen_state(self, i: int) -> dict[str, torch.Tensor]:
+        if i in self.cache:
+            return self.cache[i]
+        state = self._state(i, *self.block(i))
+        if i in self.cacheable:
+            self.cache[i] = state
+        return state
 
-    load(list(chosen), chosen)
-    hs = tail.inputs
-    current = ref.kl(tail.hidden(0, hs))
-    first, decisions, tested = float(current.mean()), {}, 0
-    parts = sub_blocks(family)
-    blocks = range(len(tail.layers))
-    for i in progress(blocks) if progress else blocks:
-        for part, norms in parts:
-            prefix = f"{family.layers}.{i}.{part}"
-            norm_params = [f"{family.layers}.{i}.{n}.{w}" for n in norms for w, _ in tail.model.get_submodule(f"{family.layers}.{i}.{n}").named_parameters()]
-            own = [c for c in candidates if any(n.startswith(prefix) for n in c.linears)]
-            if not own:
-                continue
-            tested += 1
-            before = {k: tail.model.get_parameter(k).detach().clone() for k in norm_params}
-            best = None
-            for c in own:
-                names = [n for n in c.linears if n.startswith(prefix)]
-                params = {k: v for k, v in c.params.items() if k in before}
-                load(names, c.linears)
-                set_params(params)
-                kl = ref.kl(tail.hidden(i, hs))
-                if better(kl, current, z) and (best is None or kl.mean() < best[1].mean()):
-                    best = (c, kl, names, params)
-                load(names, chosen)
-                set_params(before)
-            if best is not None:
-                c, current, names, params = best
-                decisions[prefix] = (c.label, params)
-                for n in names:
-                    chosen[n] = c.linears[n]
-                load(names, chosen)
-                set_params(params)
-        hs = [tail.block(i, h) for h in hs]
-    return GateOutcome(first, float(current.mean()), decisions, tested)
+    def _tail(self, i: int, first: dict[str, torch.Tensor], hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Blocks [i, L) (block i with `first`'s parameters) and the final norm -> per window [S, H]."""
+        hs = self._run(i, first, hs)
+        for j in range(i + 1, len(self.layers)):
+            hs = self._run(j, self._chosen_state(j), hs)
+        return self._norm(hs)
+
+    def _norm(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        norm = self.source.model.get_submodule(self.family.norm)
+        params = {n: p.detach().to(self.dtype) for n, p in norm.named_parameters()}
+        return [functional_call(norm, params, (h,))[0] for h in hs]
+
+    @torch.no_grad()
+    def decide(self, progress: Callable | None = None) -> GateOutcome:
+        """Per sub-block, first block to last, the alternative with the lowest KL replaces the current weights if it
+        is better() than them."""
+        ref = _Reference(self.source.head().to(self.dtype), self._norm(self.hs))
+        L = len(self.layers)
+        per_block = sum(p.numel() for p in self.layers[0].parameters()) * self.dtype.itemsize
+        self.cacheable = set(range(max(0, L - self.cache_bytes // max(per_block, 1)), L))
+        hs = self.inputs
+        current = ref.kl(self._tail(0, self._chosen_state(0), hs))
+        first, tested = float(current.mean()), 0
+        inside = self.family.layers
+        for i in progress(range(L)) if progress else range(L):
+            parts = _unspill(load_file(str(self.spill / f"block-{i:05d}.safetensors")))
+            for prefix, norms in sub_blocks(self.family):
+                full = f"{inside}.{i}.{prefix}"
+                own = [label for label, (lins, _) in parts.items() if label != "chosen" and any(n.startswith(full) for n in lins)]
+                if not own:
+                    continue
+                tested += 1
+                best = None
+                for label in own:
+                    linears, params = self.block(i)
+                    self._swap(i, prefix, norms, parts[label], linears, params)
+                    kl = ref.kl(self._tail(i, self._state(i, linears, params), hs))
+                    if better(kl, current, self.z) and (best is None or kl.mean() < best[1].mean()):
+                        best = (label, kl)
+                if best is not None:
+                    self.decisions[full], current = best
+                    self.cache.pop(i, None)
+            hs = self._run(i, self._chosen_state(i), hs)
+            self.cache.pop(i, None)
+        return GateOutcome(first, float(current.mean()), dict(self.decisions), tested)
+
+    def annotate(self, rows: list[dict]) -> None:
+        """Mark each report row the gate tested with "gate" (kept, or the label taken) and that alternative's numbers."""
+        for row in rows:
+            taken = [label for prefix, label in self.decisions.items() if row["name"].startswith(prefix)]
+            if any(row["name"] in r for r in self.rows.values()):
+                row["gate"] = taken[0] if taken else "kept"
+            if taken and row["name"] in self.rows.get(taken[0], {}):
+                row.update(self.rows[taken[0]][row["name"]])

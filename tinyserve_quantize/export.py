@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from tinyserve_kernels.layout import dequantize
-from tinyserve_quantize.awq import QuantResult
+from tinyserve_quantize.awq import PackedLinear, QuantResult
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -48,25 +48,55 @@ def quantization_config(spec: QuantSpec) -> dict:
     }
 
 
+def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().to(torch.float16).contiguous()
+    if not torch.isfinite(out).all():
+        raise QuantizationError(f"{name} does not fit in fp16 after quantization (non-finite values)")
+    return out
+
+
+def linear_tensors(name: str, p: PackedLinear, spec: QuantSpec, fake: bool) -> dict[str, torch.Tensor]:
+    """One quantized linear as saved: <name>.qweight / .qzeros / .scales (+ .bias), or, fake, its dequantized .weight."""
+    if fake:
+        out = {f"{name}.weight": _fp16(f"{name}.weight", dequantize(p.qweight, p.qzeros, p.scales, spec.group_size).t())}
+    else:
+        out = {f"{name}.qweight": p.qweight, f"{name}.qzeros": p.qzeros, f"{name}.scales": _fp16(f"{name}.scales", p.scales)}
+    if p.bias is not None:
+        out[f"{name}.bias"] = _fp16(f"{name}.bias", p.bias)
+    return out
+
+
 def state_dict(model: torch.nn.Module, result: QuantResult, spec: QuantSpec, fake: bool, tied: bool) -> dict[str, torch.Tensor]:
-    """The tensors to save: packed (or dequantized, when fake) decoder linears, every other parameter in fp16."""
+    """A model quantized in memory (methods.quantize_model) -> the tensors to save: packed (or dequantized, when
+    fake) decoder linears, every other parameter in fp16."""
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         prefix = key.rsplit(".", 1)[0]
         if prefix in result.linears or (tied and key == "lm_head.weight"):
             continue  # quantized below / shares the embedding's storage
-        out[key] = t.detach().to(torch.float16).contiguous()
+        out[key] = _fp16(key, t)
     for name, p in result.linears.items():
-        if fake:
-            out[f"{name}.weight"] = dequantize(p.qweight, p.qzeros, p.scales, spec.group_size).t().contiguous()
-        else:
-            out[f"{name}.qweight"], out[f"{name}.qzeros"], out[f"{name}.scales"] = p.qweight, p.qzeros, p.scales
-        if p.bias is not None:
-            out[f"{name}.bias"] = p.bias.contiguous()
-    for key, t in out.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise QuantizationError(f"{key} does not fit in fp16 after quantization (non-finite values)")
+        out.update(linear_tensors(name, p, spec, fake))
     return out
+
+
+class FolderSink:
+    """blockwise.quantize_blocks' results -> a ShardWriter, block by block (the streaming export)."""
+
+    def __init__(self, writer: "ShardWriter", spec: QuantSpec, fake: bool):
+        self.writer, self.spec, self.fake = writer, spec, fake
+        self.linears = 0
+
+    def block(self, linears: dict[str, PackedLinear], params: dict[str, torch.Tensor]) -> None:
+        for name, p in linears.items():
+            for key, t in linear_tensors(name, p, self.spec, self.fake).items():
+                self.writer.add(key, t)
+        self.linears += len(linears)
+        for name, t in params.items():
+            self.param(name, t)
+
+    def param(self, name: str, tensor: torch.Tensor) -> None:
+        self.writer.add(name, _fp16(name, tensor))
 
 
 def output_config(src_config: dict, spec: QuantSpec, fake: bool) -> dict:

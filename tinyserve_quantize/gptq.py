@@ -27,18 +27,16 @@ order of decreasing H_kk, so one group's columns are no longer visited together;
 before the loop from the original weights ("static groups"), and the file's groups stay contiguous.
 """
 
-import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from tinyserve_kernels.layout import pack_linear
-from tinyserve_quantize.awq import PackedLinear, QuantResult, SearchConfig, _row, _scaling_tie
-from tinyserve_quantize.calibration import SiteStats, capture_block_inputs, run_block
+from tinyserve_quantize.awq import BlockOutput, PackedLinear, SearchConfig, _row, _scaling_tie, block_params
+from tinyserve_quantize.calibration import SiteStats
 from tinyserve_quantize.clip_search import clip_ratios, refit_bounds, search_clip
 from tinyserve_quantize.model_families import Family
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, grouped, params_from_bounds
@@ -242,13 +240,11 @@ def gptq_block(
     spec: QuantSpec,
     cfg: GPTQConfig,
     stats: dict[str, SiteStats],
-    result: QuantResult,
     search: SearchConfig = SearchConfig(),
     awq: bool = False,
-) -> None:
-    """GPTQ (awq: AWQ + GPTQ, with search's scale settings) of every linear of one fp32 block (block i of the model)
-    into result. Leaves the block's linears holding their dequantized weights (in the scaled space when AWQ scaled
-    them)."""
+) -> BlockOutput:
+    """GPTQ (awq: AWQ + GPTQ, with search's scale settings) of every linear of one fp32 block (block i of the model).
+    Leaves the block's linears holding their dequantized weights (in the scaled space when AWQ scaled them)."""
     W0 = {n: block.get_submodule(n).weight.detach().clone() for n in family.linears}  # [N, K] before any fold
     if awq:
         in_scale, out_scale, alphas = awq_scale_block(block, family, spec, search, stats)
@@ -256,6 +252,7 @@ def gptq_block(
         in_scale = {n: torch.ones(W0[n].shape[1]) for n in family.linears}
         out_scale = {n: torch.ones(W0[n].shape[0]) for n in family.linears}
         alphas = {}
+    out = BlockOutput(i, {}, block_params(block, i, family), [])
     for group in family.groups:
         names = group.linears
         lins = [block.get_submodule(n) for n in names]
@@ -282,49 +279,13 @@ def gptq_block(
             row += lin.out_features
             qweight, qzeros, scales = pack_linear(q.codes[rows], q.zeros[rows], q.scales[rows])
             bias = None if lin.bias is None else lin.bias.detach().half()
-            result.linears[name] = PackedLinear(qweight, qzeros, scales, bias)
+            out.linears[name] = PackedLinear(qweight, qzeros, scales, bias)
             lin.weight.data.copy_(Wq[rows])
             # Held-out output error per output element, in the original input and output spaces.
             Wq_orig = Wq[rows] * out_scale[n][:, None] * inv[None, :]
             err = float(weighted_error(Wq_orig - W0[n], st.H_val)) / lin.out_features
             err_rtn = float(weighted_error(fake_quantize(W0[n], spec) - W0[n], st.H_val)) / lin.out_features
             extra = {"alpha": alphas[n]} if awq else {}
-            result.report.append(_row(name, lin, spec, layer=i, **extra, damp=q.damp, dead_channels=q.dead,
-                                      mse_rtn=err_rtn, mse_gptq=err))
-
-
-@torch.no_grad()
-def gptq_quantize(
-    model: nn.Module,
-    family: Family,
-    spec: QuantSpec,
-    windows: torch.Tensor,
-    cfg: GPTQConfig = GPTQConfig(),
-    search: SearchConfig = SearchConfig(),
-    awq: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> QuantResult:
-    """GPTQ (awq: AWQ + GPTQ) of every decoder linear. model: the fp32 *ForCausalLM, modified in place (AWQ's
-    scales folded, quantized linears holding their dequantized weights). windows [B, S] token ids.
-
-    The calibration passes follow search's settings (bf16 forward passes, every 4th window held out: the report's
-    errors and AWQ's gates use those); GPTQ's Hessian is the fit windows' X^T X."""
-    if next(model.parameters()).dtype != torch.float32:
-        raise ValueError("gptq_quantize needs the model in fp32")
-    result = QuantResult({})
-    layers = model.get_submodule(family.layers)
-    inputs, block_kwargs = capture_block_inputs(model, layers, windows)  # [B, S, H] fp32
-    desc = "AWQ+GPTQ" if awq else "GPTQ"
-    for i, block in enumerate(tqdm(layers, desc=desc, unit="block", disable=not progress)):
-        runner = copy.deepcopy(block).to(search.compute_dtype)
-        sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
-        outputs, stats = run_block(runner, inputs, block_kwargs, sites, search.holdout_every, search.token_stride)
-        del runner
-        gptq_block(block, i, family, spec, cfg, stats, result, search, awq)
-        if cfg.calib_inputs == "quantized":  # the next block sees what the quantized model will feed it
-            runner = copy.deepcopy(block).to(search.compute_dtype)
-            outputs, _ = run_block(runner, inputs, block_kwargs, {}, search.holdout_every)
-            del runner
-        inputs = outputs
-    return result
+            out.report.append(_row(name, lin, spec, layer=i, **extra, damp=q.damp, dead_channels=q.dead,
+                                   mse_rtn=err_rtn, mse_gptq=err))
+    return out

@@ -1,7 +1,8 @@
-"""The quantization methods by name: one entry point used by `python -m tinyserve_quantize` and `python -m tinyserve_quantize.compare`.
+"""The quantization methods by name: one entry point for a model in memory, used by `python -m tinyserve_quantize.compare`,
+the scripts and the tests (`python -m tinyserve_quantize` streams the checkpoint instead: pipeline.py).
 
 - rtn: round to nearest (each group's min and max); no calibration.
-- awq: activation-aware scales and clipping (awq.py).
+- awq: activation-aware scales and clipping (awq.py), then the gate (clip_gate.py).
 - gptq: GPTQ's error-feedback rounding against each linear's input Hessian (gptq.py).
 - awq-gptq: AWQ's scales folded in first, then GPTQ's rounding of the scaled weights (gptq.py).
 All four write the same groups and grid (quantizer.py), so their results pack into the same layout.
@@ -12,13 +13,31 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tinyserve_quantize.awq import QuantResult, SearchConfig, awq_quantize, rtn_quantize
-from tinyserve_quantize.gptq import GPTQConfig, gptq_quantize
+from tinyserve_quantize.awq import PackedLinear, QuantResult, SearchConfig
+from tinyserve_quantize.blocks import LoadedModel
+from tinyserve_quantize.blockwise import quantize_blocks
+from tinyserve_quantize.gptq import GPTQConfig
 from tinyserve_quantize.model_families import Family
 from tinyserve_quantize.quantizer import QuantSpec
 
 METHODS = ("rtn", "awq", "gptq", "awq-gptq")
 CALIBRATED = ("awq", "gptq", "awq-gptq")
+
+
+class ResultSink:
+    """Blocks -> a QuantResult's packed linears; parameters the gate changed (a norm set back to its unfolded value)
+    are copied into the model, which the export and dequantize_into read."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.linears = model, {}
+
+    def block(self, linears: dict[str, PackedLinear], params: dict[str, torch.Tensor]) -> None:
+        self.linears.update(linears)
+        for name, v in params.items():
+            self.model.get_parameter(name).data.copy_(v)
+
+    def param(self, name: str, tensor: torch.Tensor) -> None:
+        pass  # the model holds it
 
 
 def quantize_model(
@@ -32,14 +51,12 @@ def quantize_model(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> QuantResult:
-    """Quantize every decoder linear of the fp32 model (modified in place) with `method`; windows [B, S] token ids
-    (unused by rtn)."""
-    if method == "rtn":
-        return rtn_quantize(model, family, spec, progress)
-    if method == "awq":
-        return awq_quantize(model, family, spec, windows, search, progress, log)
-    if method == "gptq":
-        return gptq_quantize(model, family, spec, windows, gptq, search, False, progress, log)
-    if method == "awq-gptq":
-        return gptq_quantize(model, family, spec, windows, gptq, search, True, progress, log)
-    raise ValueError(f"method {method!r}; choose one of {list(METHODS)}")
+    """Quantize every decoder linear of the fp32 model (modified in place: scales folded into its norms and linears)
+    with `method`; windows [B, S] token ids (unused by rtn)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}; choose one of {list(METHODS)}")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("quantize_model needs the model in fp32 (folding and searching are done in fp32)")
+    sink = ResultSink(model)
+    outcome = quantize_blocks(method, LoadedModel(model, family), spec, windows, sink, search, gptq, progress, log)
+    return QuantResult(sink.linears, outcome.report, outcome.gate)

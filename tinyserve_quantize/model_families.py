@@ -49,6 +49,18 @@ FAMILIES = {
 }
 
 
+def sub_blocks(family: Family) -> list[tuple[str, tuple[str, ...]]]:
+    """[(linear prefix inside a block, the norms that feed it)]: ("self_attn.", ("input_layernorm",)), ("mlp.", ...).
+    A sub-block holds every op its scaling groups fold into, so it can be swapped as a whole (clip_gate.py)."""
+    out: dict[str, list[str]] = {}
+    for g in family.groups:
+        prefix = g.linears[0].split(".")[0] + "."
+        norms = out.setdefault(prefix, [])
+        if g.prev is not None and g.prev not in family.linears and g.prev not in norms:
+            norms.append(g.prev)
+    return [(prefix, tuple(norms)) for prefix, norms in out.items()]
+
+
 def supported() -> str:
     return ", ".join(f"{a} (model_type {k!r})" for k, f in FAMILIES.items() for a in f.architectures)
 

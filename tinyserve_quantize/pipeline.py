@@ -1,4 +1,5 @@
-"""One quantization run: validate the folders, load, calibrate, quantize (methods.py), write the folder and report.
+"""One quantization run: validate the folders, calibrate, quantize block by block straight from the checkpoint into the
+output folder (blocks.Checkpointed -> blockwise.quantize_blocks -> export.FolderSink), write the report.
 
 Used by `python -m tinyserve_quantize` and by default_model.ensure_quantized_default(). Every user mistake raises one of
 QuantizationError, CalibrationError, ModelFolderError (all ValueErrors) with a one-line message, before any long work
@@ -14,12 +15,14 @@ from pathlib import Path
 import torch
 
 from tinyserve_quantize.awq import SearchConfig, check_model
+from tinyserve_quantize.blocks import Checkpointed
+from tinyserve_quantize.blockwise import quantize_blocks
 from tinyserve_quantize.calibration import CalibrationError, calibration_windows
-from tinyserve_quantize.export import SHARD_BYTES, output_config, state_dict, write_folder
+from tinyserve_quantize.export import SHARD_BYTES, FolderSink, ShardWriter, output_config, write_folder
 from tinyserve_quantize.gptq import GPTQConfig
-from tinyserve_quantize.methods import CALIBRATED, METHODS, quantize_model
+from tinyserve_quantize.methods import CALIBRATED, METHODS
 from tinyserve_quantize.model_families import family_for
-from tinyserve_quantize.model_io import ModelFolderError, awq_config, config_dtype, load_model, load_tokenizer, read_config, weight_files
+from tinyserve_quantize.model_io import ModelFolderError, awq_config, config_dtype, load_tokenizer, read_config, weight_files
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
 from tinyserve_quantize.report import write_report
 from tinyserve_quantize.streaming import stream_rtn
@@ -81,23 +84,18 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     if cfg.method in CALIBRATED and cfg.calib_text is not None:
         texts = read_user_text(cfg.calib_text, "calibration text", CalibrationError)
 
-    tied = bool(src_config.get("tie_word_embeddings", False))
     if cfg.method == "rtn" and not cfg.fake:
-        return run_streaming_rtn(cfg, src_config, family, dtype, tied, t_start, log, progress, if_exists)
+        return run_streaming_rtn(cfg, src_config, family, dtype, bool(src_config.get("tie_word_embeddings", False)), t_start, log,
+                                 progress, if_exists)
 
-    model = load_model(cfg.model)
-    check_model(model, family, cfg.spec)
-    t_quant = time.perf_counter()
+    source = Checkpointed(cfg.model, family)
+    check_model(source.model, family, cfg.spec)
     windows, calib = None, None
     if cfg.method in CALIBRATED:
         tokenizer = load_tokenizer(cfg.model)
         windows = calibration_windows(tokenizer, calib_text() if texts is None else texts, cfg.n_samples, cfg.seqlen, log)
         calib = {"windows": len(windows), "seqlen": cfg.seqlen, "tokens": windows.numel(),
                  "text": str(cfg.calib_text) if cfg.calib_text else "built-in Botchan chapters V-XI"}
-    result = quantize_model(cfg.method, model, family, cfg.spec, windows, cfg.search, cfg.gptq, progress, log)
-    quant_seconds = time.perf_counter() - t_quant
-
-    tensors = state_dict(model, result, cfg.spec, cfg.fake, tied)
     search = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in asdict(cfg.search).items()}
     summary = {
         "title": f"{cfg.model.name}: {cfg.method.upper()} w{cfg.w_bit} g{cfg.group_size}",
@@ -110,24 +108,35 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         "calibration": calib,
         "search": search if cfg.method in CALIBRATED else None,
         "gptq": asdict(cfg.gptq) if "gptq" in cfg.method else None,
-        "linears": len(result.linears),
-        "quantize_seconds": round(quant_seconds, 1),
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
-        "peak_rss_gib": round(peak_rss_gib(), 2),
+        "streamed": True,
         "threads": torch.get_num_threads(),
     }
-    if result.gate is not None:
-        summary["clip_gate"] = result.gate
-    for key in ("mse_rtn", "mse_awq", "mse_gptq"):
-        if result.report and key in result.report[0]:
-            summary[f"sum_{key}"] = sum(r[key] for r in result.report)
-    written = write_folder(cfg.out, cfg.model, tensors, output_config(src_config, cfg.spec, cfg.fake),
-                           lambda tmp: write_report(tmp, summary, result.report), if_exists, cfg.max_shard_bytes)
+    rows: list[dict] = []
+
+    def weights(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        writer = ShardWriter(tmp, cfg.max_shard_bytes)
+        sink = FolderSink(writer, cfg.spec, cfg.fake)
+        outcome = quantize_blocks(cfg.method, source, cfg.spec, windows, sink, cfg.search, cfg.gptq, progress, log, spill_dir=tmp)
+        writer.close()
+        rows.extend(outcome.report)
+        summary.update(linears=sink.linears, quantize_seconds=round(time.perf_counter() - t0, 1))
+        if outcome.gate is not None:
+            summary["clip_gate"] = outcome.gate
+        for key in ("mse_rtn", "mse_awq", "mse_gptq"):
+            if rows and key in rows[0]:
+                summary[f"sum_{key}"] = sum(r[key] for r in rows)
+
+    def report(tmp: Path) -> None:
+        summary.update(wall_seconds=round(time.perf_counter() - t_start, 1), peak_rss_gib=round(peak_rss_gib(), 2))
+        write_report(tmp, summary, rows)
+
+    written = write_folder(cfg.out, cfg.model, weights, output_config(src_config, cfg.spec, cfg.fake), report, if_exists)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     what = "fake-quantized fp16" if cfg.fake else "packed"
     if written:
         log(f"quantize: wrote {what} {cfg.method.upper()} w{cfg.w_bit} g{cfg.group_size} model to {cfg.out} "
-            f"({len(result.linears)} linears; quantization {quant_seconds:.1f} s, total {summary['wall_seconds']:.1f} s, "
+            f"({summary['linears']} linears; quantization {summary['quantize_seconds']:.1f} s, total {summary['wall_seconds']:.1f} s, "
             f"peak RSS {summary['peak_rss_gib']:.2f} GiB)")
     else:
         log(f"quantize: {cfg.out} was written meanwhile by another process; keeping it")
