@@ -12,16 +12,21 @@ fewer calibration windows) and times the full pipeline for each. Baselines (fp16
 
 import argparse
 import copy
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from tinyserve_quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block, rtn_quantize, run_clip_gate
+from tinyserve_quantize.awq import QuantResult, SearchConfig, dequantize_into, quantize_block
+from tinyserve_quantize.blocks import LoadedModel
+from tinyserve_quantize.blockwise import gate_windows
 from tinyserve_quantize.calibration import calibration_windows, capture_block_inputs, run_block
+from tinyserve_quantize.clip_gate import Gate
 from tinyserve_quantize.default_model import DEFAULT_RECIPE, ensure_fp16_default
 from tinyserve_quantize.evaluate import perplexity, text_ids
+from tinyserve_quantize.methods import ResultSink, quantize_model
 from tinyserve_quantize.model_families import family_for
 from tinyserve_quantize.model_io import load_model, load_tokenizer, read_config
 from tinyserve_quantize.quantizer import QuantSpec
@@ -64,12 +69,25 @@ def collect_stats(model, family, windows, search: SearchConfig) -> list[dict]:
 
 
 def quantize_from_stats(model, family, spec, stats, search, windows) -> QuantResult:
-    result = QuantResult({})
-    for i, block in enumerate(model.get_submodule(family.layers)):
-        quantize_block(block, i, family, spec, search, stats[i], result)
-    if search.clip_gate and (result.unclipped or result.rtn):
-        run_clip_gate(model, family, spec, windows, search, result, False, print)
-    return result
+    """awq's per-block steps (and its gate) on statistics collected once, as blockwise.quantize_blocks runs them."""
+    source, sink, report = LoadedModel(model, family), ResultSink(model), []
+    with tempfile.TemporaryDirectory(prefix="ablation-gate-") as spill:
+        gate = Gate(source, gate_windows(windows, search), spec.group_size, Path(spill), search.compute_dtype, search.gate_z,
+                    search.gate_cache_bytes) if search.clip_gate else None
+        for i, block in enumerate(model.get_submodule(family.layers)):
+            out = quantize_block(block, i, family, spec, search, stats[i], alternatives=gate is not None)
+            report += out.report
+            if gate is not None:
+                gate.record(block, out)
+            else:
+                sink.block(out.linears, out.params)
+        if gate is not None:
+            if gate.rows:
+                gate.decide()
+                gate.annotate(report)
+            for i in range(len(source)):
+                sink.block(*gate.block(i))
+    return QuantResult(sink.linears, report)
 
 
 def main():
@@ -105,7 +123,7 @@ def main():
         model = load_model(src)
         line("fp16", evaluate(model), 0)
         t = time.perf_counter()
-        result = rtn_quantize(model, family, spec, progress=False)
+        result = quantize_model("rtn", model, family, spec, None, progress=False)
         seconds = time.perf_counter() - t
         dequantize_into(model, result, spec.group_size)
         line("RTN", evaluate(model), seconds)
