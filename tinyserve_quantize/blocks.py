@@ -4,7 +4,8 @@ embedding, whatever the model's depth.
 
 Both give a *ForCausalLM `model` whose embedding, rotary tables and final norm are real, so the model itself can run
 up to block 0 (calibration.capture_block_inputs) and the gate can apply the final norm; Checkpointed keeps every
-decoder block on the meta device except the one loaded.
+decoder block on the meta device except the one loaded, drops the embedding once block 0's inputs are captured
+(release_embedding) and reads the head only when the gate asks for it.
 """
 
 import re
@@ -34,6 +35,9 @@ class LoadedModel:
         return self.layers[i]
 
     def release(self, i: int) -> None:
+        pass
+
+    def release_embedding(self) -> None:
         pass
 
     def head(self) -> torch.Tensor:
@@ -72,10 +76,11 @@ class Checkpointed:
         missing = [n for n in needed if not self.ck.has(n)]
         if missing:
             raise ModelFolderError(f"{folder} lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else ""))
-        for name in self.extra:  # embedding, final norm, head: real, fp32
-            self._materialize(self.model, name)
-        if self.tied:
-            self.model.tie_weights()
+        self.embedding = self.model.get_input_embeddings()
+        self.head_name = next(n for n, p in self.model.named_parameters() if p is self.model.get_output_embeddings().weight)
+        for name, _ in list(self.model.named_parameters()):  # the embedding and the final norm: real, fp32
+            if name in self.extra and name != "lm_head.weight":
+                self._materialize(self.model, name)
         for mod_name, mod in self.model.named_modules():  # rotary tables are computed, not stored: rebuild them
             if any(b.is_meta for b in mod.buffers(recurse=False)):
                 parent, _, attr = mod_name.rpartition(".")
@@ -99,9 +104,14 @@ class Checkpointed:
     def release(self, i: int) -> None:
         self.layers[i].to("meta")
 
+    def release_embedding(self) -> None:
+        """Once block 0's inputs are captured the embedding is not run again ([V, H] fp32: 0.8 GB on a 7B model)."""
+        self.embedding.to("meta")
+
     def head(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight.detach()
+        """[V, H] fp32, read from the checkpoint (the embedding's tensor when tied)."""
+        return self.ck.get(self.head_name).float()
 
     def extra_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.extra:
-            yield name, self.model.get_parameter(name).detach()
+            yield name, self.ck.get(name).float()

@@ -83,6 +83,7 @@ def quantize_blocks(
                 spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="tinyserve-gate-", dir=spill_dir))
                 gate = Gate(source, gate_windows(windows, search), spec.group_size, Path(spill), search.compute_dtype, search.gate_z,
                             search.gate_cache_bytes)
+            source.release_embedding()
             for i in blocks:
                 block = source.load(i)
                 runner = copy.deepcopy(block).to(search.compute_dtype)
