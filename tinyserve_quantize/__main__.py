@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--fake", action="store_true", help="write quantize-dequantized fp16 weights instead of packed INT4")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--device", default="auto",
+                   help="where the blocks are quantized: auto (default: CUDA when present), cpu or cuda; the model is streamed "
+                        "one block at a time, so it never has to fit in GPU memory (rtn always runs on the CPU: it only reads and rounds)")
     p.add_argument("--max-shard-size", type=byte_size, default=SHARD_BYTES,
                    help="largest weights file; above it, model-0000i-of-0000n.safetensors + index (default 5GB)")
     g = p.add_argument_group("search (AWQ; defaults are what measured best, see BENCHMARKS.md)")
@@ -86,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     )
     gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)
     return QuantizeConfig(a.model, a.out, a.method, a.w_bit, a.group_size, a.calib_text, a.n_samples, a.seqlen,
-                          a.fake, a.overwrite, search, gptq, a.max_shard_size)
+                          a.fake, a.overwrite, search, gptq, a.max_shard_size, a.device)
 
 
 def main(cfg: QuantizeConfig) -> dict:

@@ -81,6 +81,17 @@ class BlockOutput:
     report: list[dict]  # one row per linear
     alternatives: dict[str, Alternative] = field(default_factory=dict)  # "unclipped" / "rtn" -> Alternative
 
+    def cpu(self) -> "BlockOutput":
+        """A copy with every tensor in host memory (the sinks and the gate's spill write from there)."""
+        def lin(p: PackedLinear) -> PackedLinear:
+            return PackedLinear(p.qweight.cpu(), p.qzeros.cpu(), p.scales.cpu(), None if p.bias is None else p.bias.cpu())
+
+        def alt(a: Alternative) -> Alternative:
+            return Alternative({n: lin(p) for n, p in a.linears.items()}, {n: t.cpu() for n, t in a.params.items()}, a.rows)
+
+        return BlockOutput(self.index, {n: lin(p) for n, p in self.linears.items()}, {n: t.cpu() for n, t in self.params.items()},
+                           self.report, {k: alt(a) for k, a in self.alternatives.items()})
+
 
 @dataclass
 class QuantResult:

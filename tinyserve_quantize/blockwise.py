@@ -6,6 +6,10 @@ it (awq.quantize_block, gptq.gptq_block, awq.rtn_block); hand the result to the 
 gate, which hands every block to the sink once it has decided; release it. Memory holds one block, its inputs and
 outputs [B, S, H] and its statistics, whatever the model's depth; the sink decides where the results go (the output
 folder, shard by shard: export.FolderSink; or a QuantResult in memory: methods.quantize_model).
+
+Device: the block, its inputs and everything computed from them live on `device` (a GPU when there is one); the
+loop runs under `torch.device(device)` so the methods' own tensors (scale grids, Hessian factors) are made there too.
+The model never has to fit on it: one block is moved there and back. Results come back to host memory per block.
 """
 
 import copy
@@ -23,7 +27,7 @@ from tinyserve_quantize.awq import PackedLinear, SearchConfig, quantize_block, r
 from tinyserve_quantize.calibration import capture_block_inputs, run_block
 from tinyserve_quantize.clip_gate import Gate
 from tinyserve_quantize.gptq import GPTQConfig, gptq_block
-from tinyserve_quantize.quantizer import QuantSpec
+from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
 
 LABELS = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "awq-gptq": "AWQ+GPTQ"}
 
@@ -40,6 +44,25 @@ class Sink(Protocol):
 class Outcome:
     report: list[dict]  # one row per linear, in the model's order
     gate: dict | None  # the gate's outcome, when it ran
+
+
+def resolve_device(name: str) -> str:
+    """--device: "auto" is CUDA when present, else the CPU; "cuda" without a GPU is an error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise QuantizationError(f"device {name!r}; choose auto, cpu or cuda")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise QuantizationError("--device cuda: torch sees no CUDA device (this torch build or machine has none); use --device cpu")
+    return name
+
+
+def _to_device(obj, device: str):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    return obj
 
 
 def gate_windows(windows: torch.Tensor, search: SearchConfig) -> torch.Tensor:
@@ -62,30 +85,36 @@ def quantize_blocks(
     progress: bool = True,
     log: Callable[[str], None] = print,
     spill_dir: Path | None = None,
+    device: str = "cpu",
 ) -> Outcome:
     """Quantize every decoder block of source (blocks.LoadedModel / Checkpointed) with `method` into sink.
     windows [B, S] calibration token ids (unused by rtn). spill_dir: where the gate spills blocks (a temporary folder
-    is made inside it; default: the system's)."""
+    is made inside it; default: the system's). device: where the blocks are quantized (resolve_device)."""
     family, rows, gate_summary = source.family, [], None
     blocks = tqdm(range(len(source)), desc=LABELS[method], unit="block", disable=not progress)
     if method == "rtn":
         for i in blocks:
-            out = rtn_block(source.load(i), i, family, spec)
+            block = source.load(i)
+            with torch.device(device):
+                out = rtn_block(block.to(device), i, family, spec).cpu()
+            block.to("cpu")
             rows += out.report
             sink.block(out.linears, out.params)
             source.release(i)
     else:
         layers = source.model.get_submodule(family.layers)
-        inputs, kwargs = capture_block_inputs(source.model, layers, windows)  # [B, S, H] fp32
+        inputs, kwargs = capture_block_inputs(source.model, layers, windows)  # [B, S, H] fp32, on the host
+        inputs, kwargs = inputs.to(device), _to_device(kwargs, device)
         with ExitStack() as stack:
             gate = None
             if method == "awq" and search.clip_gate:
                 spill = stack.enter_context(tempfile.TemporaryDirectory(prefix="tinyserve-gate-", dir=spill_dir))
                 gate = Gate(source, gate_windows(windows, search), spec.group_size, Path(spill), search.compute_dtype, search.gate_z,
-                            search.gate_cache_bytes)
+                            search.gate_cache_bytes, device)
             source.release_embedding()
+            stack.enter_context(torch.device(device))
             for i in blocks:
-                block = source.load(i)
+                block = source.load(i).to(device)
                 runner = copy.deepcopy(block).to(search.compute_dtype)
                 sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
                 outputs, stats = run_block(runner, inputs, kwargs, sites, search.holdout_every, search.token_stride)
@@ -100,9 +129,11 @@ def quantize_blocks(
                         del runner
                 rows += out.report
                 if gate is not None:
-                    gate.record(block, out)
+                    gate.record(block, out.cpu())
                 else:
+                    out = out.cpu()
                     sink.block(out.linears, out.params)
+                block.to("cpu")  # a loaded model's block goes home; a checkpoint's is released next
                 del stats, block
                 source.release(i)
                 inputs = outputs

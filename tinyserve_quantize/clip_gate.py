@@ -85,8 +85,10 @@ def better(candidate: torch.Tensor, current: torch.Tensor, z: float) -> bool:
     return bool(d.mean() > z * d.std() / len(d) ** 0.5)
 
 
-def _to(t, dtype):
-    return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+def _to(t, dtype, device):
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
 
 def _spill(out: BlockOutput) -> dict[str, torch.Tensor]:
@@ -129,16 +131,18 @@ class Gate:
 
     @torch.no_grad()
     def __init__(self, source, windows: torch.Tensor, group_size: int, spill: Path, dtype: torch.dtype = torch.bfloat16,
-                 z: float = 2.0, cache_bytes: int = 2 * 2**30):
+                 z: float = 2.0, cache_bytes: int = 2 * 2**30, device: str = "cpu"):
         """windows [B, S]: the held-out token ids the gate measures on. cache_bytes: dequantized blocks decide() keeps
-        in memory, from the last block backwards (every test runs them); the others are re-read from the spill."""
+        in memory, from the last block backwards (every test runs them); the others are re-read from the spill.
+        device: where the blocks run (record() gets its block there already; the spill is in host memory)."""
         self.source, self.family = source, source.family
         self.layers = source.model.get_submodule(self.family.layers)
         self.group_size, self.spill, self.dtype, self.z, self.cache_bytes = group_size, Path(spill), dtype, z, cache_bytes
+        self.device = device
         inputs, kwargs = capture_block_inputs(source.model, self.layers, windows)  # [B, S, H] fp32
         # rotary cos/sin [1, S, D] (and a mask, if any) in the gate's dtype, as the blocks compute in it
-        self.kwargs = {k: tuple(_to(t, dtype) for t in v) if isinstance(v, tuple) else _to(v, dtype) for k, v in kwargs.items()}
-        self.inputs = list(inputs.to(dtype).split(1))  # per window [1, S, H] at block 0
+        self.kwargs = {k: tuple(_to(t, dtype, device) for t in v) if isinstance(v, tuple) else _to(v, dtype, device) for k, v in kwargs.items()}
+        self.inputs = list(inputs.to(device, dtype).split(1))  # per window [1, S, H] at block 0
         self.hs = self.inputs  # the reference's hidden states after the blocks recorded so far
         self.rows: dict[str, dict[str, dict]] = {}  # alternative -> full linear name -> its report fields
         self.decisions: dict[str, str] = {}  # sub-block prefix -> label taken
@@ -177,11 +181,13 @@ class Gate:
     def _state(self, i: int, linears: dict, params: dict) -> dict[str, torch.Tensor]:
         """Full-name packed linears and parameters of block i -> its parameters inside the block, dequantized, in dtype."""
         inside = f"{self.family.layers}.{i}."
-        state = {n[len(inside):]: v.to(self.dtype) for n, v in params.items()}
+        dev = self.device
+        state = {n[len(inside):]: v.to(dev, self.dtype) for n, v in params.items()}
         for n, p in linears.items():
-            state[n[len(inside):] + ".weight"] = dequantize(p.qweight, p.qzeros, p.scales, self.group_size).t().to(self.dtype).contiguous()
+            W = dequantize(p.qweight.to(dev), p.qzeros.to(dev), p.scales.to(dev), self.group_size)  # [K, N]
+            state[n[len(inside):] + ".weight"] = W.t().to(self.dtype).contiguous()
             if p.bias is not None:
-                state[n[len(inside):] + ".bias"] = p.bias.to(self.dtype)
+                state[n[len(inside):] + ".bias"] = p.bias.to(dev, self.dtype)
         return state
 
     def _chosen_state(self, i: int) -> dict[str, torch.Tensor]:
@@ -201,14 +207,14 @@ class Gate:
 
     def _norm(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
         norm = self.source.model.get_submodule(self.family.norm)
-        params = {n: p.detach().to(self.dtype) for n, p in norm.named_parameters()}
+        params = {n: p.detach().to(self.device, self.dtype) for n, p in norm.named_parameters()}
         return [functional_call(norm, params, (h,))[0] for h in hs]
 
     @torch.no_grad()
     def decide(self, progress: Callable | None = None) -> GateOutcome:
         """Per sub-block, first block to last, the alternative with the lowest KL replaces the current weights if it
         is better() than them."""
-        ref = _Reference(self.source.head().to(self.dtype), self._norm(self.hs))
+        ref = _Reference(self.source.head().to(self.device, self.dtype), self._norm(self.hs))
         L = len(self.layers)
         per_block = sum(p.numel() for p in self.layers[0].parameters()) * self.dtype.itemsize
         self.cacheable = set(range(max(0, L - self.cache_bytes // max(per_block, 1)), L))

@@ -134,7 +134,8 @@ def ensure_quantized_default(recipe: Recipe = DEFAULT_RECIPE, log=lambda msg: pr
     from tinyserve_quantize.pipeline import QuantizeConfig, run
 
     cfg = QuantizeConfig(model=src, out=out, method=recipe.method, w_bit=4, group_size=recipe.group_size,
-                         n_samples=recipe.n_samples, gptq=GPTQConfig(calib_inputs=recipe.calib_inputs))
+                         n_samples=recipe.n_samples, gptq=GPTQConfig(calib_inputs=recipe.calib_inputs),
+                         device="cpu")  # the same bytes on every machine: the golden tests' ids come from this folder
     run(cfg, log=log, if_exists="keep")
     return out
 

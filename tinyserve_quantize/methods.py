@@ -50,13 +50,15 @@ def quantize_model(
     gptq: GPTQConfig = GPTQConfig(),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> QuantResult:
     """Quantize every decoder linear of the fp32 model (modified in place: scales folded into its norms and linears)
-    with `method`; windows [B, S] token ids (unused by rtn)."""
+    with `method`; windows [B, S] token ids (unused by rtn). device: where each block is quantized (it goes back to
+    the host after)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}; choose one of {list(METHODS)}")
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("quantize_model needs the model in fp32 (folding and searching are done in fp32)")
     sink = ResultSink(model)
-    outcome = quantize_blocks(method, LoadedModel(model, family), spec, windows, sink, search, gptq, progress, log)
+    outcome = quantize_blocks(method, LoadedModel(model, family), spec, windows, sink, search, gptq, progress, log, device=device)
     return QuantResult(sink.linears, outcome.report, outcome.gate)

@@ -16,7 +16,7 @@ import torch
 
 from tinyserve_quantize.awq import SearchConfig, check_model
 from tinyserve_quantize.blocks import Checkpointed
-from tinyserve_quantize.blockwise import quantize_blocks
+from tinyserve_quantize.blockwise import quantize_blocks, resolve_device
 from tinyserve_quantize.calibration import CalibrationError, calibration_windows
 from tinyserve_quantize.export import SHARD_BYTES, FolderSink, ShardWriter, output_config, write_folder
 from tinyserve_quantize.gptq import GPTQConfig
@@ -46,6 +46,7 @@ class QuantizeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     max_shard_bytes: int = SHARD_BYTES  # larger weights are written as model-0000i-of-0000n.safetensors + index
+    device: str = "auto"  # where the blocks are quantized: auto (CUDA when present), cpu, cuda
 
     def __post_init__(self):
         self.model, self.out = Path(self.model), Path(self.out)
@@ -84,6 +85,7 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     if cfg.method in CALIBRATED and cfg.calib_text is not None:
         texts = read_user_text(cfg.calib_text, "calibration text", CalibrationError)
 
+    device = resolve_device(cfg.device)
     if cfg.method == "rtn" and not cfg.fake:
         return run_streaming_rtn(cfg, src_config, family, dtype, bool(src_config.get("tie_word_embeddings", False)), t_start, log,
                                  progress, if_exists)
@@ -109,6 +111,7 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         "search": search if cfg.method in CALIBRATED else None,
         "gptq": asdict(cfg.gptq) if "gptq" in cfg.method else None,
         "streamed": True,
+        "device": device,
         "threads": torch.get_num_threads(),
     }
     rows: list[dict] = []
@@ -117,7 +120,11 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         t0 = time.perf_counter()
         writer = ShardWriter(tmp, cfg.max_shard_bytes)
         sink = FolderSink(writer, cfg.spec, cfg.fake)
-        outcome = quantize_blocks(cfg.method, source, cfg.spec, windows, sink, cfg.search, cfg.gptq, progress, log, spill_dir=tmp)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        outcome = quantize_blocks(cfg.method, source, cfg.spec, windows, sink, cfg.search, cfg.gptq, progress, log, tmp, device)
+        if device == "cuda":
+            summary["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         writer.close()
         rows.extend(outcome.report)
         summary.update(linears=sink.linears, quantize_seconds=round(time.perf_counter() - t0, 1))
@@ -137,7 +144,8 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
     if written:
         log(f"quantize: wrote {what} {cfg.method.upper()} w{cfg.w_bit} g{cfg.group_size} model to {cfg.out} "
             f"({summary['linears']} linears; quantization {summary['quantize_seconds']:.1f} s, total {summary['wall_seconds']:.1f} s, "
-            f"peak RSS {summary['peak_rss_gib']:.2f} GiB)")
+            f"peak RSS {summary['peak_rss_gib']:.2f} GiB" + (f", peak GPU memory {summary['peak_gpu_gib']:.2f} GiB" if "peak_gpu_gib" in summary else "")
+            + f"; on {device})")
     else:
         log(f"quantize: {cfg.out} was written meanwhile by another process; keeping it")
     return summary
