@@ -15,15 +15,16 @@ keys, shards) is what vLLM's and SGLang's `awq` / `awq_marlin` loaders read: tes
 checks it.
 """
 
+import io
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from tinyserve_kernels.layout import dequantize
 from tinyserve_quantize.awq import PackedLinear, QuantResult
@@ -107,18 +108,28 @@ def output_config(src_config: dict, spec: QuantSpec, fake: bool) -> dict:
     return config
 
 
+# safetensors' dtype names, in the order its writer sorts a file's tensors by (descending), before their names.
+DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+DTYPE_RANK = {name: i for i, name in enumerate(DTYPES.values())}
+COPY_CHUNK = 64 * 2**20
+
+
 class ShardWriter:
     """Tensors -> `folder`/model.safetensors, or, once they pass max_shard_bytes, model-0000i-of-0000n.safetensors and
     model.safetensors.index.json ({"metadata": {"total_size"}, "weight_map"}), the names transformers and vLLM look for.
 
-    Shards fill in the order tensors are added; a shard is written as soon as the next tensor would overflow it, so at
-    most one shard's tensors are held (a streaming exporter can add block by block). A tensor larger than the limit gets
-    a shard of its own. Shards are written under provisional names and renamed by close(), once their count is known;
-    `folder` is expected to be a temporary folder that is renamed into place afterwards (write_folder)."""
+    Each tensor's bytes go to the current shard's data file on disk as soon as it is added, so memory holds one tensor,
+    not a shard (safetensors' save_file would hold the shard twice: the tensors and their serialized copy). A shard
+    is finished, in safetensors' format and byte for byte what save_file writes (its tensors sorted by dtype, then
+    name; tests/test_quantize_serving_formats.py), as soon as the next tensor would overflow it. A tensor larger than
+    the limit gets a shard of its own. Shards are written under provisional names and renamed by close(), once their
+    count is known; `folder` is expected to be a temporary folder that is renamed into place afterwards (write_folder)."""
 
     def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES):
         self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
-        self._shard: dict[str, torch.Tensor] = {}
+        self._entries: list[tuple[str, str, list[int], int, int]] = []  # (name, dtype, shape, offset in data, bytes)
+        self._data = None  # the current shard's data file
         self._shard_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []  # (provisional path, tensor names) per shard on disk
         self._names: set[str] = set()
@@ -127,28 +138,53 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name} added twice")
+        if tensor.dtype not in DTYPES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} is not written")
         size = tensor.numel() * tensor.element_size()
-        if self._shard and self._shard_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._shard[name] = tensor
+        if self._entries and self._shard_bytes + size > self.max_shard_bytes:
+            self._flush(self.folder / f".shard-{len(self._written) + 1:05d}.part")
+        if self._data is None:
+            self._data = open(self.folder / ".shard.data", "w+b")  # noqa: SIM115 (closed by _flush)
+        offset = self._data.tell()
+        self._data.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        self._entries.append((name, DTYPES[tensor.dtype], list(tensor.shape), offset, size))
         self._names.add(name)
         self._shard_bytes += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._written) + 1:05d}.part"
-        save_file(self._shard, str(path), metadata={"format": "pt"})
-        self._written.append((path, list(self._shard)))
-        self._shard, self._shard_bytes = {}, 0
+    def _flush(self, path: Path) -> None:
+        """Write the current shard to path: 8-byte header length, JSON header (padded with spaces to 8 bytes), data."""
+        order = sorted(self._entries, key=lambda e: (-DTYPE_RANK[e[1]], e[0]))
+        header, start = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape, _, size in order:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + size]}
+            start += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        data = self._data if self._data is not None else io.BytesIO()  # no tensor at all: an empty file, as save_file
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for _, _, _, offset, size in order:
+                data.seek(offset)
+                while size:
+                    chunk = data.read(min(size, COPY_CHUNK))
+                    f.write(chunk)
+                    size -= len(chunk)
+        data.close()
+        if self._data is not None:
+            os.remove(self.folder / ".shard.data")
+        self._written.append((path, [e[0] for e in self._entries]))
+        self._entries, self._data, self._shard_bytes = [], None, 0
 
     def close(self) -> list[str]:
-        """Write what is left (and the index when sharded); returns the weight files' names."""
+        """Write what is left (and the index when sharded); returns the weights files' names."""
         if not self._written:  # everything fits one file: model.safetensors, as an unsharded export always wrote it
-            save_file(self._shard, str(self.folder / WEIGHTS_FILE), metadata={"format": "pt"})
-            self._shard = {}
+            self._flush(self.folder / WEIGHTS_FILE)
+            self._written = []
             return [WEIGHTS_FILE]
-        if self._shard:
-            self._flush()
+        if self._entries:
+            self._flush(self.folder / f".shard-{len(self._written) + 1:05d}.part")
         n = len(self._written)
         files, weight_map = [], {}
         for i, (path, names) in enumerate(self._written, 1):

@@ -1,7 +1,8 @@
 """RTN without loading the model: the checkpoint is read one tensor at a time, each decoder linear quantized as it
-comes, and the output written shard by shard (export.ShardWriter), so peak memory is about one output shard plus one
-tensor in fp32, whatever the model's size. It writes the same bytes as quantizing the loaded model (methods.py's
-rtn; tests/test_quantize_streaming.py). The calibrated methods still load the whole model (issue 17 goes on).
+comes, and written to disk at once (export.ShardWriter), so peak memory is about one tensor in fp32, whatever the
+model's size. It writes the same bytes as quantizing the loaded model (methods.py's rtn;
+tests/test_quantize_streaming.py). It reads tensor by tensor rather than block by block (blocks.py) because RTN needs
+no calibration: no block ever has to run.
 """
 
 import re
