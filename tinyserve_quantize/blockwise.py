@@ -137,6 +137,7 @@ def quantize_blocks(
                 del stats, block
                 source.release(i)
                 inputs = outputs
+            del inputs, outputs  # the last block's outputs ([B, S, H] fp32) are not needed by the gate or the export
             if gate is not None:
                 if gate.rows:  # some sub-block has an alternative to test
                     bar = (lambda it: tqdm(it, desc="gate", unit="block")) if progress else None
