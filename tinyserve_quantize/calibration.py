@@ -94,6 +94,34 @@ def _cast(obj, dtype):
     return obj
 
 
+GRAM_BLOCK = 1024  # rows of X^T X per GEMM; only blocks on or right of the diagonal are computed
+
+
+def _add_gram_upper(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """acc [K, K] fp32 (None: zeros) += the block upper triangle of x^T x, x [T, K]; _mirror_upper completes it.
+
+    X^T X is symmetric, so each row block [a0:a1] is multiplied only against columns a0: (about 60% of the full
+    product's flops at K = 4864). Each bf16 x bf16 block accumulates in fp32 inside the GEMM, rounds to bf16 like the
+    full product's entries (bit-identical on oneDNN), and is summed into acc in fp32."""
+    K = x.shape[1]
+    acc = torch.zeros(K, K) if acc is None else acc
+    for a0 in range(0, K, GRAM_BLOCK):
+        a1 = min(a0 + GRAM_BLOCK, K)
+        acc[a0:a1, a0:].add_(x[:, a0:a1].t() @ x[:, a0:])
+    return acc
+
+
+def _mirror_upper(acc: torch.Tensor | None) -> torch.Tensor | None:
+    """Copy _add_gram_upper's blocks right of the diagonal onto those below it, in place."""
+    if acc is None:
+        return None
+    K = acc.shape[0]
+    for a0 in range(0, K, GRAM_BLOCK):
+        a1 = min(a0 + GRAM_BLOCK, K)
+        acc[a1:, a0:a1] = acc[a0:a1, a1:].t()
+    return acc
+
+
 @torch.no_grad()
 def run_block(
     block: nn.Module,
@@ -114,7 +142,7 @@ def run_block(
     B = inputs.shape[0]
     val_ids = [i for i in range(B) if holdout_every and i % holdout_every == holdout_every - 1]
     fit_ids = [i for i in range(B) if i not in set(val_ids)] or val_ids
-    acc = {name: {"abs": 0.0, "fit": 0.0, "val": 0.0, "n_abs": 0, "n_fit": 0, "n_val": 0} for name in sites}
+    acc = {name: {"abs": 0.0, "fit": None, "val": None, "n_abs": 0, "n_fit": 0, "n_val": 0} for name in sites}
     split = {"now": "fit"}
 
     def make_hook(name):
@@ -125,8 +153,7 @@ def run_block(
                 a["abs"] = a["abs"] + x.abs().sum(0, dtype=torch.float32)
                 a["n_abs"] += x.shape[0]
             xs = x[::token_stride]
-            # bf16 x bf16 products accumulate in fp32 inside the GEMM; the per-chunk result is summed in fp32.
-            a[split["now"]] = a[split["now"]] + (xs.t() @ xs).float()
+            a[split["now"]] = _add_gram_upper(a[split["now"]], xs)
             a["n_" + split["now"]] += xs.shape[0]
 
         return hook
@@ -145,7 +172,7 @@ def run_block(
             h.remove()
     stats = {}
     for name, a in acc.items():
-        H_fit = a["fit"] / max(a["n_fit"], 1)
-        H_val = a["val"] / a["n_val"] if a["n_val"] else H_fit
+        H_fit = _mirror_upper(a["fit"]) / max(a["n_fit"], 1)
+        H_val = _mirror_upper(a["val"]) / a["n_val"] if a["n_val"] else H_fit
         stats[name] = SiteStats(a["abs"] / max(a["n_abs"], 1), H_fit, H_val, a["n_fit"], a["n_val"])
     return outputs, stats

@@ -12,6 +12,8 @@ where lo, hi are the group's min and max (RTN), or clipped bounds chosen by the 
 fp16 *before* the codes are computed makes fake quantization here bit-identical to dequantizing the exported file.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,19 @@ class QuantSpec:
         return G
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """For loops of small elementwise ops on cache-sized chunks: with two OpenMP threads each op ends in a barrier
+    that waits for the other thread, which on a shared 2-core CPU is often descheduled (measured under load: a
+    [292, 896] multiply took 26 us on one thread, 8 ms on two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def grouped(w: torch.Tensor, G: int) -> torch.Tensor:
     """[..., N, K] -> [..., N, K // G, G] (a view)."""
     return w.unflatten(-1, (w.shape[-1] // G, G))
@@ -69,12 +84,15 @@ def codes_for(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: i
     return (torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, qmax)
 
 
-def fake_quantize_grouped(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Quantize-dequantize grouped weights [..., G] with bounds lo, hi [...]."""
+def fake_quantize_grouped(
+    wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize grouped weights [..., G] with bounds lo, hi [...], into out (may be wg itself) if given."""
     scale, zero = params_from_bounds(lo, hi, qmax)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    # The ops of codes_for, then (q - z) * s, in place on one buffer: the searches call this on [A, N, K] batches.
-    return wg.div(s).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+    # The ops of codes_for, then (q - z) * s, in place on one buffer (out, or a new one), as the searches run this on
+    # many candidates at a time.
+    return torch.div(wg, s, out=out).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
