@@ -20,8 +20,8 @@ from tinyserve_quantize.quantizer import (
 
 CLIP_MODES = ("range", "sym", "range2d")
 # Elements of one batch of candidate weights [R, rows, K] (4 MiB in fp32). Every row is scored on its own, so the
-# searches run on one thread over row batches that stay in cache: measured on 2 shared cores, 3-4x faster than
-# two threads on 64 MiB batches (quiet or not), with the same choices.
+# searches run on one thread over row batches that stay in cache: measured on 2 cores shared with other jobs, 2.5-4x
+# faster than two threads on 64 MiB batches, with the same choices.
 CANDIDATE_ELEMENTS = 1 << 20
 
 
