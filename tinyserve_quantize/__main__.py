@@ -3,9 +3,9 @@ GEMM layout.
 
     python -m tinyserve_quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|rtn] [--w-bit 4] [--group-size 64]
                        [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
-                       [--max-shard-size 5GB]
+                       [--max-shard-size 5GB] [--device auto|cpu|cuda] [--gate-cache-size 2GiB]
 
-Writes to a temporary folder and renames it into place at the end; refuses to replace an existing --out without
+The model is read from its checkpoint one decoder block at a time (never loaded whole). Writes to a temporary folder and renames it into place at the end; refuses to replace an existing --out without
 --overwrite. Mistakes (missing or malformed folder, unsupported architecture or dtype, bad settings) are reported in
 one line, without a traceback. 3-bit codes are stored in the same 4-bit containers, with "bits": 3 in config.json.
 """
