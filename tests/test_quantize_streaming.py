@@ -202,3 +202,31 @@ def test_cuda_quantization_is_as_good_as_the_cpus(tiny_model_dir, tmp_path, meth
         ref = load_model(tiny_model_dir)(input_ids=ids).logits
         err = {d: float((load_model(tmp_path / d)(input_ids=ids).logits - ref).abs().mean()) for d in ("cpu", "cuda")}
     assert err["cuda"] < 1.25 * err["cpu"], err
+
+
+def test_streaming_reads_sharded_bf16_checkpoints(tiny_qwen2_dir, tmp_path):
+    """A bf16 checkpoint in several shards (with an index) streams to the same bytes as the in-memory path."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tinyserve_quantize.export import write_tensors
+
+    src = tmp_path / "bf16-sharded"
+    src.mkdir()
+    for f in tiny_qwen2_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, src / f.name)
+    config = read_config(tiny_qwen2_dir)
+    config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(tiny_qwen2_dir / "model.safetensors")).items()}
+    assert len(write_tensors(src, tensors, max_shard_bytes=200_000)) > 2
+
+    def cfg(out: str):
+        return parse_args(["--model", str(src), "--out", str(tmp_path / out), "--method", "awq-gptq", "--group-size", "32",
+                           "--n-samples", "8", "--seqlen", "64"])
+
+    loaded_model_quantize(cfg("loaded"))
+    run(cfg("streamed"), log=lambda m: None, progress=False)
+    assert (tmp_path / "streamed" / "model.safetensors").read_bytes() == (tmp_path / "loaded" / "model.safetensors").read_bytes()
