@@ -27,8 +27,6 @@ order of decreasing H_kk, so one group's columns are no longer visited together;
 before the loop from the original weights ("static groups"), and the file's groups stay contiguous.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +37,7 @@ from tinyserve_quantize.awq import BlockOutput, PackedLinear, SearchConfig, _row
 from tinyserve_quantize.calibration import SiteStats
 from tinyserve_quantize.clip_search import clip_ratios, refit_bounds, search_clip
 from tinyserve_quantize.model_families import Family
-from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, grouped, params_from_bounds
+from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, grouped, one_thread, params_from_bounds
 from tinyserve_quantize.scale_search import fold_scales, search_scales, weighted_error
 
 CALIB_INPUTS = ("quantized", "fp")
@@ -111,19 +109,6 @@ def _check_blocks(G: int, K: int, block_size: int) -> None:
         raise QuantizationError(f"GPTQ block size {block_size} and group size {G}: one must divide the other")
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """The per-column loop is ~10 tiny ops per column. With two OpenMP threads every op that crosses the parallel
-    grain size ends in a barrier that waits for the other thread; on a shared 2-core CPU that thread is often
-    descheduled (measured at load 5: a 3072 x 576 weight took 12.2 s with 2 threads, 0.08 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def gptq_weight(
     W: torch.Tensor,
@@ -138,6 +123,8 @@ def gptq_weight(
     grid: optional fixed (lo, hi) bounds [N, K // G] per group (e.g. AWQ's clipped ranges); without it, groups take
     their min and max when reached (or, with act_order, from the original weights). Returns codes/zeros/scales in
     quantize_weight's format, ready for pack_linear."""
+    # The per-column loop is ~10 tiny ops per column: one thread (measured at load 5: a 3072 x 576 weight took 12.2 s
+    # with 2 threads, 0.08 s with 1).
     with one_thread():
         return _gptq_weight(W, H, spec, cfg, grid, name)
 
