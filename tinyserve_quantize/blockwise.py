@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from tinyserve_quantize.awq import PackedLinear, SearchConfig, quantize_block, rtn_block
-from tinyserve_quantize.calibration import capture_block_inputs, run_block
+from tinyserve_quantize.calibration import capture_block_inputs, cast, run_block
 from tinyserve_quantize.clip_gate import Gate
 from tinyserve_quantize.gptq import GPTQConfig, gptq_block
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
@@ -62,14 +62,6 @@ def on(device: str):
     """Factory functions default to `device` inside. Not entered for the CPU, the default already: the mode wraps
     every torch call in Python (measured ~3% of a small model's quantization)."""
     return contextlib.nullcontext() if device == "cpu" else torch.device(device)
-
-
-def _to_device(obj, device: str):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
-    return obj
 
 
 def gate_windows(windows: torch.Tensor, search: SearchConfig) -> torch.Tensor:
@@ -111,7 +103,7 @@ def quantize_blocks(
     else:
         layers = source.model.get_submodule(family.layers)
         inputs, kwargs = capture_block_inputs(source.model, layers, windows)  # [B, S, H] fp32, on the host
-        inputs, kwargs = inputs.to(device), _to_device(kwargs, device)
+        inputs, kwargs = inputs.to(device), {k: cast(v, device=device) for k, v in kwargs.items()}
         with ExitStack() as stack:
             gate = None
             if method == "awq" and search.clip_gate:

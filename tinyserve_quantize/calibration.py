@@ -86,11 +86,13 @@ class SiteStats:
     tokens_val: int
 
 
-def _cast(obj, dtype):
+def cast(obj, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """A block's keyword arguments (tensors, tuples of them, anything else) -> tensors on device, floating ones in
+    dtype (None: unchanged)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else None)
     if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype) for o in obj)
+        return tuple(cast(o, dtype, device) for o in obj)
     return obj
 
 
@@ -138,7 +140,7 @@ def run_block(
     matrices (x_mean always sees every fit token). Returns (outputs [B, S, H] fp32, stats).
     """
     dtype = next(block.parameters()).dtype
-    kw = {k: _cast(v, dtype) for k, v in block_kwargs.items()}
+    kw = {k: cast(v, dtype) for k, v in block_kwargs.items()}
     B = inputs.shape[0]
     val_ids = [i for i in range(B) if holdout_every and i % holdout_every == holdout_every - 1]
     fit_ids = [i for i in range(B) if i not in set(val_ids)] or val_ids

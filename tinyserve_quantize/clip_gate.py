@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from tinyserve_kernels.layout import dequantize
 from tinyserve_quantize.awq import BlockOutput, PackedLinear
-from tinyserve_quantize.calibration import capture_block_inputs
+from tinyserve_quantize.calibration import capture_block_inputs, cast
 from tinyserve_quantize.model_families import sub_blocks
 
 @dataclass
@@ -85,12 +85,6 @@ def better(candidate: torch.Tensor, current: torch.Tensor, z: float) -> bool:
     return bool(d.mean() > z * d.std() / len(d) ** 0.5)
 
 
-def _to(t, dtype, device):
-    if not isinstance(t, torch.Tensor):
-        return t
-    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
-
-
 def _spill(out: BlockOutput) -> dict[str, torch.Tensor]:
     """A block's chosen and alternative tensors under "<tag>|L|<linear>.<field>" and "<tag>|P|<parameter>" keys."""
     flat, seen = {}, set()
@@ -141,7 +135,7 @@ class Gate:
         self.device = device
         inputs, kwargs = capture_block_inputs(source.model, self.layers, windows)  # [B, S, H] fp32
         # rotary cos/sin [1, S, D] (and a mask, if any) in the gate's dtype, as the blocks compute in it
-        self.kwargs = {k: tuple(_to(t, dtype, device) for t in v) if isinstance(v, tuple) else _to(v, dtype, device) for k, v in kwargs.items()}
+        self.kwargs = {k: cast(v, dtype, device) for k, v in kwargs.items()}
         self.inputs = list(inputs.to(device, dtype).split(1))  # per window [1, S, H] at block 0
         self.hs = self.inputs  # the reference's hidden states after the blocks recorded so far
         self.rows: dict[str, dict[str, dict]] = {}  # alternative -> full linear name -> its report fields
