@@ -156,10 +156,15 @@ class Gate:
         for label, alt in out.alternatives.items():
             self.rows.setdefault(label, {}).update(alt.rows)
 
-    def block(self, i: int) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
-        """Block i's linears and parameters (full names) with the decisions made so far applied."""
-        parts = _unspill(load_file(str(self.spill / f"block-{i:05d}.safetensors")))
-        linears, params = parts["chosen"]
+    def _parts(self, i: int) -> dict[str, tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]]:
+        """Block i's spill: "chosen" and each alternative -> (linears, params), fresh dicts."""
+        return _unspill(load_file(str(self.spill / f"block-{i:05d}.safetensors")))
+
+    def block(self, i: int, parts: dict | None = None) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor]]:
+        """Block i's linears and parameters (full names) with the decisions made so far applied (parts: its spill,
+        when already read)."""
+        parts = parts or self._parts(i)
+        linears, params = dict(parts["chosen"][0]), dict(parts["chosen"][1])
         for prefix, norms in sub_blocks(self.family):
             label = self.decisions.get(f"{self.family.layers}.{i}.{prefix}")
             if label is not None:
@@ -217,7 +222,7 @@ class Gate:
         first, tested = float(current.mean()), 0
         inside = self.family.layers
         for i in progress(range(L)) if progress else range(L):
-            parts = _unspill(load_file(str(self.spill / f"block-{i:05d}.safetensors")))
+            parts = self._parts(i)
             for prefix, norms in sub_blocks(self.family):
                 full = f"{inside}.{i}.{prefix}"
                 own = [label for label, (lins, _) in parts.items() if label != "chosen" and any(n.startswith(full) for n in lins)]
@@ -226,7 +231,7 @@ class Gate:
                 tested += 1
                 best = None
                 for label in own:
-                    linears, params = self.block(i)
+                    linears, params = self.block(i, parts)
                     self._swap(i, prefix, norms, parts[label], linears, params)
                     kl = ref.kl(self._tail(i, self._state(i, linears, params), hs))
                     if better(kl, current, self.z) and (best is None or kl.mean() < best[1].mean()):
