@@ -8,7 +8,7 @@ import torch
 from tinyserve_kernels.layout import pack_linear
 from tinyserve_quantize.awq import Alternative, BlockOutput, PackedLinear, SearchConfig, block_params, dequantize_into
 from tinyserve_quantize.blocks import LoadedModel
-from tinyserve_quantize.clip_gate import Gate, _Reference, better
+from tinyserve_quantize.clip_gate import Gate, _Reference, better, stages
 from tinyserve_quantize.methods import quantize_model
 from tinyserve_quantize.model_families import FAMILIES, sub_blocks
 from tinyserve_quantize.quantizer import QuantSpec, quantize_weight
@@ -27,10 +27,11 @@ def windows(n: int = 2, S: int = 48, vocab: int = 256) -> torch.Tensor:
     return torch.randint(0, vocab, (n, S), generator=torch.Generator().manual_seed(1))
 
 
-def run_gate(model, family, chosen: dict, alternatives: dict[str, Alternative], tmp_path, chosen_params: dict | None = None) -> tuple:
+def run_gate(model, family, chosen: dict, alternatives: dict[str, Alternative], tmp_path, chosen_params: dict | None = None,
+             n_windows: int = 2) -> tuple:
     """Record every block of the in-memory model (the reference) with the given chosen linears (and parameters, by
     default the model's) and alternatives, then decide, in fp32. Returns (outcome, every block's final linears, params)."""
-    gate = Gate(LoadedModel(model, family), windows(), SPEC.group_size, tmp_path, torch.float32)
+    gate = Gate(LoadedModel(model, family), windows(n_windows), SPEC.group_size, tmp_path, torch.float32)
     for i, block in enumerate(model.get_submodule(family.layers)):
         inside = f"{family.layers}.{i}."
         alts = {label: Alternative({n: p for n, p in a.linears.items() if n.startswith(inside)},
@@ -111,13 +112,13 @@ def test_reference_kl_is_zero_for_the_unquantized_model_and_grows_with_damage():
     model = tiny_model("llama")
     ids = windows()
     ref = _Reference(model.lm_head.weight.detach(), final_hidden(model, ids))
-    assert ref.kl(final_hidden(model, ids)).abs().max() < 1e-5
+    assert torch.cat(ref.kl(final_hidden(model, ids), [0, 1])).abs().max() < 1e-5
     down = model.model.layers[0].mlp.down_proj
     kls = []
     for factor in (0.9, 0.5):
         with torch.no_grad():
             down.weight.mul_(factor)
-        kls.append(ref.kl(final_hidden(model, ids)))
+        kls.append(torch.cat(ref.kl(final_hidden(model, ids), [0, 1])))
     assert 0 < kls[0].mean() < kls[1].mean()
     assert better(kls[0], kls[1], z=2.0) and not better(kls[1], kls[0], z=0.0)
 
@@ -150,4 +151,49 @@ def test_the_written_model_is_what_the_gate_measured(arch):
     dequantize_into(model, result, SPEC.group_size)
     held = w[[3, 7]]  # the held-out windows the gate ran on (every 4th of 8)
     ref = _Reference(original.lm_head.weight.detach(), final_hidden(original, held))
-    assert abs(float(ref.kl(final_hidden(model, held)).mean()) - result.gate["kl_final"]) < 1e-4
+    assert abs(float(torch.cat(ref.kl(final_hidden(model, held), [0, 1])).mean()) - result.gate["kl_final"]) < 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 11])
+def test_stages_run_every_window_once_spread_out(n):
+    order = [w for stage in stages(n) for w in stage]
+    assert sorted(order) == list(range(n))
+    sizes = [len(s) for s in stages(n)]
+    assert sizes[0] == 1 and all(size <= sum(sizes[:k]) for k, size in enumerate(sizes) if k)  # looks at 1, 2, 4, ...
+
+
+def test_stages_of_eight_windows():
+    assert stages(8) == [[0], [4], [2, 6], [1, 5, 3, 7]]
+
+
+def test_a_test_far_behind_stops_early_and_the_decisions_are_those_of_full_tests(tmp_path, monkeypatch):
+    """Block 0's MLP: a good candidate against damaged chosen weights (taken, so it must run every window); block 1's
+    attention: a damaged candidate (far behind after the first stage: it must stop there). The early stop must not
+    change what the gate decides or reports."""
+    model, family = tiny_model("llama"), FAMILIES["llama"]
+    names = [f"{family.layers}.{i}.{n}" for i in range(2) for n in family.linears]
+    good = {n: packed(model.get_submodule(n).weight.detach()) for n in names}
+    mlp0 = [n for n in names if n.startswith(f"{family.layers}.0.mlp.")]
+    attn1 = [n for n in names if n.startswith(f"{family.layers}.1.self_attn.")]
+    chosen = dict(good) | {n: packed(model.get_submodule(n).weight.detach(), 0.5) for n in mlp0}
+    alt = Alternative({n: good[n] for n in mlp0} | {n: packed(model.get_submodule(n).weight.detach(), 0.3) for n in attn1})
+    runs = []
+    tail = Gate._tail
+
+    def counted(self, i, first, hs):
+        runs.append((i, len(hs)))
+        return tail(self, i, first, hs)
+
+    monkeypatch.setattr(Gate, "_tail", counted)
+    (tmp_path / "staged").mkdir()
+    outcome, final, _ = run_gate(model, family, chosen, {"unclipped": alt}, tmp_path / "staged", n_windows=8)
+    staged_runs, runs[:] = list(runs), []
+    monkeypatch.setattr(Gate, "FUTILITY_MARGIN", float("inf"))
+    (tmp_path / "full").mkdir()
+    full, final_full, _ = run_gate(model, family, chosen, {"unclipped": alt}, tmp_path / "full", n_windows=8)
+
+    assert outcome.decisions == full.decisions == {f"{family.layers}.0.mlp.": "unclipped"}
+    assert outcome.kl_final == full.kl_final and all(same(final[n], final_full[n]) for n in names)
+    # the first tail is the search's choices over all windows; then block 0's test runs all 8, block 1's only stage 1
+    assert staged_runs == [(0, 8), (0, 1), (0, 1), (0, 2), (0, 4), (1, 1)]
+    assert runs == [(0, 8), (0, 1), (0, 1), (0, 2), (0, 4), (1, 1), (1, 1), (1, 2), (1, 4)]
