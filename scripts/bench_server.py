@@ -3,12 +3,17 @@
 
     python scripts/bench_server.py                      # starts `python -m tinyserve serve` (default INT4 model)
     python scripts/bench_server.py --url http://host:8000 --concurrency 1,16,64
+    python scripts/bench_server.py --formats free,json --concurrency 1,16   # JSON-schema output vs free chat
 
 Every level sends the same requests: /v1/completions, temperature 0, a different ~100-token Botchan passage each
 (held-out prose, so the model keeps going to max_tokens), streamed with usage. Reported per level: total output
 tokens/s (all completion tokens / wall time of the level), time to first token p50/p95, inter-token latency p50/p95
 (gaps between content chunks as the client sees them), errors; and the ratio of tokens/s to the first level, from the
 same run (these machines are noisy: compare ratios).
+
+--formats: chat requests instead ("Describe this passage" + the passage), each level run once per format, in turn:
+free (plain chat) and json (response_format json_schema, SCHEMA below); each row's ratio is to the first format's
+row at the same level.
 """
 
 import argparse
@@ -31,6 +36,13 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# summary's minLength keeps the JSON going to max_tokens, as free text does: both rows time the same token counts
+SCHEMA = {"type": "object", "properties": {
+    "summary": {"type": "string", "minLength": 400}, "characters": {"type": "array", "items": {"type": "string"}},
+    "mood": {"enum": ["happy", "sad", "angry", "calm", "mixed"]}, "quotes": {"type": "array", "items": {"type": "string"}}},
+    "required": ["summary", "characters", "mood", "quotes"], "additionalProperties": False}
+
+
 @dataclass
 class Result:
     ok: bool
@@ -49,15 +61,26 @@ def passages(count: int, words: int = 75) -> list[str]:
     return [" ".join(tokens[i * step : i * step + words]) for i in range(count)]
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str | None) -> Result:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+def request_body(prompt: str, max_tokens: int, fmt: str | None) -> tuple[str, dict]:
+    """(path, body) of one benchmark request; fmt None: /v1/completions, else chat ("free" or "json")."""
+    body = {"max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if fmt is None:
+        return "/v1/completions", {**body, "prompt": prompt}
+    body["messages"] = [{"role": "user", "content": "Describe this passage:\n\n" + prompt}]
+    if fmt == "json":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "passage", "schema": SCHEMA, "strict": True}}
+    return "/v1/chat/completions", body
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str | None,
+                      fmt: str | None = None) -> Result:
+    path, body = request_body(prompt, max_tokens, fmt)
     if model:
         body["model"] = model
     t0 = time.perf_counter()
     last, res = None, Result(ok=False)
     try:
-        async with session.post(url + "/v1/completions", json=body) as r:
+        async with session.post(url + path, json=body) as r:
             if r.status != 200:
                 return Result(ok=False, error=f"HTTP {r.status}: {(await r.text())[:200]}")
             async for raw in r.content:
@@ -75,7 +98,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max
                 if event.get("usage"):
                     res.tokens = event["usage"]["completion_tokens"]
                 for choice in event["choices"]:
-                    if choice["text"]:
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
                         now = time.perf_counter()
                         if last is None:
                             res.ttft = now - t0
@@ -87,7 +110,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max
     return res
 
 
-async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str | None) -> dict:
+async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str | None,
+                    fmt: str | None = None) -> dict:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -97,7 +121,7 @@ async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: 
 
         async def worker():
             while not queue.empty():
-                results.append(await one_request(session, url, queue.get_nowait(), max_tokens, model))
+                results.append(await one_request(session, url, queue.get_nowait(), max_tokens, model, fmt))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -108,6 +132,7 @@ async def run_level(url: str, prompts: list[str], concurrency: int, max_tokens: 
     tokens = sum(r.tokens for r in good)
     return {
         "concurrency": concurrency,
+        "format": fmt,
         "requests": len(results),
         "errors": len(results) - len(good),
         "error_examples": [r.error for r in results if not r.ok][:3],
@@ -172,8 +197,12 @@ def main() -> int:
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for `serve` (repeatable)")
     ap.add_argument("--server-log", help="write the started server's output here")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--formats", help="chat requests in these output formats, in turn per level: free, json (e.g. free,json)")
     args = ap.parse_args()
     args.levels = [int(c) for c in args.concurrency.split(",")]
+    formats = args.formats.split(",") if args.formats else [None]
+    if any(f not in (None, "free", "json") for f in formats):
+        ap.error("--formats takes free and/or json")
 
     proc = None
     url = args.url
@@ -182,24 +211,31 @@ def main() -> int:
     try:
         model = get_json(url + "/v1/models")["data"][0]["id"]
         prompts = passages(args.requests)
-        asyncio.run(run_level(url, prompts[: args.warmup], 1, args.max_tokens, model))
+        for fmt in formats:
+            asyncio.run(run_level(url, prompts[: args.warmup], 1, args.max_tokens, model, fmt))
         rows = []
         for c in args.levels:
-            row = asyncio.run(run_level(url, prompts, c, args.max_tokens, model))
-            rows.append(row)
-            print(f"concurrency {c}: {row['tokens_per_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr)
+            for fmt in formats:
+                row = asyncio.run(run_level(url, prompts, c, args.max_tokens, model, fmt))
+                rows.append(row)
+                print(f"concurrency {c} {fmt or ''}: {row['tokens_per_s']:.1f} tok/s, errors {row['errors']}", file=sys.stderr)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
 
-    base = rows[0]["tokens_per_s"]
     print(f"model {model}; {args.requests} requests per level, ~100-token prompts, max_tokens {args.max_tokens}, "
           f"temperature 0, streaming; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    print("| clients | output tok/s | vs 1st level | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms) | errors |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | "
+    if args.formats:
+        print("| clients | format | output tok/s | vs first format | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms) | errors |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
+    else:
+        print("| clients | output tok/s | vs 1st level | TTFT p50 / p95 (s) | inter-token p50 / p95 (ms) | errors |")
+        print("|---:|---:|---:|---:|---:|---:|")
+    for k, r in enumerate(rows):
+        base = rows[k - k % len(formats)]["tokens_per_s"] if args.formats else rows[0]["tokens_per_s"]
+        fmt = f" {r['format']} |" if args.formats else ""
+        print(f"| {r['concurrency']} |{fmt} {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | "
               f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} | {r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} | {r['errors']} |")
     for r in rows:
         if r["errors"]:

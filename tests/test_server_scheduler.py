@@ -194,3 +194,21 @@ def test_finish_reasons_are_plain_strings_on_the_wire():
     assert type(reason) is str and reason == "stop" and P.text_choice(0, "", None, None)["finish_reason"] is None
     assert json.dumps(P.chat_delta(0, {}, FinishReason.LENGTH)).endswith('"finish_reason": "length"}')
     assert f"{FinishReason.SHUTDOWN}" == str(FinishReason.SHUTDOWN) == "shutdown" == FinishReason("shutdown")
+
+
+def test_constrained_and_free_sequences_share_a_batch(runner_tok):
+    """A grammar-constrained sequence decodes in the same batch as free ones: the free ones' tokens are those they
+    get alone, and the constrained one (random weights: only the grammar keeps it valid) writes JSON of the schema."""
+    runner, tok = runner_tok
+    sched = Scheduler(runner, tok)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    grammar = sched.grammars.structured(schema, True, [], False, "<tool_call>", "</tool_call>")
+    free = make_specs(tok, 5)
+    alone = run(Scheduler(runner, tok), free)
+    constrained = SeqSpec(free[0].prompt_ids, 40, GREEDY, grammar=grammar)
+    together = run(sched, free[:2] + [constrained] + free[2:])
+    outs = list(together.values())
+    assert [o[0] for o in outs[:2] + outs[3:]] == [o[0] for o in alone.values()]
+    tokens, text, reason = outs[2]
+    assert reason is FinishReason.STOP and set(json.loads(text)) == {"ok", "n"}

@@ -120,3 +120,25 @@ def test_stop_button_ends_the_reply_and_frees_the_slot(server, browser):
     while requests.get(server.url + "/health", timeout=5).json()["slots_free"] != 2:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_json_mode_switch(server, browser):
+    """With the switch on and a schema typed in, even the random-weight model's reply is JSON valid against it; a
+    schema that is not JSON is reported on the page, not sent."""
+    import json
+
+    wait = WebDriverWait(browser, 60, poll_frequency=0.02)
+    browser.find_element(By.ID, "clear").click()
+    set_field(browser, "max-tokens", 40)
+    browser.find_element(By.ID, "json-mode").click()
+    set_field(browser, "json-schema", '{"type": "object", "properties": {"ok": {"type": "boolean"}}, '
+                                      '"required": ["ok"], "additionalProperties": false}')
+    send(browser, "Is it fine?")
+    wait.until(lambda d: replies(d) and idle(d))
+    assert set(json.loads(replies(browser)[-1])) == {"ok"}
+    assert "stop" in browser.find_element(By.ID, "stats").text
+    set_field(browser, "json-schema", "{not json")
+    send(browser, "Again?")
+    wait.until(lambda d: d.find_element(By.ID, "error").is_displayed() and idle(d))
+    assert "not valid JSON" in browser.find_element(By.ID, "error").text
+    browser.find_element(By.ID, "json-mode").click()

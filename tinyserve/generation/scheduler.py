@@ -32,12 +32,14 @@ import itertools
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
 from tinyserve.runtime.kv_cache import NoFreeSlot
 from tinyserve.runtime.runner import ContextOverflow, ModelRunner
+from tinyserve.generation.grammar import Grammars
 from tinyserve.generation.sampling import SampleResult, SamplingParams, SequenceSampler, sample
 from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
@@ -85,6 +87,7 @@ class SeqSpec:
     clamp_to_context: bool = False
     slot: int | None = None  # a KV slot the caller owns (a Session): used as it is, never allocated or freed here
     cached: int = 0  # prompt tokens whose keys/values `slot` already holds: prefill starts there
+    grammar: str | None = None  # a grammar the output must follow (Scheduler.grammars compiled it); None: free
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Scheduler:
         self.prefilling: list[Sequence] = []  # hold a slot, prompt not complete (worker thread only)
         self.running: list[Sequence] = []  # hold a slot, decoding (worker thread only)
         self.stats = StepStats()
+        self.grammars = Grammars(tokenizer.hf, runner.cfg.vocab_size, self.eos)
+        self._masks: ThreadPoolExecutor | None = None  # computes grammar masks while the forward runs
 
     # ---- any thread -------------------------------------------------------------------------------------------
 
@@ -267,7 +272,12 @@ class Scheduler:
             s.prefilled = end
             if end == len(prompt):
                 self.prefilling.remove(s)
-                s.sampler = SequenceSampler(s.spec.sampling, prompt, self.runner.cfg.vocab_size, self.runner.device)
+                try:
+                    constraint = self.grammars.matcher(s.spec.grammar) if s.spec.grammar is not None else None
+                except Exception as e:  # noqa: BLE001 - the grammar was checked when the request came in
+                    self._fail(s, e, out)
+                    continue
+                s.sampler = SequenceSampler(s.spec.sampling, prompt, self.runner.cfg.vocab_size, self.runner.device, constraint)
                 s.detok = IncrementalDetokenizer(self.tok, prompt)
                 s.stops = StopStrings(s.spec.stop)
                 self._accept(s, sample(logits, [s.sampler])[0], out)
@@ -276,8 +286,15 @@ class Scheduler:
 
     def _decode(self, out: list[Output]) -> None:
         rows = self.running
+        constrained = [s.sampler.constraint for s in rows if s.sampler.constraint is not None]
+        masks = None
+        if constrained:  # the grammar engine works (without the GIL) while the forward runs
+            self._masks = self._masks or ThreadPoolExecutor(1, thread_name_prefix="tinyserve-grammar")
+            masks = self._masks.submit(lambda: [c.fill() for c in constrained])
         try:
             logits = self.runner.decode([s.slot for s in rows], [s.last_token for s in rows])  # [M, V]
+            if masks is not None:
+                masks.result()
         except Exception as e:  # noqa: BLE001 - fail these sequences, keep serving
             self.running = []
             for s in rows:

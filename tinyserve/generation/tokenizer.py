@@ -35,11 +35,13 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Messages [{"role": ..., "content": ...}] -> prompt ids through the tokenizer's chat template."""
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+        """Messages [{"role": ..., "content": ...}] -> prompt ids through the tokenizer's chat template (tools: shown
+        to the model by a template that takes them)."""
         if not self.has_chat_template:
             raise ConfigError("this model's tokenizer has no chat template; use `generate` with a raw prompt")
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True)
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True,
+                                          tools=tools)
         return list(out["input_ids"])
 
 

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server (aiohttp): `python -m tinyserve serve`.
 
-Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (503 until the model is
+Endpoints: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models, GET /health (503 until the model is
 loaded and while shutting down), GET /metrics (Prometheus), GET / (the chat page, tinyserve/server/web/).
 
 The HTTP side only validates (tinyserve.server.protocol), tokenizes, submits sequences to the engine and writes what comes
@@ -30,9 +30,12 @@ from aiohttp import web
 from jinja2 import TemplateError
 
 from tinyserve.server import protocol as P
+from tinyserve.server import responses as R
 from tinyserve.server.engine import Engine, RequestStream
 from tinyserve.server.metrics import Metrics
 from tinyserve.server.protocol import APIError
+from tinyserve.generation import tools as tools_lib
+from tinyserve.generation.grammar import GrammarError
 from tinyserve.generation.scheduler import FinishReason, Output, QueueFull, SchedulerConfig, SeqSpec
 
 log = logging.getLogger("tinyserve.server.app")
@@ -214,8 +217,9 @@ def _prompt_ids(engine: Engine, req: P.Request) -> list[list[int]]:
     if req.kind == "chat":
         if not tok.has_chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        shown = [t.template_form() for t in req.tools] if req.tool_choice.mode != "none" else []
         try:
-            return [tok.chat_ids(req.messages)]
+            return [tools_lib.chat_ids(tok, req.messages, shown)]
         except (TemplateError, ValueError) as e:  # a template may refuse a conversation (e.g. roles not alternating)
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages", code="invalid_value") from None
     vocab = engine.runner.cfg.vocab_size
@@ -234,7 +238,7 @@ def _prompt_ids(engine: Engine, req: P.Request) -> list[list[int]]:
 
 
 def _max_tokens(req: P.Request, prompt_len: int, context: int) -> int:
-    prompt_param = "messages" if req.kind == "chat" else "prompt"
+    prompt_param = req.input_param if req.kind == "chat" else "prompt"
     if prompt_len >= context:
         raise APIError(400, f"This model's maximum context length is {context} tokens. However, your {prompt_param} "
                             f"resulted in {prompt_len} tokens. Please reduce the length of the {prompt_param}.",
@@ -249,7 +253,30 @@ def _max_tokens(req: P.Request, prompt_len: int, context: int) -> int:
     return req.max_tokens
 
 
-def _specs(req: P.Request, prompts: list[list[int]], context: int) -> list[SeqSpec]:
+async def _grammar(engine: Engine, req: P.Request) -> str | None:
+    """The grammar a chat request's output must follow, checked by the engine (a 400 naming the field if it cannot
+    be enforced), or None: tool_choice required or a named function forces tool calls; response_format forces JSON,
+    or with tool_choice auto, JSON or tool calls."""
+    choice, rf = req.tool_choice, req.response_format
+    forced = choice.mode in ("required", "function")
+    if not forced and rf is None:
+        return None
+    tools = []
+    if forced or choice.mode == "auto":
+        tools = [{"name": t.name, "parameters": t.parameters, "strict": t.strict} for t in req.tools
+                 if choice.mode != "function" or t.name == choice.name]
+    schema = None if forced else (rf.schema if rf.kind == "json_schema" else {"type": "object"})
+    strict = bool(rf and rf.strict)
+    parallel = req.parallel_tool_calls and choice.mode != "function"
+    grammars = engine.scheduler.grammars
+    try:  # in a thread: the first grammar builds the tokenizer's trie (0.4-2 s), a large schema takes a while
+        return await asyncio.to_thread(grammars.structured, schema, strict, tools, parallel, tools_lib.OPEN_TAG, tools_lib.CLOSE_TAG,
+                                       rf.param if rf else "response_format", "tools")
+    except GrammarError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+
+
+def _specs(req: P.Request, prompts: list[list[int]], context: int, grammar: str | None = None) -> list[SeqSpec]:
     from tinyserve.generation.sampling import SamplingError, SamplingParams
 
     s = req.sampling
@@ -266,7 +293,7 @@ def _specs(req: P.Request, prompts: list[list[int]], context: int) -> list[SeqSp
                 )
             except SamplingError as e:
                 raise APIError(400, str(e), code="invalid_value") from None
-            specs.append(SeqSpec(tuple(ids), max_tokens, params, tuple(req.stop)))
+            specs.append(SeqSpec(tuple(ids), max_tokens, params, tuple(req.stop), grammar=grammar))
     return specs
 
 
@@ -280,17 +307,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     if req.model is not None and req.model != state.model_name:
         raise APIError(404, f"The model '{req.model}' does not exist (this server runs '{state.model_name}')",
                        param="model", code="model_not_found")
-    prompts = _prompt_ids(engine, req)
-    specs = _specs(req, prompts, engine.max_seq_len)
-    if len(specs) > state.config.scheduler.max_waiting:
-        raise APIError(400, f"this request asks for {len(specs)} sequences; this server queues at most "
-                            f"{state.config.scheduler.max_waiting} (--max-waiting)", param="n", code="invalid_value")
-    try:
-        stream = engine.submit(specs)
-    except QueueFull:
-        state.metrics.rejected.inc()
-        raise APIError(429, "the server is at capacity (waiting queue full); retry shortly", code="queue_full",
-                       headers={"Retry-After": str(state.config.retry_after)}) from None
+    prompts, stream = await _submit(state, engine, req)
     reply = Reply(req, state.model_name, engine, [len(p) for p in prompts])
     try:
         if req.stream:
@@ -298,6 +315,92 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         return await _collect(stream, reply)
     finally:
         stream.cancel()
+
+
+async def _submit(state: State, engine: Engine, req: P.Request) -> tuple[list[list[int]], RequestStream]:
+    """Tokenize a validated request, build its grammar, queue its sequences -> (prompt ids, their stream)."""
+    prompts = _prompt_ids(engine, req)
+    grammar = await _grammar(engine, req) if req.kind == "chat" else None
+    specs = _specs(req, prompts, engine.max_seq_len, grammar)
+    if len(specs) > state.config.scheduler.max_waiting:
+        raise APIError(400, f"this request asks for {len(specs)} sequences; this server queues at most "
+                            f"{state.config.scheduler.max_waiting} (--max-waiting)", param="n", code="invalid_value")
+    try:
+        return prompts, engine.submit(specs)
+    except QueueFull:
+        state.metrics.rejected.inc()
+        raise APIError(429, "the server is at capacity (waiting queue full); retry shortly", code="queue_full",
+                       headers={"Retry-After": str(state.config.retry_after)}) from None
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: a chat completion in the Responses API's shape (tinyserve/server/responses.py)."""
+    state = request.app[STATE]
+    body = await _read_json(request, state.config.max_body_bytes)
+    req = R.parse(body)
+    if req.ignored:
+        log.info("ignoring unknown fields in %s: %s", request.path, ", ".join(req.ignored))
+    engine = _engine(state)
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist (this server runs '{state.model_name}')",
+                       param="model", code="model_not_found")
+    prompts, stream = await _submit(state, engine, req)
+    reply = Reply(req, state.model_name, engine, [len(p) for p in prompts])
+    out = R.Response(req, body, state.model_name, reply.prompt_tokens)
+    try:
+        if req.stream:
+            return await _stream_response(request, state, stream, reply, out)
+        async for i, o in stream:
+            err = _failure(o)
+            if err is not None:
+                raise err
+            reply.add(i, o)
+        content, calls = reply.split(0, reply.text[0], final=True)
+        if content:
+            out.text(content)
+        for call in calls:
+            out.call(call)
+        out.output_tokens = reply.completion_tokens
+        out.finish(reply.finish[0] is FinishReason.LENGTH)
+        return web.json_response(out.object(), dumps=R.dumps)
+    finally:
+        stream.cancel()
+
+
+async def _stream_response(request: web.Request, state: State, stream: RequestStream, reply: "Reply",
+                           out: R.Response) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    try:
+        await resp.write(b"".join(out.start()))
+        while True:
+            try:
+                item = await stream.next(state.config.ping_interval)
+            except StopAsyncIteration:
+                break
+            if item is None:
+                await resp.write(P.SSE_PING)
+                continue
+            i, o = item
+            err = _failure(o)
+            if err is not None:
+                await resp.write(R.error_event(out.seq, err))
+                return resp
+            reply.add(i, o)
+            content, calls = reply.split(i, o.text, final=o.finish_reason is not None)
+            events = out.text(content) if content else []
+            for call in calls:
+                events += out.call(call)
+            if o.finish_reason is not None:
+                out.output_tokens = reply.completion_tokens
+                events += out.finish(o.finish_reason is FinishReason.LENGTH)
+            if events:
+                await resp.write(b"".join(events))
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError) as e:  # the client went away mid-stream
+        log.info("stream %s ended early: %s", out.id, e)
+    return resp
 
 
 class Reply:
@@ -314,6 +417,10 @@ class Reply:
         self.sent_chars = [0] * n  # streaming completions: text_offset of the next chunk
         self.finish: list[FinishReason | None] = [None] * n
         self.completion_tokens = 0
+        calls = req.kind == "chat" and req.tools and req.tool_choice.mode != "none"
+        names = {t.name for t in req.tools}
+        self.parsers = [tools_lib.CallParser(names) for _ in range(n)] if calls else None  # per choice
+        self.content = [""] * n  # the text, tool calls taken out (when parsers)
 
     def add(self, i: int, out: Output) -> None:
         self.text[i] += out.text
@@ -338,10 +445,31 @@ class Reply:
             return P.chat_logprobs(entries)
         return P.completion_logprobs(entries, text_offset, with_top=self.req.top_logprobs > 0)
 
+    def split(self, i: int, text: str, final: bool) -> tuple[str, list[tools_lib.ToolCall]]:
+        """Choice i's new text -> (content, completed tool calls); final: the choice has ended."""
+        if self.parsers is None:
+            return text, []
+        content, calls = self.parsers[i].push(text)
+        if final:
+            rest, more = self.parsers[i].flush()
+            content, calls = content + rest, calls + more
+        self.content[i] += content
+        return content, calls
+
+    def finish_reason(self, i: int):
+        """"tool_calls" when choice i stopped after calling tools, else its finish reason."""
+        if self.parsers is not None and self.parsers[i].calls and self.finish[i] is FinishReason.STOP:
+            return "tool_calls"
+        return self.finish[i]
+
     def whole(self) -> dict:
         n = len(self.text)
         if self.req.kind == "chat":
-            choices = [P.chat_choice(i, self.text[i], self.finish[i], self._lp(i, self.logprobs[i], 0)) for i in range(n)]
+            choices = []
+            for i in range(n):
+                content, calls = self.split(i, self.text[i], final=True)
+                choices.append(P.chat_choice(i, content, self.finish_reason(i), self._lp(i, self.logprobs[i], 0),
+                                             [c.wire() for c in calls]))
             return P.chat_completion(self.id, self.created, self.model, choices, self.usage())
         choices = [P.text_choice(i, self.text[i], self.finish[i], self._lp(i, self.logprobs[i], 0)) for i in range(n)]
         return P.text_completion(self.id, self.created, self.model, choices, True, self.usage())
@@ -359,21 +487,25 @@ class Reply:
         chat = self.req.kind == "chat"
         if chat and first:
             chunks.append(self.chunk([P.chat_delta(i, {"role": "assistant", "content": ""})]))
-        if out.text:
+        text, calls = self.split(i, out.text, final=out.finish_reason is not None) if chat else (out.text, [])
+        if text:
             # Logprobs travel with text; tokens that produced no text yet (held back) are sent with the next text.
             lp = self._lp(i, pending, self.sent_chars[i]) if has_logprobs else None
             self.sent_logprobs[i] = len(self.logprobs[i])
             if chat:
-                chunks.append(self.chunk([P.chat_delta(i, {"content": out.text}, None, lp)]))
+                chunks.append(self.chunk([P.chat_delta(i, {"content": text}, None, lp)]))
             else:
-                chunks.append(self.chunk([P.text_choice(i, out.text, None, lp)]))
-            self.sent_chars[i] += len(out.text)
+                chunks.append(self.chunk([P.text_choice(i, text, None, lp)]))
+            self.sent_chars[i] += len(text)
+        first_call = len(self.parsers[i].calls) - len(calls) if calls else 0
+        for k, call in enumerate(calls, first_call):  # a call goes out whole, as one delta: id, name and arguments
+            chunks.append(self.chunk([P.chat_delta(i, {"tool_calls": [call.wire(k)]})]))
         if out.finish_reason is not None:
             rest = self.logprobs[i][self.sent_logprobs[i]:]
             lp = self._lp(i, rest, self.sent_chars[i]) if self.req.logprobs and rest else None
             self.sent_logprobs[i] = len(self.logprobs[i])
             if chat:
-                chunks.append(self.chunk([P.chat_delta(i, {}, out.finish_reason, lp)]))
+                chunks.append(self.chunk([P.chat_delta(i, {}, self.finish_reason(i), lp)]))
             else:
                 chunks.append(self.chunk([P.text_choice(i, "", out.finish_reason, lp)]))
         return chunks
@@ -456,6 +588,7 @@ def build_app(state: State) -> web.Application:
         app.on_response_prepare.append(cors_hook)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -2,12 +2,14 @@
 
 Nothing here touches the model. `parse_chat` and `parse_completion` take the decoded JSON body and either return a
 typed request or raise `APIError` naming the offending parameter, with the status OpenAI would answer. Unknown fields
-are returned in `ignored` (the server logs them); known OpenAI fields we cannot honour (`tools`, `logit_bias`, ...)
-are refused with a 400 that names them, unless they hold their do-nothing default.
+are returned in `ignored` (the server logs them); known OpenAI fields we cannot honour (`logit_bias`, `audio`, ...)
+are refused with a 400 that names them, unless they hold their do-nothing default. Whether a schema can be enforced
+is decided later, by the grammar engine (the server answers its GrammarError with a 400 naming the field).
 """
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,16 +26,15 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy endpoint's documented default
 MAX_SEED = 2**63 - 1
 MAX_INT = 2**31 - 1  # bound for counts such as max_tokens: larger values are answered 400, not overflowed
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Known OpenAI fields that change the output in ways we do not implement. Each maps to a predicate that says whether
 # the given value is harmless (the default), in which case it is accepted.
 _UNSUPPORTED_COMMON = {
     "logit_bias": lambda v: v is None or v == {},
     "best_of": lambda v: v is None or v == 1,
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v is None or v == "none",
     "functions": lambda v: v is None or v == [],
     "function_call": lambda v: v is None or v == "none",
     "audio": lambda v: v is None,
@@ -45,14 +46,21 @@ _UNSUPPORTED_COMMON = {
     "suffix": lambda v: v is None or v == "",
 }
 # Known fields that do not affect generation: accepted silently.
-_ACCEPTED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key"}
+_ACCEPTED = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
 
 _CHAT_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "seed", "stop", "stream", "stream_options",
-    "logprobs", "top_logprobs", "n",
+    "logprobs", "top_logprobs", "n", "response_format", "tools", "tool_choice", "parallel_tool_calls",
 }
-_COMPLETION_FIELDS = (_CHAT_FIELDS - {"messages", "max_completion_tokens", "top_logprobs"}) | {"prompt"}
+# The legacy endpoint has no structured output or tools: those fields keep their do-nothing defaults there.
+_COMPLETION_ONLY_DEFAULTS = {
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": lambda v: v is None or v == [],
+    "tool_choice": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: True,
+}
+_COMPLETION_FIELDS = (_CHAT_FIELDS - {"messages", "max_completion_tokens", "top_logprobs"} - set(_COMPLETION_ONLY_DEFAULTS)) | {"prompt"}
 
 
 class APIError(Exception):
@@ -90,6 +98,36 @@ class Sampling:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class ResponseFormat:
+    """What the output must be: any JSON object, or JSON valid against a schema."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: dict | None = None
+    strict: bool = False
+    name: str | None = None
+    param: str = "response_format"  # the field named in errors about it
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict | None  # a JSON Schema; None: any object
+    strict: bool
+
+    def template_form(self) -> dict:
+        """As chat templates take tools (OpenAI's chat shape)."""
+        fn = {"name": self.name, "description": self.description, "parameters": self.parameters or {"type": "object", "properties": {}}}
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: str  # "none" | "auto" | "required" | "function"
+    name: str | None = None  # mode "function": the one function to call
+
+
 @dataclass
 class Request:
     """One validated chat or completion request. `prompts` holds one entry for chat (the messages) and one or more
@@ -109,6 +147,11 @@ class Request:
     top_logprobs: int
     sampling: Sampling
     ignored: list[str] = field(default_factory=list)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+    input_param: str = "messages"  # the field holding the conversation, named in context-length errors
 
 
 # ---- body and field validation ----------------------------------------------------------------------------------
@@ -186,12 +229,12 @@ def _bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
-def _check_fields(body: dict, known: set[str]) -> list[str]:
+def _check_fields(body: dict, known: set[str], unsupported: dict = _UNSUPPORTED_COMMON) -> list[str]:
     """Refuse supported-by-OpenAI-but-not-here fields that carry a real value; return the unknown field names."""
-    for name, harmless in _UNSUPPORTED_COMMON.items():
+    for name, harmless in unsupported.items():
         if name in body and not harmless(body[name]):
             raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
-    return sorted(k for k in body if k not in known and k not in _ACCEPTED and k not in _UNSUPPORTED_COMMON)
+    return sorted(k for k in body if k not in known and k not in _ACCEPTED and k not in unsupported)
 
 
 def _model(body: dict) -> str | None:
@@ -265,6 +308,8 @@ def _content(content, param: str) -> str:
 
 
 def _messages(body: dict) -> list[dict]:
+    """The conversation -> [{"role", "content": str}], an assistant's earlier calls as "tool_calls" (arguments
+    decoded to objects, as chat templates take them) and a tool result's "tool_call_id"."""
     msgs = body.get("messages")
     if msgs is None:
         raise APIError(400, "messages is required", param="messages", code="missing_required_parameter")
@@ -281,18 +326,149 @@ def _messages(body: dict) -> list[dict]:
         if not isinstance(role, str):
             raise _type_error(f"{p}.role", "a string", role)
         if role not in ROLES:
-            code = "unsupported_parameter" if role in ("tool", "function") else "invalid_value"
+            code = "unsupported_parameter" if role == "function" else "invalid_value"
             raise APIError(400, f"{p}.role: unsupported role {role!r} (supported: {', '.join(ROLES)})",
                            param=f"{p}.role", code=code)
-        for key in ("tool_calls", "function_call", "audio"):
+        for key in ("function_call", "audio"):
             if m.get(key):
                 raise APIError(400, f"{p}.{key} is not supported by this server", param=f"{p}.{key}",
                                code="unsupported_parameter")
-        if "content" not in m or (m["content"] is None):
+        calls = m.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise _bad(f"{p}.tool_calls", "only assistant messages carry tool_calls")
+        if m.get("content") is None and not (role == "assistant" and calls):
             raise APIError(400, f"{p}.content is required", param=f"{p}.content", code="missing_required_parameter")
         # "developer" is OpenAI's newer name for the system role.
-        out.append({"role": "system" if role == "developer" else role, "content": _content(m["content"], f"{p}.content")})
+        msg = {"role": "system" if role == "developer" else role,
+               "content": _content(m["content"], f"{p}.content") if m.get("content") is not None else ""}
+        if calls:
+            msg["tool_calls"] = tool_calls_history(calls, f"{p}.tool_calls")
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise APIError(400, f"{p}.tool_call_id is required (a string) in a tool message", param=f"{p}.tool_call_id",
+                               code="missing_required_parameter")
+            msg["tool_call_id"] = call_id
+        out.append(msg)
     return out
+
+
+def tool_calls_history(calls, param: str) -> list[dict]:
+    """An assistant's earlier tool calls (OpenAI's shape, arguments a JSON string) -> the chat-template shape."""
+    if not isinstance(calls, list):
+        raise _type_error(param, "an array", calls)
+    out = []
+    for j, c in enumerate(calls):
+        q = f"{param}[{j}]"
+        if not isinstance(c, dict):
+            raise _type_error(q, "an object", c)
+        if c.get("type", "function") != "function":
+            raise APIError(400, f"{q}.type: only function tool calls are supported", param=f"{q}.type", code="unsupported_parameter")
+        fn = c.get("function")
+        if not isinstance(fn, dict):
+            raise _type_error(f"{q}.function", "an object", fn)
+        name, args = fn.get("name"), fn.get("arguments")
+        if not isinstance(name, str) or not name:
+            raise _type_error(f"{q}.function.name", "a non-empty string", name)
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except (ValueError, RecursionError):
+                raise _bad(f"{q}.function.arguments", "is not valid JSON") from None
+        if not isinstance(args, dict):
+            raise _type_error(f"{q}.function.arguments", "a JSON object (as a string)", args)
+        call_id = c.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise _type_error(f"{q}.id", "a string", call_id)
+        out.append({"id": call_id or f"call_{j}", "type": "function", "function": {"name": name, "arguments": args}})
+    return out
+
+
+def response_format(v, param: str = "response_format") -> ResponseFormat | None:
+    """OpenAI's response_format (chat) or text.format (Responses, flat: name/schema/strict beside type)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise _type_error(param, "an object", v)
+    kind = v.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object", param=param)
+    if kind != "json_schema":
+        raise APIError(400, f"{param}.type must be text, json_object or json_schema, got {kind!r}", param=f"{param}.type",
+                       code="invalid_value")
+    spec = v.get("json_schema", v) if "json_schema" in v else v  # chat nests the spec; Responses has it flat
+    q = f"{param}.json_schema" if "json_schema" in v else param
+    if not isinstance(spec, dict):
+        raise _type_error(q, "an object", spec)
+    name, schema, strict = spec.get("name"), spec.get("schema"), spec.get("strict")
+    if name is not None and (not isinstance(name, str) or not TOOL_NAME.fullmatch(name)):
+        raise _bad(f"{q}.name", "must be 1-64 letters, digits, underscores or dashes")
+    if schema is None:
+        schema = {"type": "object"}
+    if not isinstance(schema, (dict, bool)):
+        raise _type_error(f"{q}.schema", "a JSON Schema object", schema)
+    if strict is not None and not isinstance(strict, bool):
+        raise _type_error(f"{q}.strict", "a boolean", strict)
+    return ResponseFormat("json_schema", schema, bool(strict), name, f"{q}.schema")
+
+
+def tools(v, flat: bool = False, param: str = "tools") -> list[Tool]:
+    """Function tools. Chat nests each as {"type": "function", "function": {...}}; the Responses API is flat."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise _type_error(param, "an array", v)
+    if len(v) > MAX_TOOLS:
+        raise _bad(param, f"at most {MAX_TOOLS} tools are allowed, got {len(v)}")
+    out, seen = [], set()
+    for i, t in enumerate(v):
+        q = f"{param}[{i}]"
+        if not isinstance(t, dict):
+            raise _type_error(q, "an object", t)
+        if t.get("type") != "function":
+            raise APIError(400, f"{q}.type: only function tools are supported, got {t.get('type')!r}", param=f"{q}.type",
+                           code="unsupported_parameter")
+        fn = t if flat else t.get("function")
+        fq = q if flat else f"{q}.function"
+        if not isinstance(fn, dict):
+            raise _type_error(fq, "an object", fn)
+        name, desc, params, strict = fn.get("name"), fn.get("description", ""), fn.get("parameters"), fn.get("strict")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise _bad(f"{fq}.name", "must be 1-64 letters, digits, underscores or dashes")
+        if name in seen:
+            raise _bad(f"{fq}.name", f"two tools are named {name!r}")
+        seen.add(name)
+        if desc is not None and not isinstance(desc, str):
+            raise _type_error(f"{fq}.description", "a string", desc)
+        if params is not None and not isinstance(params, dict):
+            raise _type_error(f"{fq}.parameters", "a JSON Schema object", params)
+        if strict is not None and not isinstance(strict, bool):
+            raise _type_error(f"{fq}.strict", "a boolean", strict)
+        out.append(Tool(name, desc or "", params, bool(strict)))
+    return out
+
+
+def tool_choice(v, known: list[Tool], flat: bool = False) -> ToolChoice:
+    """"none" / "auto" / "required" / a named function ({"type": "function", "function": {"name"}}; flat in Responses)."""
+    if v is None:
+        return ToolChoice("auto" if known else "none")
+    if isinstance(v, str):
+        if v not in ("none", "auto", "required"):
+            raise _bad("tool_choice", f"must be none, auto, required or a function, got {v!r}")
+        if v == "required" and not known:
+            raise _bad("tool_choice", "required needs tools")
+        return ToolChoice(v)
+    if not isinstance(v, dict) or v.get("type") != "function":
+        raise _type_error("tool_choice", 'a string or {"type": "function", ...}', v)
+    fn = v if flat else v.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise _type_error("tool_choice.name" if flat else "tool_choice.function.name", "a string", name)
+    if name not in {t.name for t in known}:
+        raise _bad("tool_choice", f"names the function {name!r}, which is not in tools")
+    return ToolChoice("function", name)
 
 
 def _prompts(body: dict, vocab_size: int) -> list[str | list[int]]:
@@ -340,15 +516,18 @@ def parse_chat(body: dict) -> Request:
     top_logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
     if top_logprobs and not logprobs:
         raise _bad("top_logprobs", "top_logprobs requires logprobs to be true")
+    tool_list = tools(body.get("tools"))
     return Request(
         kind="chat", model=model, messages=messages, prompts=[], max_tokens=max_tokens, max_tokens_param=param,
         n=_int(body, "n", 1, MAX_N, 1), stream=stream, include_usage=include_usage, stop=_stop(body),
         logprobs=logprobs, top_logprobs=top_logprobs, sampling=_sampling(body), ignored=ignored,
+        response_format=response_format(body.get("response_format")), tools=tool_list,
+        tool_choice=tool_choice(body.get("tool_choice"), tool_list), parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
     )
 
 
 def parse_completion(body: dict, vocab_size: int) -> Request:
-    ignored = _check_fields(body, _COMPLETION_FIELDS)
+    ignored = _check_fields(body, _COMPLETION_FIELDS, _UNSUPPORTED_COMMON | _COMPLETION_ONLY_DEFAULTS)
     model = _model(body)
     prompts = _prompts(body, vocab_size)
     stream, include_usage = _stream(body)
@@ -423,9 +602,13 @@ def finish_reason_value(reason: "FinishReason | None") -> str | None:
     return None if reason is None else str(reason)  # FinishReason.__str__ is its value
 
 
-def chat_choice(index: int, text: str, finish_reason: "FinishReason", logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": logprobs, "finish_reason": finish_reason_value(finish_reason)}
+def chat_choice(index: int, text: str, finish_reason: "FinishReason | str", logprobs: dict | None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["content"] = text or None
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason_value(finish_reason)}
 
 
 def chat_chunk(id_: str, created: int, model: str, choices: list[dict], usage_field: bool, use: dict | None = None) -> dict:

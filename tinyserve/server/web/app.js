@@ -98,6 +98,7 @@ async function send(text) {
         stream_options: { include_usage: true },
         temperature: Number($("temperature").value),
         max_tokens: Number($("max-tokens").value) || undefined,
+        response_format: responseFormat(),
       }),
     });
     if (!r.ok) {
@@ -133,6 +134,20 @@ async function send(text) {
   } else {
     out.remove();
   }
+}
+
+// The JSON-mode switch: any JSON object, or JSON valid against the schema typed in (the server checks it: 400 if bad).
+function responseFormat() {
+  if (!$("json-mode").checked) return undefined;
+  const text = $("json-schema").value.trim();
+  if (!text) return { type: "json_object" };
+  let schema;
+  try {
+    schema = JSON.parse(text);
+  } catch (e) {
+    throw new Error("the JSON Schema is not valid JSON: " + e.message);
+  }
+  return { type: "json_schema", json_schema: { name: "reply", schema, strict: true } };
 }
 
 function showStats(tokens, t0, tFirst, finish) {
