@@ -160,3 +160,28 @@ def test_tags_that_are_added_tokens_are_matched_as_those_tokens(default_fp16_dir
         assert allowed(m.fill(), len(hf)) >= {t} and m.consume(t), hf.decode([t])
     assert allowed(m.fill(), len(hf)) == {hf.eos_token_id}
     assert hf.decode(ids, skip_special_tokens=True).startswith(OPEN_TAG)
+
+
+TOOL_TEMPLATE = (  # a minimal Hermes-style template that takes tools, as Qwen2.5's does
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>{% endfor %}{% endif %}"
+    "</{{ m.role }}>\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_template_that_takes_tools_renders_them_and_the_history(default_fp16_dir):
+    from tinyserve.generation.tokenizer import Tokenizer
+    from tinyserve.generation.tools import chat_ids
+
+    tok = Tokenizer(default_fp16_dir)
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "tool_call_id": "1", "content": "sunny"}]
+    generic = tok.decode(chat_ids(tok, msgs, tools), skip_special_tokens=False)
+    assert "<tool_response>\nsunny" in generic and "You can call functions" in generic  # SmolLM2's template: generic
+    tok.hf.chat_template = TOOL_TEMPLATE
+    native = tok.decode(chat_ids(tok, msgs, tools), skip_special_tokens=False)
+    assert native.startswith("<tools>get_weather;</tools>")
+    assert '<tool_call>get_weather {"city": "Oslo"}</tool_call>' in native and "<tool>sunny</tool>" in native
+    assert native.endswith("<assistant>")
