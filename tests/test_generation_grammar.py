@@ -185,3 +185,20 @@ def test_a_template_that_takes_tools_renders_them_and_the_history(default_fp16_d
     assert native.startswith("<tools>get_weather;</tools>")
     assert '<tool_call>get_weather {"city": "Oslo"}</tool_call>' in native and "<tool>sunny</tool>" in native
     assert native.endswith("<assistant>")
+
+
+def test_json_or_tool_calls_and_its_errors_name_the_right_field(grammars, hf):
+    tools = [{"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}]
+    grammar = grammars.structured({"type": "object", "properties": {"a": {"type": "string"}}}, False, tools, False,
+                                  OPEN_TAG, CLOSE_TAG)
+    for text in ['{"a": "b"}', OPEN + '{"name": "f", "arguments": {"x": 3}}' + CLOSE]:
+        m = grammars.matcher(grammar).m
+        ids = hf.encode(text, add_special_tokens=False)
+        assert m.try_consume_tokens(ids) == len(ids) and m.is_accepting(), text
+    with pytest.raises(GrammarError) as e:
+        grammars.structured({"type": "bogus"}, False, tools, False, OPEN_TAG, CLOSE_TAG, schema_param="response_format")
+    assert e.value.param == "response_format"
+    with pytest.raises(GrammarError) as e:
+        grammars.structured({"type": "object"}, False, [{"name": "g", "parameters": {"type": "bogus"}}], False,
+                            OPEN_TAG, CLOSE_TAG, schema_param="response_format")
+    assert e.value.param == "tools"

@@ -105,6 +105,7 @@ class Grammars:
             return self.json_schema(schema, strict, schema_param)
         rules, starts = [], []
         if schema is not None:
+            self.json_schema(schema, strict, schema_param)  # alone first, so an error in it names its field
             schema = check_schema(schema, schema_param)
             rules.append(f"answer: %json {json.dumps({**schema, 'x-guidance': _json_options(strict)})}")
             starts.append("answer")
