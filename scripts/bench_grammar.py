@@ -85,11 +85,13 @@ class OutlinesCore:
     def __init__(self, hf, vocab):
         import outlines_core
         from outlines_core.json_schema import build_regex_from_schema
+
+        from tinyserve.server.engine import bytes_to_unicode
         self.oc, self.regex = outlines_core, build_regex_from_schema
         pieces: dict[bytes, list[int]] = {}
         decoder = json.loads(hf.backend_tokenizer.to_str()).get("decoder") or {}
         byte_level = "ByteLevel" in {d.get("type") for d in decoder.get("decoders", [decoder])}
-        byte_of_char = {c: b for b, c in _bytes_to_unicode().items()}
+        byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
         specials = set(hf.all_special_ids)
         for piece, i in hf.get_vocab().items():
             if i in specials or i >= vocab:
@@ -105,17 +107,6 @@ class OutlinesCore:
     def step(self, g, token):
         g.write_mask_into(self.mask.data_ptr(), self.mask.numel(), 4)
         g.advance(token)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def apply_cost(vocab: int, rows: int, repeat: int = 200) -> float:

@@ -301,13 +301,7 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     state = request.app[STATE]
     body = await _read_json(request, state.config.max_body_bytes)
     req = P.parse_chat(body) if kind == "chat" else P.parse_completion(body, vocab_size=2**31)
-    if req.ignored:
-        log.info("ignoring unknown fields in %s: %s", request.path, ", ".join(req.ignored))
-    engine = _engine(state)
-    if req.model is not None and req.model != state.model_name:
-        raise APIError(404, f"The model '{req.model}' does not exist (this server runs '{state.model_name}')",
-                       param="model", code="model_not_found")
-    prompts, stream = await _submit(state, engine, req)
+    engine, prompts, stream = await _submit(request, state, req)
     reply = Reply(req, state.model_name, engine, [len(p) for p in prompts])
     try:
         if req.stream:
@@ -317,8 +311,15 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
         stream.cancel()
 
 
-async def _submit(state: State, engine: Engine, req: P.Request) -> tuple[list[list[int]], RequestStream]:
-    """Tokenize a validated request, build its grammar, queue its sequences -> (prompt ids, their stream)."""
+async def _submit(request: web.Request, state: State, req: P.Request) -> tuple[Engine, list[list[int]], RequestStream]:
+    """Check a parsed request's model, tokenize it, build its grammar, queue its sequences -> (the engine, prompt
+    ids, their stream)."""
+    if req.ignored:
+        log.info("ignoring unknown fields in %s: %s", request.path, ", ".join(req.ignored))
+    engine = _engine(state)
+    if req.model is not None and req.model != state.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist (this server runs '{state.model_name}')",
+                       param="model", code="model_not_found")
     prompts = _prompt_ids(engine, req)
     grammar = await _grammar(engine, req) if req.kind == "chat" else None
     specs = _specs(req, prompts, engine.max_seq_len, grammar)
@@ -326,7 +327,7 @@ async def _submit(state: State, engine: Engine, req: P.Request) -> tuple[list[li
         raise APIError(400, f"this request asks for {len(specs)} sequences; this server queues at most "
                             f"{state.config.scheduler.max_waiting} (--max-waiting)", param="n", code="invalid_value")
     try:
-        return prompts, engine.submit(specs)
+        return engine, prompts, engine.submit(specs)
     except QueueFull:
         state.metrics.rejected.inc()
         raise APIError(429, "the server is at capacity (waiting queue full); retry shortly", code="queue_full",
@@ -338,13 +339,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await _read_json(request, state.config.max_body_bytes)
     req = R.parse(body)
-    if req.ignored:
-        log.info("ignoring unknown fields in %s: %s", request.path, ", ".join(req.ignored))
-    engine = _engine(state)
-    if req.model is not None and req.model != state.model_name:
-        raise APIError(404, f"The model '{req.model}' does not exist (this server runs '{state.model_name}')",
-                       param="model", code="model_not_found")
-    prompts, stream = await _submit(state, engine, req)
+    engine, prompts, stream = await _submit(request, state, req)
     reply = Reply(req, state.model_name, engine, [len(p) for p in prompts])
     out = R.Response(req, body, state.model_name, reply.prompt_tokens)
     try:

@@ -188,7 +188,7 @@ class TokenPieces:
         decoder = json.loads(hf.backend_tokenizer.to_str()).get("decoder") or {}
         types = {d.get("type") for d in decoder.get("decoders", [decoder])}
         self.byte_level = "ByteLevel" in types
-        self.byte_of_char = {c: b for b, c in _bytes_to_unicode().items()}
+        self.byte_of_char = {c: b for b, c in bytes_to_unicode().items()}
 
     @lru_cache(maxsize=65536)
     def __call__(self, token_id: int) -> tuple[str, bytes]:
@@ -207,7 +207,7 @@ class TokenPieces:
         return raw.decode("utf-8", errors="replace"), raw
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level BPE alphabet: each byte is shown as a printable character."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
