@@ -4,6 +4,7 @@ random-weight Llama packed as INT4, so the CPU kernel that the dispatcher picks 
 CPU_INT4PACK_MAX_M rows."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,3 +213,58 @@ def test_constrained_and_free_sequences_share_a_batch(runner_tok):
     assert [o[0] for o in outs[:2] + outs[3:]] == [o[0] for o in alone.values()]
     tokens, text, reason = outs[2]
     assert reason is FinishReason.STOP and set(json.loads(text)) == {"ok", "n"}
+
+
+def shared_prefix_specs(tok: Tokenizer, n: int, prefix_tokens: int, max_tokens: int = 12) -> list[SeqSpec]:
+    """n prompts that share their first `prefix_tokens` tokens and then differ."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    shared = list(tok.encode(" ".join(words[i % len(words)] for i in range(prefix_tokens))))[:prefix_tokens]
+    return [SeqSpec(tuple(shared + tok.encode(f" question {i}: " + " ".join(words[: 3 + i]), add_special_tokens=False)),
+                    max_tokens, GREEDY) for i in range(n)]
+
+
+@pytest.mark.parametrize("arrival", ["one by one", "while the first decodes", "all at once"])
+def test_prefix_cache_serves_whole_chunks_and_changes_no_token(runner_tok, arrival):
+    """Prompts sharing 40 tokens, chunks of 16: each later prompt reuses 32 positions (two whole chunks), from a
+    finished sequence's slot (taken over) or a running one's (copied; all at once: the others wait for the first's
+    prefill); tokens equal the uncached run's."""
+    runner, tok = runner_tok
+    specs = shared_prefix_specs(tok, 5, 40)
+    cfg = SchedulerConfig(prefill_chunk=16)
+    plain = run(Scheduler(runner, tok, replace(cfg, prefix_cache=False)), specs)
+    sched = Scheduler(runner, tok, cfg)
+    if arrival == "while the first decodes":
+        cached = run(sched, specs[:1], late=specs[1:], late_after=4)
+        assert sched.stats.cached_tokens == 4 * 32
+    elif arrival == "all at once":
+        cached = run(sched, specs)
+        assert sched.stats.cached_tokens == 4 * 32
+    else:
+        cached = {}
+        for spec in specs:
+            cached.update(run(sched, [spec]))
+    assert [v[0] for v in cached.values()] == [v[0] for v in plain.values()]
+    assert [v[2] for v in cached.values()] == [v[2] for v in plain.values()]
+    outs = []
+    sched2 = Scheduler(runner, tok, cfg)
+    for spec in specs:
+        ids = sched2.add([spec])
+        while sched2.has_work():
+            outs += [o for o in sched2.step() if o.seq_id in ids and o.token is not None and o.cached_tokens]
+    assert [o.cached_tokens for o in outs] == [32] * 4  # the first prompt computes everything
+
+
+def test_prefix_cache_ignores_a_slot_given_out_elsewhere(runner_tok):
+    """A Session takes the slot a finished sequence left its prefix in: the entry is dropped, not reused."""
+    runner, tok = runner_tok
+    specs = shared_prefix_specs(tok, 2, 40)
+    sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16))
+    run(sched, specs[:1])
+    (slot,) = [s for s, e in sched.prefix.entries.items() if len(e[1]) == 32]
+    taken = [runner.alloc_slot() for _ in range(runner.pool.num_free)]  # every free slot, that one included
+    assert slot in taken
+    for s in taken:
+        runner.free_slot(s)
+    slot, reused = sched.prefix.take(specs[1].prompt_ids)
+    runner.free_slot(slot)
+    assert reused == 0

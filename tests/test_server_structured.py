@@ -210,3 +210,20 @@ def test_previous_response_id_is_a_clear_400(server):
     r = requests.post(server.url + "/v1/responses", json={"input": "hi", "previous_response_id": "resp_1"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
     assert "stateless" in r.json()["error"]["message"]
+
+
+def test_prefix_cache_reports_cached_tokens(server, client, model):
+    """A second request with the same long system prompt reuses its first whole prefill chunk (512 tokens): the
+    usage and /metrics say so, and the answer is the same."""
+    from tinyserve_quantize.text_data import eval_text
+
+    system = " ".join(eval_text().split()[:600])  # ~800 tokens
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Who is the narrator?"}]
+    first = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    second = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 or first.usage.prompt_tokens > 1024
+    assert second.usage.prompt_tokens_details.cached_tokens == 512 * ((second.usage.prompt_tokens - 1) // 512)
+    assert second.choices[0].message.content == first.choices[0].message.content
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    cached = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("tinyserve_prompt_tokens_cached_total")]
+    assert cached and cached[0] >= 512

@@ -40,6 +40,7 @@ from enum import Enum
 from tinyserve.runtime.kv_cache import NoFreeSlot
 from tinyserve.runtime.runner import ContextOverflow, ModelRunner
 from tinyserve.generation.grammar import Grammars
+from tinyserve.generation.prefix_cache import PrefixCache
 from tinyserve.generation.sampling import SampleResult, SamplingParams, SequenceSampler, sample
 from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
@@ -65,6 +66,7 @@ class QueueFull(RuntimeError):
 class SchedulerConfig:
     max_waiting: int = 64  # sequences waiting for a slot; beyond this `add` raises QueueFull
     prefill_chunk: int = 512  # most prompt tokens prefilled per step (and the fixed chunk size of every prompt)
+    prefix_cache: bool = True  # start from a prompt prefix a slot already holds (prefix_cache.py; output unchanged)
 
     def __post_init__(self):
         if self.max_waiting < 1:
@@ -99,6 +101,7 @@ class Output:
     token: SampleResult | None
     finish_reason: FinishReason | None = None  # set on the sequence's last output only
     error: str | None = None  # finish_reason ERROR: why
+    cached_tokens: int = 0  # on a sequence's first output: prompt tokens the prefix cache served
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Sequence:
     arrival: float  # time.perf_counter() at add
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the slot (spec.cached at first)
+    reused: int = 0  # prompt tokens the prefix cache served
     completion_tokens: int = 0
     last_token: int | None = None  # sampled, not yet fed to the model
     first_token_at: float | None = None
@@ -124,6 +128,7 @@ class StepStats:
     ttft: list[float] = field(default_factory=list)
     inter_token: list[float] = field(default_factory=list)
     prompt_tokens: int = 0  # prompt tokens prefilled this step
+    cached_tokens: int = 0  # prompt tokens the prefix cache served to sequences admitted this step
     finished: dict[FinishReason, int] = field(default_factory=dict)
 
 
@@ -140,6 +145,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # hold a slot, decoding (worker thread only)
         self.stats = StepStats()
         self.grammars = Grammars(tokenizer.hf, runner.cfg.vocab_size, self.eos)
+        self.prefix = PrefixCache(runner, config.prefill_chunk) if config.prefix_cache else None
         self._masks: ThreadPoolExecutor | None = None  # computes grammar masks while the forward runs
 
     # ---- any thread -------------------------------------------------------------------------------------------
@@ -244,6 +250,12 @@ class Scheduler:
                     s.slot = s.spec.slot
                 elif not self.runner.pool.num_free:
                     break
+                elif self.prefix is not None:
+                    if self._prefix_pending(s):
+                        break  # a sequence now prefilling will hold more of this prompt in a step or two
+                    s.slot, s.reused = self.prefix.take(s.spec.prompt_ids)
+                    s.prefilled = s.reused
+                    self.stats.cached_tokens += s.reused
                 else:
                     try:
                         s.slot = self.runner.alloc_slot()
@@ -251,6 +263,14 @@ class Scheduler:
                         break
                 self._waiting.popleft()
                 self.prefilling.append(s)
+
+    def _prefix_pending(self, s: Sequence) -> bool:
+        """Is a sequence now prefilling about to write a whole chunk of s's prompt that no slot holds yet? Then s waits
+        for it: prefill runs one chunk budget per step anyway, so waiting costs s nothing and saves the chunk."""
+        for p in self.prefilling:
+            if p.spec.slot is None and self.prefix.reusable(p.spec.prompt_ids, s.spec.prompt_ids) > p.prefilled:
+                return True
+        return False
 
     def _prefill(self, out: list[Output]) -> None:
         budget = self.config.prefill_chunk
@@ -269,6 +289,8 @@ class Scheduler:
                 continue
             self.stats.prompt_tokens += end - s.prefilled
             budget -= end - s.prefilled
+            if self.prefix is not None and s.spec.slot is None:
+                self.prefix.record(s.slot, prompt, s.prefilled, end)
             s.prefilled = end
             if end == len(prompt):
                 self.prefilling.remove(s)
@@ -281,6 +303,7 @@ class Scheduler:
                 s.detok = IncrementalDetokenizer(self.tok, prompt)
                 s.stops = StopStrings(s.spec.stop)
                 self._accept(s, sample(logits, [s.sampler])[0], out)
+                out[-1].cached_tokens = s.reused  # _accept emits exactly one output, the sequence's first
             if budget <= 0:
                 break
 

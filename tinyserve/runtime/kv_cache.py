@@ -45,12 +45,20 @@ class SlotPool:
         self._free = list(range(num_slots - 1, -1, -1))  # a stack: alloc hands out slot 0 first
         self._in_use = [False] * num_slots
 
-    def alloc(self) -> int:
+    def alloc(self, prefer: int | None = None) -> int:
+        """A free slot: `prefer` if it is free (its stale contents may be worth keeping), else the next one."""
         if not self._free:
             raise NoFreeSlot(f"all {len(self._in_use)} KV cache slots are in use")
-        slot = self._free.pop()
+        if prefer is not None and not self._in_use[prefer]:
+            self._free.remove(prefer)
+            slot = prefer
+        else:
+            slot = self._free.pop()
         self._in_use[slot] = True
         return slot
+
+    def free_slots(self) -> list[int]:
+        return list(self._free)
 
     def free(self, slot: int) -> None:
         if not self._in_use[slot]:

@@ -111,6 +111,7 @@ class ModelRunner:
         self.num_slots = rc.num_slots
         self.pool = SlotPool(self.num_slots)
         self._lengths = [0] * self.num_slots
+        self.generation = [0] * self.num_slots  # allocations of each slot so far (a prefix cache's validity check)
 
     @property
     def weights(self) -> ModelWeights:
@@ -122,14 +123,28 @@ class ModelRunner:
 
     # ---- slots -------------------------------------------------------------------------------------------------
 
-    def alloc_slot(self) -> int:
-        slot = self.pool.alloc()
-        self._lengths[slot] = 0
+    def alloc_slot(self, prefer: int | None = None, keep: int = 0) -> int:
+        """A free slot (`prefer` if free). keep: its first positions still hold what the caller knows they hold (a
+        prefix cache reusing a freed slot); they count as written. Every allocation bumps the slot's generation."""
+        slot = self.pool.alloc(prefer)
+        self._lengths[slot] = keep if slot == prefer else 0
+        self.generation[slot] += 1
         return slot
 
     def free_slot(self, slot: int) -> None:
         self.pool.free(slot)
         self._lengths[slot] = 0
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy positions [0, n) of slot src's keys and values into slot dst (allocated), which then holds n
+        positions. src may be free: its stale rows are what they were (the caller tracks that, by generation)."""
+        self._check_slot(dst)
+        if not 0 < n <= self.max_seq_len or src == dst:
+            raise ValueError(f"cannot copy {n} positions from slot {src} to slot {dst}")
+        k, v = self.cache.k, self.cache.v  # [layers, slots, Hkv, S, D]
+        k[:, dst, :, :n].copy_(k[:, src, :, :n])
+        v[:, dst, :, :n].copy_(v[:, src, :, :n])
+        self._lengths[dst] = n
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]

@@ -355,7 +355,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             out.text(content)
         for call in calls:
             out.call(call)
-        out.output_tokens = reply.completion_tokens
+        out.output_tokens, out.cached_tokens = reply.completion_tokens, reply.cached_tokens
         out.finish(reply.finish[0] is FinishReason.LENGTH)
         return web.json_response(out.object(), dumps=R.dumps)
     finally:
@@ -388,7 +388,7 @@ async def _stream_response(request: web.Request, state: State, stream: RequestSt
             for call in calls:
                 events += out.call(call)
             if o.finish_reason is not None:
-                out.output_tokens = reply.completion_tokens
+                out.output_tokens, out.cached_tokens = reply.completion_tokens, reply.cached_tokens
                 events += out.finish(o.finish_reason is FinishReason.LENGTH)
             if events:
                 await resp.write(b"".join(events))
@@ -412,6 +412,7 @@ class Reply:
         self.sent_chars = [0] * n  # streaming completions: text_offset of the next chunk
         self.finish: list[FinishReason | None] = [None] * n
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the prefix cache served, all choices
         calls = req.kind == "chat" and req.tools and req.tool_choice.mode != "none"
         names = {t.name for t in req.tools}
         self.parsers = [tools_lib.CallParser(names) for _ in range(n)] if calls else None  # per choice
@@ -419,6 +420,7 @@ class Reply:
 
     def add(self, i: int, out: Output) -> None:
         self.text[i] += out.text
+        self.cached_tokens += out.cached_tokens
         if out.token is not None:
             self.completion_tokens += 1
             if self.req.logprobs:
@@ -431,7 +433,7 @@ class Reply:
         return P.TokenLogprob(*pieces(t.token), t.logprob, top)
 
     def usage(self) -> dict:
-        return P.usage(self.prompt_tokens, self.completion_tokens)
+        return P.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     def _lp(self, i: int, entries: list[P.TokenLogprob], text_offset: int) -> dict | None:
         if not self.req.logprobs:
@@ -691,6 +693,7 @@ def add_args(p) -> None:
     g.add_argument("--num-slots", type=int, default=16, help="concurrent sequences (KV cache slots, default 16)")
     g.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before requests get 429 (default 64)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, so long prompts do not stall running streams")
+    g.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole, even a prefix a KV slot already holds")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     g.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before a ': ping' comment on a stream")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish after SIGTERM")
@@ -704,7 +707,7 @@ def config_from_args(a) -> ServeConfig:
         api_key=a.api_key if a.api_key is not None else (os.environ.get("TINYSERVE_API_KEY") or None),
         cors_origins=tuple(a.cors_origin),
         max_body_bytes=a.max_body_bytes,
-        scheduler=SchedulerConfig(max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk),
+        scheduler=SchedulerConfig(max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache),
         ping_interval=a.ping_interval,
         shutdown_timeout=a.shutdown_timeout,
     )

@@ -152,6 +152,7 @@ class Engine:
         m, sched = self.metrics, self.scheduler
         stats = sched.take_stats()
         m.prompt_tokens.inc(stats.prompt_tokens)
+        m.cached_tokens.inc(stats.cached_tokens)
         m.generation_tokens.inc(sum(1 for o in outputs if o.token is not None))
         for t in stats.ttft:
             m.ttft.observe(t)

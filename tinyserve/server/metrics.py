@@ -14,6 +14,8 @@ class Metrics:
         self.waiting = Gauge("tinyserve_requests_waiting", "Sequences queued for a KV cache slot", registry=r)
         self.slots = Gauge("tinyserve_kv_slots", "KV cache slots (concurrent sequences)", registry=r)
         self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.cached_tokens = Counter("tinyserve_prompt_tokens_cached", "Prompt tokens served by the prefix cache (not prefilled)",
+                                     registry=r)
         self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("tinyserve_time_to_first_token_seconds", "Time from arrival to the first generated token",
                               buckets=TTFT_BUCKETS, registry=r)

@@ -131,7 +131,7 @@ class Response:
     def __init__(self, req: P.Request, body: dict, model: str, prompt_tokens: int):
         self.req, self.body, self.model = req, body, model
         self.id, self.created = new_id("resp"), P.now()
-        self.prompt_tokens, self.output_tokens = prompt_tokens, 0
+        self.prompt_tokens, self.output_tokens, self.cached_tokens = prompt_tokens, 0, 0
         self.items: list[dict] = []
         self.message: dict | None = None  # the output_text message item, once it has text
         self.seq = 0
@@ -155,7 +155,7 @@ class Response:
         }
 
     def usage(self) -> dict:
-        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        return {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
                 "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.prompt_tokens + self.output_tokens}
 

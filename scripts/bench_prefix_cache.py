@@ -1,0 +1,81 @@
+"""Prefix cache, measured in-process on the default INT4 model (the scheduler and runner `serve` uses, 16 slots):
+
+  shared  16 requests arriving at once, each a ~1,000-token system prompt (the same) + a different question:
+          prompt tokens actually prefilled and wall time, cache off vs on;
+  chat    a 10-turn conversation (~150-token user turns, replies up to 150 tokens): time to first token per turn,
+          cache off vs on (turn 10 against turn 1).
+
+    python scripts/bench_prefix_cache.py [--prefill-chunk 512]
+"""
+
+import argparse
+import time
+
+from tinyserve.generation.sampling import SamplingParams
+from tinyserve.generation.scheduler import Scheduler, SchedulerConfig, SeqSpec
+from tinyserve.generation.tokenizer import Tokenizer
+from tinyserve.runtime.runner import ModelRunner, RunnerConfig
+from tinyserve_quantize.default_model import ensure_quantized_default
+from tinyserve_quantize.text_data import eval_text
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def run(sched: Scheduler, specs: list[SeqSpec]) -> tuple[float, dict[int, float]]:
+    """Step until done -> (wall s, seq id -> seconds to its first output)."""
+    t0 = time.perf_counter()
+    ids = sched.add(specs)
+    first: dict[int, float] = {}
+    while sched.has_work():
+        for out in sched.step():
+            first.setdefault(out.seq_id, time.perf_counter() - t0)
+    return time.perf_counter() - t0, {i: first[i] for i in ids}
+
+
+def shared(runner, tok, chunk: int) -> None:
+    words = eval_text().split()
+    system = " ".join(words[:760])
+    prompts = [tok.chat_ids([{"role": "system", "content": system},
+                             {"role": "user", "content": f"Question {i}: who is {words[800 + 7 * i]}?"}]) for i in range(16)]
+    print(f"shared: 16 prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, max_tokens 16")
+    for cache in (False, True):
+        sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=chunk, prefix_cache=cache))
+        wall, _ = run(sched, [SeqSpec(tuple(p), 16, GREEDY) for p in prompts])
+        print(f"  prefix cache {'on ' if cache else 'off'}: {sched.stats.prompt_tokens} prompt tokens prefilled, "
+              f"{sched.stats.cached_tokens} served from the cache, {wall:.1f} s")
+
+
+def chat(runner, tok, chunk: int) -> None:
+    words = eval_text().split()
+    for cache in (False, True):
+        sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=chunk, prefix_cache=cache))
+        messages, ttft = [], []
+        for turn in range(10):
+            messages.append({"role": "user", "content": " ".join(words[110 * turn: 110 * turn + 110]) + "\nSummarize."})
+            ids = sched.add([SeqSpec(tuple(tok.chat_ids(messages)), 150, GREEDY)])
+            t0, first, text = time.perf_counter(), None, ""
+            while sched.has_work():
+                for out in sched.step():
+                    first = first or time.perf_counter() - t0
+                    text += out.text if out.seq_id == ids[0] else ""
+            ttft.append(first)
+            messages.append({"role": "assistant", "content": text})
+        n = len(tok.chat_ids(messages))
+        print(f"  chat, prefix cache {'on ' if cache else 'off'}: TTFT turn 1 {ttft[0] * 1e3:.0f} ms, turn 10 "
+              f"{ttft[-1] * 1e3:.0f} ms ({ttft[-1] / ttft[0]:.2f}x); {n} tokens after 10 turns; all turns (ms): "
+              + " ".join(f"{t * 1e3:.0f}" for t in ttft))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    a = ap.parse_args()
+    folder = ensure_quantized_default()
+    runner = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=16, max_seq_len=4096, batch_invariant=True))
+    tok = Tokenizer(folder, runner.cfg.eos_token_ids)
+    shared(runner, tok, a.prefill_chunk)
+    chat(runner, tok, a.prefill_chunk)
+
+
+if __name__ == "__main__":
+    main()
