@@ -3,7 +3,8 @@
 One `step()`:
   1. sequences cancelled since the last step give their KV slot back (the slot is free before anything else runs);
   2. every running sequence decodes one token, all in one batched `runner.decode` call (M = running sequences);
-  3. waiting sequences take free slots (FIFO) and their prompts are prefilled, at most `prefill_chunk` prompt
+  3. waiting sequences take free slots (FIFO; with the prefix cache, a slot that holds whole chunks of the prompt
+     already, prefix_cache.py) and their prompts are prefilled, at most `prefill_chunk` prompt
      tokens per step, so a long prompt delays the running sequences by one chunk per step, not by the whole prompt.
      A sequence whose prompt is complete samples its first token and decodes with the others from the next step on.
   4. sequences that hit EOS, a stop string, max_tokens or the end of the context finish and free their slot at once.
