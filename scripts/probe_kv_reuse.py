@@ -4,6 +4,7 @@ a chunk of T tokens, a chunk of T' tokens, or decoded one token at a time; and w
 another slot cost against prefilling it?
 
     python scripts/probe_kv_reuse.py [--threads 1,2]
+    python scripts/probe_kv_reuse.py --ops      # which ops make a row's result depend on the rows beside it
 """
 
 import argparse
@@ -17,11 +18,41 @@ from tinyserve_quantize.default_model import ensure_quantized_default
 from tinyserve_quantize.text_data import eval_text
 
 
+def ops() -> None:
+    """Row i of an op's output computed within M (or T) rows vs within fewer: an int4 linear (the eager backend's
+    dispatch, SmolLM2's MLP shape), a dense bf16 matmul, causal attention over a chunk and one query."""
+    from tinyserve_kernels import dispatch
+    from tinyserve_kernels.layout import pack_linear
+    from tinyserve_quantize.quantizer import QuantSpec, quantize_weight
+
+    def same(a, b):
+        return "identical" if torch.equal(a, b) else f"differ (max |diff| {float((a.float() - b.float()).abs().max()):.3g})"
+
+    torch.manual_seed(0)
+    K, N = 576, 1536
+    W = torch.randn(N, K)
+    w = dispatch.prepare(*pack_linear(*quantize_weight(W, QuantSpec(4, 64))), 64, cpu_dense_cache=True)
+    x = torch.randn(98, K, dtype=torch.bfloat16)
+    full, dense = dispatch.int4_linear(x, w), x @ W.to(torch.bfloat16).t()
+    for M in (1, 8, 16, 88):
+        print(f"int4 linear, rows 0-{M - 1} alone vs within 98 rows: {same(dispatch.int4_linear(x[:M], w), full[:M])}")
+        print(f"bf16 matmul, rows 0-{M - 1} alone vs within 98 rows: {same(x[:M] @ W.to(torch.bfloat16).t(), dense[:M])}")
+    q, k, v = (torch.randn(1, 9, 98, 64, dtype=torch.bfloat16) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    chunk = sdpa(q, k, v, is_causal=True)
+    print(f"causal attention, queries 0-87 in a chunk of 88 vs of 98: {same(sdpa(q[:, :, :88], k[:, :, :88], v[:, :, :88], is_causal=True), chunk[:, :, :88])}")
+    print(f"attention, query 87 alone (decode) vs in the chunk of 98: {same(sdpa(q[:, :, 87:88], k[:, :, :88], v[:, :, :88]), chunk[:, :, 87:88])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--ops", action="store_true", help="test single ops instead of the model")
+    a = ap.parse_args()
+    if a.ops:
+        return ops()
     folder = ensure_quantized_default()
-    for threads in map(int, ap.parse_args().threads.split(",")):
+    for threads in map(int, a.threads.split(",")):
         r = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=3, max_seq_len=2048, batch_invariant=True, threads=threads))
         ids = Tokenizer(folder).encode(eval_text())[:1100]
         k, v = r.cache.k, r.cache.v  # [layers, slots, Hkv, S, D]
