@@ -2,6 +2,7 @@
 
 import json
 import os
+from contextlib import contextmanager
 import signal
 import socket
 import subprocess
@@ -62,6 +63,23 @@ class ServerProcess:
             raise RuntimeError(f"server did not exit within {timeout} s of SIGTERM:\n{self.log()[-3000:]}")
         finally:
             self._log.close()
+
+
+@contextmanager
+def running_server(args: list[str], log_path: Path):
+    """A ready server for a test module; on the way out it must exit 0 on SIGTERM."""
+    srv = ServerProcess(args, log_path)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.terminate() == 0
+
+
+def openai_client(srv: ServerProcess):
+    import openai
+
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 class Http(requests.Session):

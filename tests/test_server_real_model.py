@@ -9,7 +9,7 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from server_helpers import ServerProcess, parse_sse
+from server_helpers import openai_client, parse_sse, running_server
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +22,14 @@ def awq_default():
 @pytest.fixture(scope="module")
 def server(awq_default, tmp_path_factory):
     # No --model: the server resolves the same cached default as `chat` (already built by the fixture above).
-    srv = ServerProcess(["--num-slots", "4", "--ping-interval", "0.1", "--prefill-chunk", "256"],
-                        tmp_path_factory.mktemp("server-real") / "server.log")
-    try:
-        srv.wait_ready()
+    with running_server(["--num-slots", "4", "--ping-interval", "0.1", "--prefill-chunk", "256"],
+                        tmp_path_factory.mktemp("server-real") / "server.log") as srv:
         yield srv
-    finally:
-        assert srv.terminate() == 0
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(server)
 
 
 def test_default_model_answers(client, awq_default):

@@ -5,12 +5,11 @@ stays up."""
 
 import json
 
-import openai
 import pydantic
 import pytest
 import requests
 
-from server_helpers import ServerProcess
+from server_helpers import openai_client, running_server
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +17,13 @@ def server(tmp_path_factory):
     from tinyserve_quantize.default_model import ensure_quantized_default
 
     ensure_quantized_default()
-    srv = ServerProcess(["--num-slots", "4"], tmp_path_factory.mktemp("server-structured") / "server.log")
-    try:
-        srv.wait_ready()
+    with running_server(["--num-slots", "4"], tmp_path_factory.mktemp("server-structured") / "server.log") as srv:
         yield srv
-    finally:
-        assert srv.terminate() == 0
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

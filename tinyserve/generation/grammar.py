@@ -1,12 +1,12 @@
 """Constrained decoding: grammars (JSON Schema, any JSON object, tool calls) compiled to per-token masks by llguidance.
 
-Why llguidance (scripts/bench_grammar.py, BENCHMARKS.md): on this CPU a JSON-schema grammar compiles in ~1-2 ms (xgrammar
-6-93 ms, outlines-core 0.16-4.4 s per schema), a mask costs ~10-30 us per token (median; xgrammar 2-12 us), it reads
+Why llguidance (scripts/bench_grammar.py, BENCHMARKS.md): on the 2-core EPYC a JSON-schema grammar compiles in ~1 ms
+(xgrammar 6-61 ms, outlines-core 0.1-2.9 s per schema), a mask costs 11-18 us per token (median; xgrammar 2-13 us), it reads
 byte-level BPE and SentencePiece tokenizers from the tokenizer.json alone, its JSON Schema coverage is the widest
 (recursive $ref, anyOf, patterns, formats), and the wheel has no dependencies.
 
-A `Grammars` is bound to one tokenizer (building its token trie takes 0.4 s for a 49k vocabulary, 2 s for 152k, so it
-is built on first use). `compile()` checks a grammar and returns its text; each sequence gets its own `Matcher` from
+A `Grammars` is bound to one tokenizer (building its token trie takes 0.4 s for a 49k vocabulary, 1.5 s for 152k, so
+it is built on first use). `compile()` checks a grammar and returns its text; each sequence gets its own `Matcher` from
 it. A matcher writes the next token's allowed set as a packed bitmask [ceil(V / 32)] int32 (bit b of word w allows
 token 32 w + b) and is told each token sampled; once the grammar is complete it allows only the end-of-sequence
 tokens, so a constrained sequence ends with STOP, or with LENGTH at max_tokens with the partial text.
@@ -75,7 +75,7 @@ class Grammars:
 
     @property
     def tokenizer(self):
-        """llguidance's view of the tokenizer, built once (0.4-2 s) on first use, from any thread."""
+        """llguidance's view of the tokenizer, built once (0.4-1.5 s) on first use, from any thread."""
         with self._lock:
             if self._tok is None:
                 import llguidance.hf
@@ -179,7 +179,3 @@ class Matcher:
         """Advance past the sampled token; False if the grammar did not allow it (then the matcher is in error)."""
         self.ready = False
         return self.m.consume_token(token) and not self.m.is_error()
-
-    @property
-    def error(self) -> str:
-        return self.m.get_error()

@@ -269,7 +269,7 @@ async def _grammar(engine: Engine, req: P.Request) -> str | None:
     strict = bool(rf and rf.strict)
     parallel = req.parallel_tool_calls and choice.mode != "function"
     grammars = engine.scheduler.grammars
-    try:  # in a thread: the first grammar builds the tokenizer's trie (0.4-2 s), a large schema takes a while
+    try:  # in a thread: the first grammar builds the tokenizer's trie (0.4-1.5 s), a large schema takes a while
         return await asyncio.to_thread(grammars.structured, schema, strict, tools, parallel, tools_lib.OPEN_TAG, tools_lib.CLOSE_TAG,
                                        rf.param if rf else "response_format", "tools")
     except GrammarError as e:
@@ -364,20 +364,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 async def _stream_response(request: web.Request, state: State, stream: RequestStream, reply: "Reply",
                            out: R.Response) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
-    await resp.prepare(request)
+    resp = await _event_stream(request)
     try:
         await resp.write(b"".join(out.start()))
-        while True:
-            try:
-                item = await stream.next(state.config.ping_interval)
-            except StopAsyncIteration:
-                break
-            if item is None:
-                await resp.write(P.SSE_PING)
-                continue
-            i, o = item
+        async for i, o in _outputs(stream, resp, state.config.ping_interval):
             err = _failure(o)
             if err is not None:
                 await resp.write(R.error_event(out.seq, err))
@@ -534,21 +524,32 @@ async def _collect(stream: RequestStream, reply: Reply) -> web.Response:
     return web.json_response(reply.whole(), dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
-async def _stream(request: web.Request, state: State, stream: RequestStream, reply: Reply) -> web.StreamResponse:
+async def _event_stream(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
+    return resp
+
+
+async def _outputs(stream: RequestStream, resp: web.StreamResponse, ping_interval: float):
+    """A request's outputs as (choice index, Output), with a ": ping" comment written after each ping_interval of
+    silence (keeps proxies and clients from timing out during a long prefill or a wait in the queue)."""
+    while True:
+        try:
+            item = await stream.next(ping_interval)
+        except StopAsyncIteration:
+            return
+        if item is None:
+            await resp.write(P.SSE_PING)
+        else:
+            yield item
+
+
+async def _stream(request: web.Request, state: State, stream: RequestStream, reply: Reply) -> web.StreamResponse:
+    resp = await _event_stream(request)
     started = [False] * len(reply.text)
     try:
-        while True:
-            try:
-                item = await stream.next(state.config.ping_interval)
-            except StopAsyncIteration:
-                break
-            if item is None:
-                await resp.write(P.SSE_PING)  # keeps proxies and clients from timing out during a long prefill
-                continue
-            i, out = item
+        async for i, out in _outputs(stream, resp, state.config.ping_interval):
             err = _failure(out)
             if err is not None:
                 await resp.write(P.sse(err.body()) + P.SSE_DONE)
