@@ -229,10 +229,10 @@ def quantize_block(
         def held_out_error(lo, hi) -> float:
             """Held-out output error per output element, mapped back to the original input and output spaces."""
             W_q = fake_quantize(W, spec, lo, hi) * out_scale[name][:, None] * inv[None, :]
-            return float(weighted_error(W_q - W0[name], st.H_val)) / W.shape[0]
+            return float(weighted_error(W_q - W0[name], st.H_val, search.compute_dtype)) / W.shape[0]
 
         err_awq = held_out_error(lo, hi)
-        err_rtn[name] = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val)) / W.shape[0]
+        err_rtn[name] = float(weighted_error(fake_quantize(W0[name], spec) - W0[name], st.H_val, search.compute_dtype)) / W.shape[0]
         if alternatives and (clipped or refitted):
             unclipped.linears[full] = _pack(W, lin.bias, spec, full)
             unclipped.rows[full] = dict(clip_mean_ratio=1.0, clipped_share=0.0, refit_share=0.0, mse_awq=held_out_error(None, None))

@@ -270,8 +270,8 @@ def gptq_block(
             lin.weight.data.copy_(Wq[rows])
             # Held-out output error per output element, in the original input and output spaces.
             Wq_orig = Wq[rows] * out_scale[n][:, None] * inv[None, :]
-            err = float(weighted_error(Wq_orig - W0[n], st.H_val)) / lin.out_features
-            err_rtn = float(weighted_error(fake_quantize(W0[n], spec) - W0[n], st.H_val)) / lin.out_features
+            err = float(weighted_error(Wq_orig - W0[n], st.H_val, search.compute_dtype)) / lin.out_features
+            err_rtn = float(weighted_error(fake_quantize(W0[n], spec) - W0[n], st.H_val, search.compute_dtype)) / lin.out_features
             extra = {"alpha": alphas[n]} if awq else {}
             out.report.append(_row(name, lin, spec, layer=i, **extra, damp=q.damp, dead_channels=q.dead,
                                    mse_rtn=err_rtn, mse_gptq=err))

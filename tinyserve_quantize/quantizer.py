@@ -12,9 +12,11 @@ where lo, hi are the group's min and max (RTN), or clipped bounds chosen by the 
 fp16 *before* the codes are computed makes fake quantization here bit-identical to dequantizing the exported file.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -65,6 +67,33 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+MAX_CHUNK_WORKERS = 4  # Python threads take turns on the GIL between ops; more than a few wait more than they work
+
+
+@cache
+def _workers(n: int) -> ThreadPoolExecutor:
+    # each worker's torch ops run on the worker itself (OpenMP's per-thread setting, made once per thread)
+    return ThreadPoolExecutor(n, thread_name_prefix="quantize-chunks", initializer=torch.set_num_threads, initargs=(1,))
+
+
+def map_chunks(fn: Callable, chunks: Iterable) -> list:
+    """[fn(c) for c in chunks], the chunks spread over one Python thread per core, each of whose torch ops runs on
+    its calling thread (one_thread): loops of small ops on cache-sized chunks then use every core without OpenMP's
+    per-op barriers. fn must only write what its chunk owns; it makes no tensor without a device (the caller's device
+    context does not reach the workers). Results come back in the chunks' order."""
+    n = min(torch.get_num_threads(), MAX_CHUNK_WORKERS)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(c):  # grad and inference mode are per thread: the worker takes the caller's
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(c)
+
+    with one_thread():
+        if n < 2:
+            return [fn(c) for c in chunks]
+        return list(_workers(n).map(run, chunks))
 
 
 def grouped(w: torch.Tensor, G: int) -> torch.Tensor:

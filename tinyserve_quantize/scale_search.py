@@ -14,17 +14,36 @@ import torch
 from torch import nn
 
 from tinyserve_quantize.calibration import SiteStats
-from tinyserve_quantize.quantizer import QuantSpec, fake_quantize_grouped, grouped, one_thread
+from tinyserve_quantize.quantizer import QuantSpec, fake_quantize_grouped, grouped, map_chunks
 
 CANDIDATE_ELEMENTS = 1 << 24  # elements of one batch of candidate weights [A, N, K] (64 MiB in fp32)
 CHUNK_ELEMENTS = 1 << 18  # elements of one row chunk of the elementwise work (1 MiB in fp32: it stays in L2)
 H_BLOCKS = 4  # column blocks of H in candidate_errors: measured fastest of 2, 4, 8 at K = 896 and 4864
 
 
+def upper_blocks(H: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """H [K, K] symmetric -> (H' in dtype, its H_BLOCKS column blocks J = (j0, j1)), H' being H with its blocks above
+    the diagonal doubled: then sum_n dW_n H dW_n^T = sum_J <dW[:, :j1] @ H'[:j1, J], dW_J>, and the blocks below the
+    diagonal are never multiplied (0.65x the GEMM time)."""
+    K = H.shape[0]
+    width = -(-K // H_BLOCKS)
+    blocks = [(j, min(j + width, K)) for j in range(0, K, width)]
+    Hd = H.to(dtype, copy=True)
+    for j0, j1 in blocks:
+        Hd[:j0, j0:j1] *= 2  # exact in any float dtype
+    return Hd, blocks
+
+
 def weighted_error(dW: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dW [..., N, K], H [K, K] -> [...]: sum over rows of dW_n H dW_n^T (the summed per-token squared output error)."""
-    prod = (dW.to(dtype) @ H.to(dtype)).float()
-    return (prod * dW).sum((-2, -1))
+    """dW [..., N, K], H [K, K] -> [...]: sum over rows of dW_n H dW_n^T (the summed per-token squared output error).
+    The product runs in dtype (fp32 accumulation), the final dot products in fp32."""
+    K = H.shape[0]
+    Hd, blocks = upper_blocks(H, dtype)
+    X = dW.reshape(-1, K).to(dtype)
+    P = torch.empty(X.shape, dtype=dtype)
+    for j0, j1 in blocks:
+        torch.mm(X[:, :j1], Hd[:j1, j0:j1], out=P[:, j0:j1])
+    return (P.float().view(dW.shape) * dW).sum((-2, -1))
 
 
 @torch.no_grad()
@@ -33,49 +52,48 @@ def candidate_errors(
 ) -> torch.Tensor:
     """W [N, K] fp32, S [A, K] candidate scales, H [K, K] -> [A]: weighted_error(Q(W * s) / s - W, H) of each s.
 
-    H is symmetric: with its columns cut into H_BLOCKS blocks J, sum_n dW_n H dW_n^T = sum_J <P_J, dW_J> where
-    P_J = dW[:, :end_J] @ H'[:end_J, J] and H' is H with its blocks above the diagonal doubled, so the blocks below
-    it are never multiplied (0.65x the GEMM time). The GEMMs run in dtype (fp32 accumulation) on batches of A'
-    candidates, [A' * N, end_J] @ [end_J, |J|] on all threads. The elementwise work around them (building dW, the
-    final dot products) runs on one thread, on row chunks that stay in L2, into buffers reused from batch to batch:
-    done on whole [A', N, K] tensors, each of its ~12 passes went to DRAM into freshly allocated memory, and the
-    passes together cost more than the GEMM for the K = 896 groups."""
+    H is symmetric, so only its blocks on and above the diagonal are multiplied (upper_blocks). The GEMMs run in dtype
+    (fp32 accumulation) on batches of A' candidates, [A' * N, end_J] @ [end_J, |J|], on all threads. The elementwise
+    work around them (building dW, the final dot products) runs on row chunks that stay in L2, one chunk per core at a
+    time (map_chunks), into buffers reused from batch to batch: done on whole [A', N, K] tensors, each of its ~12
+    passes went to DRAM into freshly allocated memory, and the passes together cost more than the GEMM for the K = 896
+    groups."""
     N, K = W.shape
     A = len(S)
     G = spec.group(K)
     step = min(A, max(1, CANDIDATE_ELEMENTS // (N * K)))
     rows = max(1, CHUNK_ELEMENTS // K)
-    width = -(-K // H_BLOCKS)
-    blocks = [(j, min(j + width, K)) for j in range(0, K, width)]
-    Hd = H.to(dtype, copy=True)
-    for j0, j1 in blocks:
-        Hd[:j0, j0:j1] *= 2  # exact in any float dtype; the blocks below the diagonal are never read
+    Hd, blocks = upper_blocks(H, dtype)
     dW = torch.empty(step, N, K)  # fp32 errors of the batch's candidates
     dWd = dW if dtype == torch.float32 else torch.empty(step, N, K, dtype=dtype)
     P = torch.empty(step * N, K, dtype=dtype)
     err = torch.empty(A)
     for i in range(0, A, step):
         n = min(step, A - i)
-        with one_thread():
-            for a in range(n):
-                for r in range(0, N, rows):
-                    w, d = W[r : r + rows], dW[a, r : r + rows]  # [rows, K]
-                    torch.mul(w, S[i + a], out=d)
-                    dg = grouped(d, G)
-                    fake_quantize_grouped(dg, dg.amin(-1), dg.amax(-1), spec.qmax, out=dg)
-                    d.div_(S[i + a]).sub_(w)
-                    if dWd is not dW:
-                        dWd[a, r : r + rows].copy_(d)
+        chunks = [(a, r) for a in range(n) for r in range(0, N, rows)]
+
+        def build(chunk):
+            a, r = chunk
+            w, d = W[r : r + rows], dW[a, r : r + rows]  # [rows, K]
+            torch.mul(w, S[i + a], out=d)
+            dg = grouped(d, G)
+            fake_quantize_grouped(dg, dg.amin(-1), dg.amax(-1), spec.qmax, out=dg)
+            d.div_(S[i + a]).sub_(w)
+            if dWd is not dW:
+                dWd[a, r : r + rows].copy_(d)
+
+        def dot(chunk) -> float:
+            a, r = chunk
+            p = P[a * N + r : a * N + min(r + rows, N)].float()
+            return float(torch.dot(p.view(-1), dW[a, r : r + rows].reshape(-1)))
+
+        map_chunks(build, chunks)
         X = dWd[:n].view(n * N, K)
         for j0, j1 in blocks:
             torch.mm(X[:, :j1], Hd[:j1, j0:j1], out=P[: n * N, j0:j1])
-        with one_thread():
-            for a in range(n):
-                total = 0.0  # fp64 sum of the chunks' fp32 dot products
-                for r in range(0, N, rows):
-                    p = P[a * N + r : a * N + min(r + rows, N)].float()
-                    total += float(torch.dot(p.view(-1), dW[a, r : r + rows].reshape(-1)))
-                err[i + a] = total
+        dots = map_chunks(dot, chunks)
+        for a in range(n):
+            err[i + a] = sum(d for (b, _), d in zip(chunks, dots) if b == a)  # fp64 sum of the chunks' fp32 dots, in row order
     return err
 
 
