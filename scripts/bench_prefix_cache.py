@@ -5,7 +5,10 @@
   chat    a 10-turn conversation (~150-token user turns, replies up to 150 tokens): time to first token per turn,
           cache off vs on (turn 10 against turn 1).
 
-    python scripts/bench_prefix_cache.py [--prefill-chunk 512]
+    python scripts/bench_prefix_cache.py [--prefill-chunk 512] [--position-invariant off,on]
+
+--position-invariant: the runner's RunnerConfig.position_invariant (serve's is on): off reuses whole prompt chunks
+only, on any prefix, replies included. Each chat run says whether its replies equal the cache-off run's.
 """
 
 import argparse
@@ -47,6 +50,7 @@ def shared(runner, tok, chunk: int) -> None:
 
 def chat(runner, tok, chunk: int) -> None:
     words = eval_text().split()
+    replies = {}
     for cache in (False, True):
         sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=chunk, prefix_cache=cache))
         messages, ttft = [], []
@@ -60,21 +64,27 @@ def chat(runner, tok, chunk: int) -> None:
                     text += out.text if out.seq_id == ids[0] else ""
             ttft.append(first)
             messages.append({"role": "assistant", "content": text})
+        replies[cache] = [m["content"] for m in messages if m["role"] == "assistant"]
         n = len(tok.chat_ids(messages))
+        same = "" if not cache else f"; replies {'identical to' if replies[True] == replies[False] else 'DIFFERENT from'} cache off"
         print(f"  chat, prefix cache {'on ' if cache else 'off'}: TTFT turn 1 {ttft[0] * 1e3:.0f} ms, turn 10 "
-              f"{ttft[-1] * 1e3:.0f} ms ({ttft[-1] / ttft[0]:.2f}x); {n} tokens after 10 turns; all turns (ms): "
+              f"{ttft[-1] * 1e3:.0f} ms ({ttft[-1] / ttft[0]:.2f}x); {n} tokens after 10 turns{same}; all turns (ms): "
               + " ".join(f"{t * 1e3:.0f}" for t in ttft))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--position-invariant", default="on", help="off, on or off,on")
     a = ap.parse_args()
     folder = ensure_quantized_default()
-    runner = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=16, max_seq_len=4096, batch_invariant=True))
-    tok = Tokenizer(folder, runner.cfg.eos_token_ids)
-    shared(runner, tok, a.prefill_chunk)
-    chat(runner, tok, a.prefill_chunk)
+    for mode in a.position_invariant.split(","):
+        runner = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=16, max_seq_len=4096, batch_invariant=True,
+                                                  position_invariant=mode.strip() == "on"))
+        print(f"{runner.backend.name} backend, position_invariant {runner.position_invariant}, prefill chunk {a.prefill_chunk}:")
+        tok = Tokenizer(folder, runner.cfg.eos_token_ids)
+        shared(runner, tok, a.prefill_chunk)
+        chat(runner, tok, a.prefill_chunk)
 
 
 if __name__ == "__main__":

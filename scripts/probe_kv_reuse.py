@@ -3,7 +3,8 @@ runner as `serve` builds it (batch-invariant decode): is a position's key/value 
 a chunk of T tokens, a chunk of T' tokens, or decoded one token at a time; and what does copying a slot's prefix to
 another slot cost against prefilling it?
 
-    python scripts/probe_kv_reuse.py [--threads 1,2]
+    python scripts/probe_kv_reuse.py [--threads 1,2]                 # serve's runner before position invariance
+    python scripts/probe_kv_reuse.py --position-invariant off,on     # both runners, prefill times side by side
     python scripts/probe_kv_reuse.py --ops      # which ops make a row's result depend on the rows beside it
 """
 
@@ -48,12 +49,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--ops", action="store_true", help="test single ops instead of the model")
+    ap.add_argument("--position-invariant", default="off", help="off, on or off,on: RunnerConfig.position_invariant")
     a = ap.parse_args()
     if a.ops:
         return ops()
     folder = ensure_quantized_default()
-    for threads in map(int, a.threads.split(",")):
-        r = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=3, max_seq_len=2048, batch_invariant=True, threads=threads))
+    modes = [m.strip() == "on" for m in a.position_invariant.split(",")]
+    for threads, invariant in ((t, m) for t in map(int, a.threads.split(",")) for m in modes):
+        r = ModelRunner(folder, RunnerConfig(device="cpu", num_slots=3, max_seq_len=2048, batch_invariant=True, threads=threads,
+                                             position_invariant=invariant))
         ids = Tokenizer(folder).encode(eval_text())[:1100]
         k, v = r.cache.k, r.cache.v  # [layers, slots, Hkv, S, D]
         a, b, c = r.alloc_slot(), r.alloc_slot(), r.alloc_slot()
@@ -70,16 +74,18 @@ def main() -> None:
             d = max(float((t[:, x, :, lo:hi].float() - t[:, y, :, lo:hi].float()).abs().max()) for t in (k, v))
             return "identical" if d == 0 else f"differ (max |diff| {d})"
 
-        print(f"{type(r.backend).__name__}, {threads} thread(s):")
+        print(f"{type(r.backend).__name__}, position_invariant {r.position_invariant}, {threads} thread(s):")
         print(f"  positions 0-511, the same chunk of 512:          {diff(a, b, 0, 512)}")
         print(f"  positions 512-599, a chunk of 88 vs one of 98:    {diff(a, b, 512, 600)}")
         print(f"  positions 600-609, decoded vs prefilled:          {diff(a, b, 600, 610)}")
         print(f"  positions 0-511, chunks of 512 vs chunks of 256: {diff(b, c, 0, 512)}")
-        for n in (512, 1024):
-            t0 = time.perf_counter()
-            for s in range(0, n, 512):
-                r.prefill(c, ids[s:s + 512], s)
-            prefill = time.perf_counter() - t0
+        for n in (128, 512, 1024):
+            prefill = float("inf")
+            for _ in range(3):  # best of 3
+                t0 = time.perf_counter()
+                for s in range(0, n, 512):
+                    r.prefill(c, ids[s:min(n, s + 512)], s)
+                prefill = min(prefill, time.perf_counter() - t0)
             t0 = time.perf_counter()
             for _ in range(10):
                 k[:, b, :, :n].copy_(k[:, c, :, :n])

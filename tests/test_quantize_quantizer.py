@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tinyserve_kernels.layout import dequantize, pack_linear
-from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, quantize_weight
+from tinyserve_quantize.clip_search import clip_ratios, refit_bounds, search_clip
+from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, map_chunks, quantize_weight
 
 
 def test_fake_quant_formula_hand_computed():
@@ -67,3 +68,44 @@ def test_group_size_must_divide_in_features_and_names_the_layer():
 def test_unsupported_settings(bits, group):
     with pytest.raises(QuantizationError, match="not supported"):
         QuantSpec(bits, group)
+
+
+def test_map_chunks_keeps_order_one_thread_per_worker_and_the_callers_modes():
+    def probe(i):
+        x = torch.ones(3)
+        return i, torch.get_num_threads(), torch.is_inference_mode_enabled(), x.is_inference()
+
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        got = map_chunks(probe, range(7))
+    assert [g[0] for g in got] == list(range(7))
+    assert all(g[1] == 1 and g[2] and g[3] for g in got)
+    assert torch.get_num_threads() == before
+    assert not any(g[2] for g in map_chunks(probe, range(3)))
+
+
+@pytest.mark.parametrize("N,K,G", [(37, 96, 32), (300, 128, 64)])
+def test_searches_give_the_same_bits_on_one_core_and_on_two(N, K, G):
+    torch.manual_seed(N)
+    W, X = torch.randn(N, K), torch.randn(400, K) * torch.rand(K) * 3
+    H_fit, H_val = X[:300].t() @ X[:300] / 300, X[300:].t() @ X[300:] / 100
+    spec = QuantSpec(4, G)
+
+    def run():  # (the clip search and refit are chunked small ops only: no GEMM whose sums follow the thread count)
+        clip = search_clip(W, H_fit, H_val, spec, clip_ratios())
+        refit = refit_bounds(W, clip.lo, clip.hi, H_fit, H_val, spec)
+        return clip.lo, clip.hi, *refit[:2]
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run()  # map_chunks runs the chunks in order on this thread
+    finally:
+        torch.set_num_threads(n)
+    torch.set_num_threads(2)
+    try:
+        two = run()
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)

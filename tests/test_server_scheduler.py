@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tinyserve_kernels.dispatch import CPU_INT4PACK_MAX_M
+from native_variants import need
 from runtime_helpers import write_rtn_folder
 from tinyserve.server import protocol as P
 from tinyserve.generation.session import GenerationParams, Session
@@ -268,3 +269,69 @@ def test_prefix_cache_ignores_a_slot_given_out_elsewhere(runner_tok):
     slot, reused = sched.prefix.take(specs[1].prompt_ids)
     runner.free_slot(slot)
     assert reused == 0
+
+
+@pytest.fixture(scope="module")
+def invariant_runner_tok(tiny_int4):
+    """The runner `serve` builds on CPU: position-invariant on the cpu-native backend (forced on, as on any CPU it
+    builds on), one thread as above."""
+    need("native")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYSERVE_CPU_KERNEL", "1")
+        runner = ModelRunner(tiny_int4, RunnerConfig(device="cpu", num_slots=NUM_SLOTS, max_seq_len=256, batch_invariant=True,
+                                                     position_invariant=True, threads=1))
+    assert runner.position_invariant
+    yield runner, Tokenizer(tiny_int4, runner.cfg.eos_token_ids)
+    torch.set_num_threads(threads)
+
+
+def first_outputs(sched: Scheduler, specs: list[SeqSpec]) -> dict[int, int]:
+    """Run specs one after the other; -> id: cached_tokens of its first output."""
+    got = {}
+    for spec in specs:
+        ids = sched.add([spec])
+        while sched.has_work():
+            for o in sched.step():
+                if o.seq_id in ids and o.token is not None and o.seq_id not in got:
+                    got[o.seq_id] = o.cached_tokens
+    return got
+
+
+def test_position_invariant_prefix_cache_reuses_a_chat_turns_reply(invariant_runner_tok):
+    """Turn 2 of a chat re-sends turn 1's prompt and reply and adds a message: it reuses every position turn 1's slot
+    holds (the prompt and each reply token fed back, decoded ones included), and its tokens equal the uncached run's."""
+    runner, tok = invariant_runner_tok
+    cfg = SchedulerConfig(prefill_chunk=16)
+    turn1 = make_specs(tok, 4, max_tokens=10)[3]
+    sched = Scheduler(runner, tok, cfg)
+    ((reply, _, reason),) = run(sched, [turn1]).values()
+    fed = len(reply) - (reason == FinishReason.LENGTH)  # a length finish never feeds its last token back
+    turn2 = SeqSpec(turn1.prompt_ids + tuple(reply) + tuple(tok.encode(" and then what", add_special_tokens=False)), 12, GREEDY)
+    sched.take_stats()
+    ((after_turn1, _, _),) = run(sched, [turn2]).values()
+    assert sched.take_stats().cached_tokens == len(turn1.prompt_ids) + fed
+    ((again, _, _),) = run(sched, [turn2]).values()  # the whole of turn 2's prompt but its last token is cached now
+    assert sched.take_stats().cached_tokens == len(turn2.prompt_ids) - 1
+    ((plain, _, _),) = run(Scheduler(runner, tok, replace(cfg, prefix_cache=False)), [turn2]).values()
+    assert after_turn1 == plain and again == plain
+
+
+@pytest.mark.parametrize("arrival", ["one by one", "all at once"])
+def test_position_invariant_prefix_cache_reuses_any_prefix_and_changes_no_token(invariant_runner_tok, arrival):
+    """Prompts sharing 40 tokens: one by one, each later prompt reuses its whole common prefix with an earlier one
+    (not just whole chunks of 16); all at once, the others wait while the first's next chunk would give them at least
+    16 more tokens (min(prefill_chunk, MIN_PREFIX_WAIT)) and then copy what it holds. Tokens equal the uncached run's."""
+    runner, tok = invariant_runner_tok
+    specs = shared_prefix_specs(tok, 5, 40)
+    cfg = SchedulerConfig(prefill_chunk=16)
+    plain = run(Scheduler(runner, tok, replace(cfg, prefix_cache=False)), specs)
+    sched = Scheduler(runner, tok, cfg)
+    if arrival == "all at once":
+        cached = run(sched, specs)
+        assert sched.stats.cached_tokens >= 4 * 32
+    else:
+        reused = first_outputs(sched, specs)
+        assert list(reused.values())[0] == 0 and all(n >= 40 for n in list(reused.values())[1:])
+        cached = run(Scheduler(runner, tok, cfg), specs)
+    assert [v[0] for v in cached.values()] == [v[0] for v in plain.values()]

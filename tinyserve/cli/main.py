@@ -231,11 +231,12 @@ def make_command(a: argparse.Namespace):
         from tinyserve.server import app as server
 
         scfg = server.config_from_args(a)
-        # Continuous batching: greedy output must not depend on what else is in the batch. On CPU the compute thread
+        # Continuous batching: greedy output must not depend on what else is in the batch, nor on whether the prefix
+        # cache served part of the prompt (position_invariant, where the backend provides it). On CPU the compute thread
         # count defaults to all cores but one: the HTTP event loop needs a core of its own, and OpenMP threads that
         # lose their core to it wait for each other (on the 2-core VM two threads made steps many times slower).
         threads = a.threads or max(1, len(os.sched_getaffinity(0)) - 1)
-        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True, threads=threads)
+        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True, position_invariant=True, threads=threads)
         if a.model:
             resolve_model(a.model)  # a wrong path fails now, before the port opens
         return lambda: server.main(scfg, lambda: load(a.model, rcfg), user_errors())

@@ -1,9 +1,14 @@
-"""Prefix cache: a new sequence starts from the longest prompt prefix whose keys and values some slot already holds.
+"""Prefix cache: a new sequence starts from the longest prefix of its prompt whose keys and values some slot already
+holds.
 
-Only positions computed exactly as the uncached path would compute them are reused: whole prefill chunks, at the
-same multiples of the chunk size, of an earlier prompt. On both CPU backends a position's KV depends on the length of
-the chunk it was computed in and on prefill vs decode (scripts/probe_kv_reuse.py, BENCHMARKS.md), so a partial last
-chunk or a previous reply's decoded tokens are recomputed: greedy output is bit-identical with and without the cache.
+Only positions computed exactly as the uncached path would compute them are reused, so greedy output is bit-identical
+with and without the cache:
+- on a position-invariant runner (the cpu-native backend as `serve` builds it: a position's KV is the same whether it
+  was prefilled in any chunk or decoded), any common prefix, a finished sequence's reply included: turn n + 1 of a
+  chat finds turn n's prompt and reply in the slot that ran it;
+- elsewhere (a position's KV depends on the length of the chunk it was computed in and on prefill vs decode:
+  scripts/probe_kv_reuse.py, BENCHMARKS.md), whole prefill chunks at the same multiples of the chunk size of an
+  earlier prompt; a partial last chunk and decoded tokens are recomputed.
 
 The cache is the slots themselves: a finished sequence's slot keeps its rows until it is allocated again (least
 recently used first), and a running sequence's prompt rows never change. A prefix held by a free slot is taken over
@@ -19,7 +24,10 @@ from tinyserve.runtime.runner import ModelRunner
 
 class PrefixCache:
     def __init__(self, runner: ModelRunner, chunk: int):
-        self.runner, self.chunk = runner, chunk
+        """chunk: the scheduler's prefill chunk; positions are reused in whole chunks unless the runner is
+        position-invariant."""
+        self.runner = runner
+        self.chunk = 1 if runner.position_invariant else chunk  # the unit of reuse
         self.entries: dict[int, tuple[int, tuple[int, ...], float]] = {}  # slot -> (generation, tokens, last used)
 
     def _valid(self, slot: int) -> tuple[int, ...]:
@@ -27,8 +35,8 @@ class PrefixCache:
         return e[1] if e is not None and e[0] == self.runner.generation[slot] else ()
 
     def reusable(self, held: Sequence[int], prompt: Sequence[int]) -> int:
-        """Positions of `prompt` that `held` (a slot's cached prompt prefix) serves: the common prefix, in whole
-        chunks, leaving the last prompt token to run (it gives the first token's logits)."""
+        """Positions of `prompt` that `held` (the tokens a slot holds) serves: the common prefix, in whole units of
+        reuse, leaving the last prompt token to run (it gives the first token's logits)."""
         n = 0
         limit = min(len(held), len(prompt) - 1)
         while n < limit and held[n] == prompt[n]:
@@ -59,8 +67,17 @@ class PrefixCache:
         return slot, n
 
     def record(self, slot: int, prompt: Sequence[int], start: int, end: int) -> None:
-        """Prompt positions [start, end) of a sequence that took its slot from take() were just prefilled: a whole
-        chunk extends the slot's entry."""
+        """Prompt positions [start, end) of a sequence that took its slot from take() were just prefilled: they extend
+        the slot's entry when they are reusable (any chunk on a position-invariant runner, else a whole one)."""
         held = self._valid(slot)
-        if end - start == self.chunk and start % self.chunk == 0 and len(held) == start:
+        whole = self.chunk == 1 or (end - start == self.chunk and start % self.chunk == 0)
+        if whole and len(held) == start:
             self.entries[slot] = (self.runner.generation[slot], tuple(prompt[:end]), time.monotonic())
+
+    def release(self, slot: int, tokens: Sequence[int]) -> None:
+        """A sequence that took its slot from take() ends, its slot about to be freed: tokens (its prompt and the
+        tokens it fed back) are what the slot holds, as far as the runner's length says. On a position-invariant
+        runner they all become the slot's entry (the next turn of a chat starts after the reply)."""
+        n = min(len(tokens), self.runner.length(slot))
+        if self.chunk == 1 and len(self._valid(slot)) <= n:
+            self.entries[slot] = (self.runner.generation[slot], tuple(tokens[:n]), time.monotonic())

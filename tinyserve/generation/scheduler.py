@@ -46,6 +46,11 @@ from tinyserve.generation.sampling import SampleResult, SamplingParams, Sequence
 from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 
+# A waiting sequence waits for one now prefilling only when that one is about to write at least this many of its
+# prompt tokens that no slot holds yet, or a whole prefill chunk (a short shared header is not worth a step's delay).
+MIN_PREFIX_WAIT = 64
+
+
 class FinishReason(str, Enum):
     """Why a sequence ended. A str, so JSON writes the plain value ("stop"); str() and f-strings give it too."""
 
@@ -115,6 +120,7 @@ class Sequence:
     reused: int = 0  # prompt tokens the prefix cache served
     completion_tokens: int = 0
     last_token: int | None = None  # sampled, not yet fed to the model
+    fed: list[int] = field(default_factory=list)  # sampled tokens fed to the model so far (their KV is in the slot)
     first_token_at: float | None = None
     last_token_at: float | None = None
     sampler: SequenceSampler | None = None
@@ -266,10 +272,12 @@ class Scheduler:
                 self.prefilling.append(s)
 
     def _prefix_pending(self, s: Sequence) -> bool:
-        """Is a sequence now prefilling about to write a whole chunk of s's prompt that no slot holds yet? Then s waits
-        for it: prefill runs one chunk budget per step anyway, so waiting costs s nothing and saves the chunk."""
+        """Is a sequence now prefilling about to write a reusable part of s's prompt (MIN_PREFIX_WAIT tokens or a
+        whole chunk) that no slot holds yet? Then s waits for it: prefill runs one chunk budget per step anyway, so
+        waiting costs s little and saves those tokens."""
         for p in self.prefilling:
-            if p.spec.slot is None and self.prefix.reusable(p.spec.prompt_ids, s.spec.prompt_ids) > p.prefilled:
+            gain = self.prefix.reusable(p.spec.prompt_ids, s.spec.prompt_ids) - p.prefilled
+            if p.spec.slot is None and gain > 0 and gain >= min(self.config.prefill_chunk, MIN_PREFIX_WAIT):
                 return True
         return False
 
@@ -317,6 +325,8 @@ class Scheduler:
             masks = self._masks.submit(lambda: [c.fill() for c in constrained])
         try:
             logits = self.runner.decode([s.slot for s in rows], [s.last_token for s in rows])  # [M, V]
+            for s in rows:
+                s.fed.append(s.last_token)
             if masks is not None:
                 masks.result()
         except Exception as e:  # noqa: BLE001 - fail these sequences, keep serving
@@ -373,6 +383,8 @@ class Scheduler:
 
     def _release(self, s: Sequence) -> None:
         if s.slot is not None and s.spec.slot is None:  # a slot the caller brought stays the caller's
+            if self.prefix is not None:
+                self.prefix.release(s.slot, list(s.spec.prompt_ids[: s.prefilled]) + s.fed)
             self.runner.free_slot(s.slot)
         s.slot = None
 

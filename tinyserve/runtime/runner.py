@@ -48,6 +48,9 @@ class RunnerConfig:
     # A row's decode logits bit-identical whatever else is in the batch (continuous batching: greedy output must not
     # depend on the load). Backends whose kernels are not row-invariant split the batch to keep it.
     batch_invariant: bool = False
+    # A position's keys, values and logits independent of how it was computed (chunk, prefill or decode), where the
+    # backend can (cpu-native): what the prefix cache needs to reuse decoded tokens. `position_invariant` says if it does.
+    position_invariant: bool = False
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -105,7 +108,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         if weights is None:
             weights = load_weights(self.model_dir, self.cfg, self.device, self.dtype)
-        opts = BackendOptions(self.dtype, rc.num_slots, self.max_seq_len, rc.lm_head, rc.compile, rc.batch_invariant)
+        opts = BackendOptions(self.dtype, rc.num_slots, self.max_seq_len, rc.lm_head, rc.compile, rc.batch_invariant,
+                              rc.position_invariant)
         self.backend = plan(self.device, self.cfg, weights, opts)
         self.load_s = time.perf_counter() - t0
         self.num_slots = rc.num_slots
@@ -120,6 +124,10 @@ class ModelRunner:
     @property
     def cache(self):
         return self.backend.cache
+
+    @property
+    def position_invariant(self) -> bool:
+        return self.backend.position_invariant
 
     # ---- slots -------------------------------------------------------------------------------------------------
 

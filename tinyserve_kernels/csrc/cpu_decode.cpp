@@ -105,7 +105,7 @@ inline void add_into(uint16_t* x, const uint16_t* y, int64_t n) {
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 uint16_t* mut_bits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
-constexpr int64_t PREFILL_ROW_GRAIN = 16;  // prompt rows per task in the loops between a prefill's GEMMs
+constexpr int64_t PREFILL_ROW_GRAIN = 16;  // rows per task in the loops between a step's GEMMs (one task up to 16 rows)
 
 void check_bf16(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.sizes() == shape, what, " must be a contiguous bf16 tensor of shape ",
@@ -203,11 +203,17 @@ at::Tensor TS_NAMESPACE::Decoder::decode(const at::Tensor& tokens, const at::Ten
     TORCH_CHECK(tok[m] >= 0 && tok[m] < V, "token ", tok[m], " is outside the vocabulary of ", V);
     TORCH_CHECK(slot[m] >= 0 && slot[m] < num_slots, "slot ", slot[m], " is outside the cache's ", num_slots, " slots");
     TORCH_CHECK(pos[m] >= 0 && pos[m] < S, "position ", pos[m], " is outside the context of ", S, " positions");
-    for (int64_t j = 0; j < m; ++j) TORCH_CHECK(slot[j] != slot[m], "slots must be distinct");
     lens[m] = pos[m] + 1;
+  }
+  {  // rows of one slot are positions of one sequence (a prompt chunk, or tokens to verify): each one at most once
+    std::vector<std::pair<int64_t, int64_t>> at(static_cast<size_t>(M));
+    for (int64_t m = 0; m < M; ++m) at[m] = {slot[m], pos[m]};
+    std::sort(at.begin(), at.end());
+    TORCH_CHECK(std::adjacent_find(at.begin(), at.end()) == at.end(), "each (slot, position) may appear once in a step");
   }
   const int64_t H = H_, D = D_, R = Hq_ / Hkv_, QN = Hq_ * D, KVN = Hkv_ * D, QKV = QN + 2 * KVN, I = I_;
   const int64_t L = *std::max_element(lens.begin(), lens.end());
+  const auto rows = [M](const std::function<void(int64_t, int64_t)>& fn) { at::parallel_for(0, M, PREFILL_ROW_GRAIN, fn); };
   // Activations, bf16 bits, row-major per row: x the residual stream, h a norm's output, y a linear's output.
   std::vector<uint16_t> x(M * H), h(M * H), y(M * H), qkv(M * QKV), q(M * QN), att(M * QN), gu(M * 2 * I), act(M * I);
   for (int64_t m = 0; m < M; ++m) std::memcpy(&x[m * H], bits(embed_) + tok[m] * H, H * sizeof(uint16_t));
@@ -218,29 +224,34 @@ at::Tensor TS_NAMESPACE::Decoder::decode(const at::Tensor& tokens, const at::Ten
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& lw = layers_[li];
     uint16_t *kl = kc + li * k_.stride(0), *vl = vc + li * k_.stride(0);
-    rms_norm(x.data(), bits(lw.attn_norm), M, H, eps_, h.data());
+    rows([&](int64_t a, int64_t b) { rms_norm(&x[a * H], bits(lw.attn_norm), b - a, H, eps_, &h[a * H]); });
     linear(lw.qkv, h.data(), M, qkv.data());
-    for (int64_t m = 0; m < M; ++m) {
-      const uint16_t *row = &qkv[m * QKV], *c = bits(cos_) + pos[m] * D, *s = bits(sin_) + pos[m] * D;
-      for (int64_t j = 0; j < Hq_; ++j) rope(row + j * D, c, s, D, &q[m * QN + j * D]);
-      const int64_t at_pos = slot[m] * cs[0] + pos[m] * cs[2];
-      for (int64_t j = 0; j < Hkv_; ++j) {
-        rope(row + QN + j * D, c, s, D, kl + at_pos + j * cs[1]);
-        std::memcpy(vl + at_pos + j * cs[1], row + QN + KVN + j * D, D * sizeof(uint16_t));
+    // Every row's key and value are in the cache before any row attends: a row reads the positions up to its own.
+    rows([&](int64_t a, int64_t b) {
+      for (int64_t m = a; m < b; ++m) {
+        const uint16_t *row = &qkv[m * QKV], *c = bits(cos_) + pos[m] * D, *s = bits(sin_) + pos[m] * D;
+        for (int64_t j = 0; j < Hq_; ++j) rope(row + j * D, c, s, D, &q[m * QN + j * D]);
+        const int64_t at_pos = slot[m] * cs[0] + pos[m] * cs[2];
+        for (int64_t j = 0; j < Hkv_; ++j) {
+          rope(row + QN + j * D, c, s, D, kl + at_pos + j * cs[1]);
+          std::memcpy(vl + at_pos + j * cs[1], row + QN + KVN + j * D, D * sizeof(uint16_t));
+        }
       }
-    }
+    });
     decode_attention_into({q.data(), att.data(), kl, vl, {cs[0], cs[1], cs[2]}, {cs[0], cs[1], cs[2]}, slot, lens.data(), M, Hkv_, R, D, L,
                            scale, true});
     linear(lw.o, att.data(), M, y.data());
-    add_into(x.data(), y.data(), M * H);
-    rms_norm(x.data(), bits(lw.mlp_norm), M, H, eps_, h.data());
+    rows([&](int64_t a, int64_t b) {
+      add_into(&x[a * H], &y[a * H], (b - a) * H);
+      rms_norm(&x[a * H], bits(lw.mlp_norm), b - a, H, eps_, &h[a * H]);
+    });
     linear(lw.gate_up, h.data(), M, gu.data());
-    silu_mul(gu.data(), M, I, act.data());
+    rows([&](int64_t a, int64_t b) { silu_mul(&gu[a * 2 * I], b - a, I, &act[a * I]); });
     linear(lw.down, act.data(), M, y.data());
-    add_into(x.data(), y.data(), M * H);
+    rows([&](int64_t a, int64_t b) { add_into(&x[a * H], &y[a * H], (b - a) * H); });
   }
   at::Tensor out = at::empty({M, H}, embed_.options());
-  rms_norm(x.data(), bits(norm_), M, H, eps_, mut_bits(out));
+  rows([&](int64_t a, int64_t b) { rms_norm(&x[a * H], bits(norm_), b - a, H, eps_, mut_bits(out) + a * H); });
   return out;
 }
 

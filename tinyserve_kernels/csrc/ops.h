@@ -67,8 +67,10 @@ class Decoder {
           std::vector<std::vector<std::optional<at::Tensor>>> dense, at::Tensor norm, at::Tensor cos, at::Tensor sin, at::Tensor k_cache,
           at::Tensor v_cache, int64_t num_heads, int64_t num_kv_heads, int64_t intermediate_size, int64_t group_size,
           int64_t native_max_rows, double eps);
-  // One token for each of M sequences: tokens, slots, positions [M] int64, slots distinct; row m attends to positions
-  // 0..positions[m] of its slot. Returns [M, H].
+  // M rows: tokens, slots, positions [M] int64, each (slot, position) at most once; row m attends to positions
+  // 0..positions[m] of its slot, including those this step's other rows write. One token of each of M sequences is a
+  // decode step; a slot's rows at consecutive positions are a prompt chunk (or tokens to verify) computed row for row
+  // as decode computes each token alone. Returns [M, H].
   at::Tensor decode(const at::Tensor& tokens, const at::Tensor& slots, const at::Tensor& positions) const;
   // T tokens [T] int64 of one sequence at positions start..start + T - 1 of `slot` (positions before start already
   // cached). Returns the last position's [H].

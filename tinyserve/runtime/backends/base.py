@@ -22,6 +22,10 @@ class BackendOptions:
     lm_head: str = "auto"  # "auto" | "dense" | "int8" (weight-only, one scale per row; CPU)
     compile: str = "auto"  # "auto" | "on" | "off": CUDA graphs for decode steps
     batch_invariant: bool = False  # a row's logits must not depend on the rest of the batch (continuous batching)
+    # Ask for a position's keys, values and logits not to depend on how it was computed (the chunk it was in, prefill
+    # or decode, the batch): prompt chunks then run through the decode step's row-by-row arithmetic. Backends that
+    # can say so in `position_invariant`; the prefix cache then reuses any prefix, decoded tokens included.
+    position_invariant: bool = False
 
 
 class Backend:
@@ -29,6 +33,7 @@ class Backend:
     implement `step`; the reference forward (model.forward) defines what a step computes."""
 
     name = "base"
+    position_invariant = False  # True when opts.position_invariant was asked for and this backend provides it
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, device: torch.device, opts: BackendOptions, extra_slots: int = 0):
         self.cfg, self.weights, self.device, self.opts = cfg, weights, device, opts

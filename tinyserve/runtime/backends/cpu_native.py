@@ -3,11 +3,14 @@ CPU kernels (tinyserve_kernels/cpu_native.py), the lm_head after it.
 
 Decode rows go through Decoder::decode in one call; each prompt chunk through Decoder::prefill (our INT4 kernel up to
 NATIVE_MAX_ROWS rows, then the dense bf16 copy when one is held; torch's SDPA). Every row is computed alone by
-row-invariant kernels, so a row's logits never depend on the rest of the batch. The arithmetic is model.forward's
+row-invariant kernels, so a row's logits never depend on the rest of the batch. With `position_invariant`, prompt
+chunks join the decode rows in one Decoder::decode call (our INT4 kernel at every M, the decode attention per row),
+so a position's keys and values are the same however it was computed: prefilled in any chunk or decoded. The arithmetic is model.forward's
 in bf16, with the norm's sum of squares and SiLU's exp in another order: logits agree with the reference forward to
 bf16 rounding, not bit for bit (tests/test_backend_cpu_native.py).
 """
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,7 +74,8 @@ class CpuNativeBackend(Backend):
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, device: torch.device, opts: BackendOptions, variant: str = "native"):
         """variant: which build of the kernels (tinyserve_kernels/cpu_native.py, VARIANTS; the tests run each engine)."""
         super().__init__(cfg, weights, device, opts)
-        dense_copy = dense_prefill_fits(cfg, device)
+        self.position_invariant = opts.position_invariant
+        dense_copy = dense_prefill_fits(cfg, device) and not self.position_invariant  # prompts never use it then
         for lw in weights.layers:
             for name in lw.linears():
                 p: PackedLinear = getattr(lw, name)
@@ -96,6 +100,10 @@ class CpuNativeBackend(Backend):
             cfg.rms_norm_eps)
 
     def step(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:
+        if self.position_invariant:
+            h = self.rows(seqs)
+            last = torch.tensor(list(itertools.accumulate(len(s.tokens) for s in seqs))) - 1
+            return self.weights.lm_head(h[last]).float()
         decode = [i for i, s in enumerate(seqs) if len(s.tokens) == 1]
         if len(decode) == len(seqs):
             h = self.decode(seqs)
@@ -107,6 +115,14 @@ class CpuNativeBackend(Backend):
                 if len(s.tokens) > 1:
                     h[i] = self.decoder.prefill(torch.tensor(s.tokens, dtype=torch.long), s.slot, s.start)
         return self.weights.lm_head(h).float()
+
+    def rows(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:
+        """[sum T, H]: the final hidden state of every token of every chunk, all in one decode call."""
+        t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        tokens = [tok for s in seqs for tok in s.tokens]
+        slots = [s.slot for s in seqs for _ in s.tokens]
+        positions = [s.start + i for s in seqs for i in range(len(s.tokens))]
+        return self.decoder.decode(t(tokens), t(slots), t(positions))
 
     def decode(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:
         """[M, H]: the final hidden state of one token for each of M sequences."""
