@@ -335,3 +335,56 @@ def test_position_invariant_prefix_cache_reuses_any_prefix_and_changes_no_token(
         assert list(reused.values())[0] == 0 and all(n >= 40 for n in list(reused.values())[1:])
         cached = run(Scheduler(runner, tok, cfg), specs)
     assert [v[0] for v in cached.values()] == [v[0] for v in plain.values()]
+
+
+class OracleDrafter:
+    """A drafter that knows each prompt's plain greedy continuation and proposes it, every other step with its last
+    proposal wrong: the verify step then keeps some proposals and rejects others."""
+
+    expected: dict[tuple[int, ...], list[int]] = {}
+
+    def __init__(self, prompt):
+        self.prompt, self.tokens, self.steps = tuple(prompt), list(prompt), 0
+
+    def append(self, token):
+        self.tokens.append(token)
+
+    def propose(self, k):
+        self.steps += 1
+        n = len(self.tokens) - len(self.prompt)
+        d = list(self.expected[self.prompt][n : n + k])
+        if d and self.steps % 2 == 0:
+            d[-1] = (d[-1] + 1) % 50  # a wrong token
+        return d
+
+
+@pytest.mark.parametrize("drafter", ["prompt lookup", "oracle"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculation_gives_the_tokens_of_plain_decoding(invariant_runner_tok, monkeypatch, drafter, k):
+    """Greedy sequences (one with a repetition penalty), one at a time and three at once: the same tokens and
+    finishes with speculation as without. The oracle drafter's proposals are partly right and partly wrong, so
+    verification keeps some and rolls the slot back past others; prompt lookup proposes what it finds."""
+    runner, tok = invariant_runner_tok
+    words = "one two three four five six seven eight nine ten".split()
+    specs = [SeqSpec(tuple(tok.encode(" ".join(words[: 4 + 2 * i] * 3))), 30, GREEDY) for i in range(3)]
+    specs.append(SeqSpec(specs[0].prompt_ids + (7,), 30, SamplingParams(temperature=0.0, repetition_penalty=1.3)))
+    plain = run(Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16)), specs)
+    if drafter == "oracle":
+        OracleDrafter.expected = {spec.prompt_ids: v[0] for spec, v in zip(specs, plain.values())}
+        monkeypatch.setattr("tinyserve.generation.scheduler.PromptLookup", OracleDrafter)
+    for batch in (1, 3):
+        sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16, speculate=k, speculate_max_batch=batch))
+        got = run(sched, specs) if batch > 1 else {i: v for spec in specs for i, v in run(sched, [spec]).items()}
+        assert [v[0] for v in got.values()] == [v[0] for v in plain.values()]
+        assert [v[2] for v in got.values()] == [v[2] for v in plain.values()]
+        assert sched.stats.accepted_tokens <= sched.stats.draft_tokens
+        if drafter == "oracle":
+            assert 0 < sched.stats.accepted_tokens < sched.stats.draft_tokens
+            assert sched.stats.verify_steps < sum(len(v[0]) for v in plain.values())  # fewer steps than tokens
+    assert runner.pool.num_free == NUM_SLOTS
+
+
+def test_speculation_needs_a_position_invariant_runner(runner_tok):
+    runner, tok = runner_tok
+    with pytest.raises(ValueError, match="position-invariant"):
+        Scheduler(runner, tok, SchedulerConfig(speculate=4))

@@ -107,9 +107,15 @@ class SequenceSampler:
 
     def draw(self, logits: torch.Tensor) -> int:
         """Sample one token id from penalized logits [V] fp32 with this sequence's settings and generator."""
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(logits.argmax())
+        probs, idx = self.distribution(logits)
+        return self._invert(probs, idx)
+
+    def distribution(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Penalized logits [V] fp32 -> (unnormalized probabilities, candidate ids or None for the whole vocabulary):
+        what draw() samples from, after temperature, top-k, top-p and min-p."""
+        p = self.params
         probs = torch.softmax(logits / p.temperature, dim=-1)  # [V]
         V = probs.shape[0]
         idx = None  # candidate ids when the distribution is cut to a sorted candidate set
@@ -129,11 +135,39 @@ class SequenceSampler:
             probs = probs_c
         if p.min_p > 0:
             probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
+        return probs, idx
+
+    def _invert(self, probs: torch.Tensor, idx: torch.Tensor | None) -> int:
+        """One uniform draw from the generator, inverted through the cumulative distribution of probs."""
         cdf = torch.cumsum(probs, dim=0)
         u = torch.rand(1, generator=self.generator, device=self.device, dtype=cdf.dtype) * cdf[-1]
         # The first index whose cumulative mass exceeds u; zero-probability entries are never picked.
         j = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[0] - 1)
         return int(idx[j] if idx is not None else j)
+
+    def verify(self, logits: torch.Tensor, draft: int | None) -> int:
+        """The token for one position given the model's logits there [V] fp32 and a proposed token (speculative
+        decoding; None: nothing proposed). Greedy: the argmax. Sampling: the draft is kept with probability p(draft)
+        under the distribution draw() samples from, else a token is drawn from that distribution without the draft
+        (renormalized); for a drafter that proposes one token for sure this gives exactly draw()'s distribution.
+        Records the token (penalties)."""
+        logits = self.penalize(logits)
+        if self.params.greedy or draft is None:
+            token = self.draw(logits)
+        else:
+            probs, idx = self.distribution(logits)
+            at = int(draft) if idx is None else int((idx == draft).nonzero()[0, 0]) if bool((idx == draft).any()) else None
+            total = probs.sum()
+            u = torch.rand(1, generator=self.generator, device=self.device, dtype=probs.dtype)
+            if at is not None and float(u) * float(total) < float(probs[at]):
+                token = int(draft)
+            else:
+                if at is not None:
+                    probs = probs.clone()
+                    probs[at] = 0.0
+                token = self._invert(probs, idx)
+        self.observe(token)
+        return token
 
 
 def apply_token_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,13 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tinyserve.model import SeqChunk
 from tinyserve.runtime.kv_cache import NoFreeSlot
 from tinyserve.runtime.runner import ContextOverflow, ModelRunner
 from tinyserve.generation.grammar import Grammars
 from tinyserve.generation.prefix_cache import PrefixCache
 from tinyserve.generation.sampling import SampleResult, SamplingParams, SequenceSampler, sample
+from tinyserve.generation.speculative import PromptLookup
 from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 
@@ -73,12 +75,18 @@ class SchedulerConfig:
     max_waiting: int = 64  # sequences waiting for a slot; beyond this `add` raises QueueFull
     prefill_chunk: int = 512  # most prompt tokens prefilled per step (and the fixed chunk size of every prompt)
     prefix_cache: bool = True  # start from a prompt prefix a slot already holds (prefix_cache.py; output unchanged)
+    # Speculative decoding by prompt lookup (speculative.py): up to this many proposed tokens verified per sequence
+    # and step (0: off), while at most speculate_max_batch sequences decode; needs a position-invariant runner.
+    speculate: int = 0
+    speculate_max_batch: int = 1
 
     def __post_init__(self):
         if self.max_waiting < 1:
             raise ValueError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.speculate < 0 or self.speculate_max_batch < 1:
+            raise ValueError("speculate must be >= 0 and speculate_max_batch >= 1")
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,7 @@ class Sequence:
     completion_tokens: int = 0
     last_token: int | None = None  # sampled, not yet fed to the model
     fed: list[int] = field(default_factory=list)  # sampled tokens fed to the model so far (their KV is in the slot)
+    drafter: PromptLookup | None = None  # speculative decoding's proposals (None: this sequence decodes one token a step)
     first_token_at: float | None = None
     last_token_at: float | None = None
     sampler: SequenceSampler | None = None
@@ -136,6 +145,9 @@ class StepStats:
     inter_token: list[float] = field(default_factory=list)
     prompt_tokens: int = 0  # prompt tokens prefilled this step
     cached_tokens: int = 0  # prompt tokens the prefix cache served to sequences admitted this step
+    draft_tokens: int = 0  # tokens proposed for verification (speculative decoding)
+    accepted_tokens: int = 0  # of those, kept
+    verify_steps: int = 0  # sequence-steps that verified proposed tokens
     finished: dict[FinishReason, int] = field(default_factory=dict)
 
 
@@ -153,6 +165,9 @@ class Scheduler:
         self.stats = StepStats()
         self.grammars = Grammars(tokenizer.hf, runner.cfg.vocab_size, self.eos)
         self.prefix = PrefixCache(runner, config.prefill_chunk) if config.prefix_cache else None
+        if config.speculate and not runner.position_invariant:
+            raise ValueError("speculative decoding needs a position-invariant runner (the cpu-native backend with "
+                             "RunnerConfig.position_invariant): elsewhere verified tokens could differ from decoded ones")
         self._masks: ThreadPoolExecutor | None = None  # computes grammar masks while the forward runs
 
     # ---- any thread -------------------------------------------------------------------------------------------
@@ -311,6 +326,8 @@ class Scheduler:
                 s.sampler = SequenceSampler(s.spec.sampling, prompt, self.runner.cfg.vocab_size, self.runner.device, constraint)
                 s.detok = IncrementalDetokenizer(self.tok, prompt)
                 s.stops = StopStrings(s.spec.stop)
+                if self.config.speculate and constraint is None and not (s.spec.sampling.logprobs or s.spec.sampling.top_logprobs):
+                    s.drafter = PromptLookup(prompt)
                 self._accept(s, sample(logits, [s.sampler])[0], out)
                 out[-1].cached_tokens = s.reused  # _accept emits exactly one output, the sequence's first
             if budget <= 0:
@@ -318,6 +335,8 @@ class Scheduler:
 
     def _decode(self, out: list[Output]) -> None:
         rows = self.running
+        if self.config.speculate and len(rows) <= self.config.speculate_max_batch and any(s.drafter for s in rows):
+            return self._decode_speculative(out)
         constrained = [s.sampler.constraint for s in rows if s.sampler.constraint is not None]
         masks = None
         if constrained:  # the grammar engine works (without the GIL) while the forward runs
@@ -339,6 +358,48 @@ class Scheduler:
         for s, res in zip(rows, results):
             self._accept(s, res, out)
 
+    def _decode_speculative(self, out: list[Output]) -> None:
+        """One step that feeds each sequence its last token and the tokens its drafter proposes, and keeps the
+        proposals that verify (SequenceSampler.verify) plus one token more: a sequence's output is what decoding one
+        token a step gives, since a verified position's logits are those of decoding it (position-invariant runner).
+        Rejected positions are dropped from the slot (runner.truncate)."""
+        rows, max_len = self.running, self.runner.max_seq_len
+        drafts = []
+        for s in rows:
+            room = min(s.spec.max_tokens - s.completion_tokens - 1, max_len - self.runner.length(s.slot) - 1)
+            drafts.append(s.drafter.propose(min(self.config.speculate, room)) if s.drafter is not None and room > 0 else [])
+        chunks = [SeqChunk(s.slot, self.runner.length(s.slot), [s.last_token, *d]) for s, d in zip(rows, drafts)]
+        try:
+            logits = self.runner.step(chunks, all_logits=True)  # [sum of (1 + drafts), V]
+        except Exception as e:  # noqa: BLE001 - fail these sequences, keep serving
+            self.running = []
+            for s in rows:
+                self._fail(s, e, out)
+            return
+        self.running = []
+        first = 0
+        for s, d, chunk in zip(rows, drafts, chunks):
+            s.fed.append(s.last_token)
+            if s.drafter is None:  # (a constrained or logprobs sequence in the batch: sampled as usual)
+                self._accept(s, sample(logits[first : first + 1], [s.sampler])[0], out)
+                first += 1
+                continue
+            kept = 0
+            for i in range(len(d) + 1):
+                token = s.sampler.verify(logits[first + i], d[i] if i < len(d) else None)
+                self._accept(s, SampleResult(token), out)
+                if not (self.running and self.running[-1] is s) or i == len(d) or token != d[i]:
+                    break  # finished, or this token is the step's last (a correction, or the one after every draft)
+                self.running.pop()  # the draft was right: its position is valid, and the next one is checked
+                s.fed.append(token)
+                kept += 1
+            first += len(chunk.tokens)
+            self.stats.draft_tokens += len(d)
+            self.stats.accepted_tokens += kept
+            self.stats.verify_steps += bool(d)
+            if s.slot is not None:
+                self.runner.truncate(s.slot, chunk.start + 1 + kept)
+
     def _accept(self, s: Sequence, res: SampleResult, out: list[Output]) -> None:
         """Handle one sampled token: emit text, decide whether the sequence goes on (then it joins `running`)."""
         now = time.perf_counter()
@@ -352,6 +413,8 @@ class Scheduler:
             self._finish(s, FinishReason.STOP, out, "")
             return
         s.completion_tokens += 1
+        if s.drafter is not None:
+            s.drafter.append(res.token)
         text = s.stops.push(s.detok.push(res.token))
         if s.stops.stopped:
             out.append(Output(s.id, text, res, FinishReason.STOP))

@@ -159,11 +159,23 @@ class ModelRunner:
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep only positions [0, n) of the slot (speculative decoding's rejected tokens): later steps overwrite
+        the rest."""
+        self._check_slot(slot)
+        if not 0 <= n <= self._lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self._lengths[slot]} to {n}")
+        self._lengths[slot] = n
+
     @torch.inference_mode()
-    def step(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:
-        """Run one chunk per sequence (distinct slots); returns each chunk's last-token logits [B, V] fp32."""
+    def step(self, seqs: Sequence[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+        """Run one chunk per sequence (distinct slots); returns each chunk's last-token logits [B, V] fp32, or with
+        all_logits every token's [sum of the chunks' lengths, V] (verifying speculated tokens: position-invariant
+        runners only, so that a position's logits are the ones decoding it alone would give)."""
         if not seqs:
             raise ValueError("a step needs at least one sequence")
+        if all_logits and not self.position_invariant:
+            raise ValueError("every token's logits need a position-invariant runner (RunnerConfig.position_invariant on cpu-native)")
         if len({s.slot for s in seqs}) != len(seqs):
             raise ValueError("the slots of one step must be distinct")
         for s in seqs:
@@ -176,7 +188,7 @@ class ModelRunner:
                 if len(s.tokens) == 1:
                     raise ContextOverflow(f"slot {s.slot} is full: the context holds {self.max_seq_len} tokens")
                 raise ContextOverflow(f"{s.start + len(s.tokens)} tokens do not fit the context of {self.max_seq_len} tokens")
-        logits = self.backend.step(seqs)
+        logits = self.backend.step(seqs, all_logits) if all_logits else self.backend.step(seqs)
         for s in seqs:
             self._lengths[s.slot] = s.start + len(s.tokens)
         return logits

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -597,7 +597,12 @@ def build_app(state: State) -> web.Application:
 
 def attach_engine(state: State, runner, tokenizer, name: str | None = None) -> Engine:
     """Start an engine on a loaded model and make the server ready (in the running event loop)."""
-    engine = Engine(runner, tokenizer, state.config.scheduler, state.metrics)
+    sched = state.config.scheduler
+    if sched.speculate and not runner.position_invariant:
+        log.warning("--speculate needs the cpu-native backend (position-invariant steps); the %s backend decodes without it",
+                    runner.backend.name)
+        sched = replace(sched, speculate=0)
+    engine = Engine(runner, tokenizer, sched, state.metrics)
     engine.start()
     state.model_name = name or state.config.served_model_name or Path(runner.model_dir).name
     state.engine = engine
@@ -695,6 +700,10 @@ def add_args(p) -> None:
     g.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before requests get 429 (default 64)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, so long prompts do not stall running streams")
     g.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole, even a prefix a KV slot already holds")
+    g.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (0: off, the default; "
+                        "4 measured best, BENCHMARKS.md); same tokens, faster where replies repeat the prompt")
+    g.add_argument("--speculate-max-batch", type=int, default=1, metavar="N", help="speculate only while at most N sequences decode (default 1)")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     g.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before a ': ping' comment on a stream")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish after SIGTERM")
@@ -708,7 +717,8 @@ def config_from_args(a) -> ServeConfig:
         api_key=a.api_key if a.api_key is not None else (os.environ.get("TINYSERVE_API_KEY") or None),
         cors_origins=tuple(a.cors_origin),
         max_body_bytes=a.max_body_bytes,
-        scheduler=SchedulerConfig(max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache),
+        scheduler=SchedulerConfig(max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache,
+                                  speculate=a.speculate, speculate_max_batch=a.speculate_max_batch),
         ping_interval=a.ping_interval,
         shutdown_timeout=a.shutdown_timeout,
     )

@@ -153,6 +153,8 @@ class Engine:
         stats = sched.take_stats()
         m.prompt_tokens.inc(stats.prompt_tokens)
         m.cached_tokens.inc(stats.cached_tokens)
+        m.draft_tokens.inc(stats.draft_tokens)
+        m.accepted_tokens.inc(stats.accepted_tokens)
         m.generation_tokens.inc(sum(1 for o in outputs if o.token is not None))
         for t in stats.ttft:
             m.ttft.observe(t)

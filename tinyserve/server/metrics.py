@@ -17,6 +17,8 @@ class Metrics:
         self.cached_tokens = Counter("tinyserve_prompt_tokens_cached", "Prompt tokens served by the prefix cache (not prefilled)",
                                      registry=r)
         self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated", registry=r)
+        self.draft_tokens = Counter("tinyserve_spec_draft_tokens", "Tokens proposed by speculative decoding", registry=r)
+        self.accepted_tokens = Counter("tinyserve_spec_accepted_tokens", "Proposed tokens that verified", registry=r)
         self.ttft = Histogram("tinyserve_time_to_first_token_seconds", "Time from arrival to the first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("tinyserve_time_per_output_token_seconds", "Time between consecutive tokens of a sequence",

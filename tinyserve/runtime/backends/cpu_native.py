@@ -99,11 +99,15 @@ class CpuNativeBackend(Backend):
             cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, w.layers[0].qkv.w.group_size, NATIVE_MAX_ROWS,
             cfg.rms_norm_eps)
 
-    def step(self, seqs: Sequence[SeqChunk]) -> torch.Tensor:
+    def step(self, seqs: Sequence[SeqChunk], all_logits: bool = False) -> torch.Tensor:
         if self.position_invariant:
             h = self.rows(seqs)
+            if all_logits:
+                return self.weights.lm_head(h).float()
             last = torch.tensor(list(itertools.accumulate(len(s.tokens) for s in seqs))) - 1
             return self.weights.lm_head(h[last]).float()
+        if all_logits:
+            raise ValueError("every token's logits need position_invariant")
         decode = [i for i, s in enumerate(seqs) if len(s.tokens) == 1]
         if len(decode) == len(seqs):
             h = self.decode(seqs)
