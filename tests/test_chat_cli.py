@@ -49,10 +49,28 @@ def test_generate_streams_text_and_stops(model_dir, capsys):
     assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
 
 
+def test_generate_with_speculation_gives_the_same_tokens(model_dir, capsys, monkeypatch):
+    """--speculate 4 (prompt lookup, position-invariant steps; our CPU kernels forced on): the greedy tokens of plain
+    generation, and the proposals it made reported in --json."""
+    from native_variants import need
+
+    need("native")
+    monkeypatch.setenv("TINYSERVE_CPU_KERNEL", "1")
+    args = ["generate", "--model", str(model_dir), "--prompt", "one two three one two three one two", "--max-tokens", "64",
+            "--ignore-eos", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--speculate", "4"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
+    assert spec["draft_tokens"] > 0 and 0 <= spec["accepted_tokens"] <= spec["draft_tokens"] and plain["draft_tokens"] == 0
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["generate", "--model", "/nonexistent/model", "--prompt", "x"], "no such folder"),
+        (["generate", "--model", "{tiny}", "--prompt", "x", "--speculate", "-1"], "--speculate must be >= 0"),
         (["generate", "--model", "{tiny}", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["generate", "--model", "{tiny}", "--prompt", "x", "--max-tokens", "0"], "max_tokens must be positive"),
         (["generate", "--model", "{tiny}", "--prompt", "word " * 600, "--max-seq-len", "64"], "the context holds 64"),

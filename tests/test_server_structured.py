@@ -208,7 +208,8 @@ def test_previous_response_id_is_a_clear_400(server):
 
 
 def test_prefix_cache_reports_cached_tokens(server, client, model):
-    """A second request with the same long system prompt reuses its first whole prefill chunk (512 tokens): the
+    """A second request with the same long prompt reuses all of it but the last token (the server's steps are
+    position-invariant, so any prefix is reusable; earlier requests share only the template's first tokens): the
     usage and /metrics say so, and the answer is the same."""
     from tinyserve_quantize.text_data import eval_text
 
@@ -216,8 +217,8 @@ def test_prefix_cache_reports_cached_tokens(server, client, model):
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "Who is the narrator?"}]
     first = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
     second = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
-    assert first.usage.prompt_tokens_details.cached_tokens == 0 or first.usage.prompt_tokens > 1024
-    assert second.usage.prompt_tokens_details.cached_tokens == 512 * ((second.usage.prompt_tokens - 1) // 512)
+    assert first.usage.prompt_tokens_details.cached_tokens < 10  # the chat template's opening tokens at most
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
     assert second.choices[0].message.content == first.choices[0].message.content
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     cached = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("tinyserve_prompt_tokens_cached_total")]

@@ -138,7 +138,8 @@ class Chat:
         if reply or not interrupted:  # a reply stopped before its first word leaves no turn behind
             self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         if self.show_stats:
-            self.say(f"({st.completion_tokens} tokens, {st.decode_tok_s:.1f} tok/s, first token after {st.ttft_s:.2f} s, {st.cached_tokens} of {st.prompt_tokens} prompt tokens reused)")
+            self.say(f"({st.completion_tokens} tokens, {st.decode_tok_s:.1f} tok/s, first token after {st.ttft_s:.2f} s, {st.cached_tokens} of {st.prompt_tokens} prompt tokens reused"
+                     + (f"; speculation: {st.speculation}" if st.draft_tokens else "") + ")")
 
     def run(self, stdin=sys.stdin) -> None:
         """The chat loop; call it from the main thread (it installs a SIGINT handler for its duration)."""

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tinyserve.cli.default_model import ModelFolderError, resolve_model
 from tinyserve.runtime.runner import RunnerConfig
@@ -57,7 +57,11 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
 
 
 def runner_config(a: argparse.Namespace, num_slots: int = 1) -> RunnerConfig:
-    return RunnerConfig(device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len, num_slots=num_slots, compile=a.compile, lm_head=a.lm_head, threads=a.threads)
+    # Position-invariant steps wherever the backend has them (cpu-native): a prompt, a reused prefix and a verified
+    # speculation give the tokens decoding one token at a time gives, so --speculate and the prefix cache change no
+    # output. Cold prompts prefill ~1.3x slower for it (BENCHMARKS.md, issue 19).
+    return RunnerConfig(device=a.device, dtype=a.dtype, max_seq_len=a.max_seq_len, num_slots=num_slots, compile=a.compile, lm_head=a.lm_head,
+                        threads=a.threads, position_invariant=True)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -98,13 +102,14 @@ class GenerateConfig:
     runner: RunnerConfig
     params: object  # generate.GenerationParams
     json: bool = False
+    speculate: int = 0  # prompt-lookup tokens verified per step (0: off)
 
 
 def generate_main(cfg: GenerateConfig) -> int:
     from tinyserve.generation.session import Session
 
     runner, tok = load(cfg.model, cfg.runner)
-    session = Session(runner, tok)
+    session = Session(runner, tok, config=scheduler_config(runner, cfg.speculate))
     prompt = tok.encode(cfg.prompt)
     pieces, ids = [], []
     for chunk in session.stream(prompt, cfg.params):
@@ -127,12 +132,15 @@ def generate_main(cfg: GenerateConfig) -> int:
                     "ttft_s": round(st.ttft_s, 6),
                     "prefill_tok_s": round(st.prefill_tok_s, 2),
                     "decode_tok_s": round(st.decode_tok_s, 2),
+                    "draft_tokens": st.draft_tokens,
+                    "accepted_tokens": st.accepted_tokens,
                 }
             )
         )
     else:
         print()
-        print(f"[{st.completion_tokens} tokens, finish: {st.finish_reason}, first token {st.ttft_s:.3f} s, decode {st.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+        print(f"[{st.completion_tokens} tokens, finish: {st.finish_reason}, first token {st.ttft_s:.3f} s, decode {st.decode_tok_s:.1f} tok/s"
+              + (f", {st.speculation}" if st.draft_tokens else "") + "]", file=sys.stderr)
     return 0
 
 
@@ -144,6 +152,7 @@ class ChatMainConfig:
     model: str | None
     runner: RunnerConfig
     chat: object  # chat.ChatConfig
+    speculate: int = 0  # prompt-lookup tokens verified per step (0: off)
 
 
 def chat_main(cfg: ChatMainConfig) -> int:
@@ -153,8 +162,23 @@ def chat_main(cfg: ChatMainConfig) -> int:
     runner, tok = load(cfg.model, cfg.runner)
     if not tok.has_chat_template:
         raise CliError(f"{runner.model_dir} has no chat template; use `python -m tinyserve generate` with a raw prompt")
-    Chat(Session(runner, tok), cfg.chat).run()
+    Chat(Session(runner, tok, config=scheduler_config(runner, cfg.speculate)), cfg.chat).run()
     return 0
+
+
+def scheduler_config(runner, speculate: int):
+    """The Session's scheduler: prompt-lookup speculation when asked for (it needs position-invariant steps)."""
+    from tinyserve.generation.scheduler import SchedulerConfig
+
+    if speculate and not runner.position_invariant:
+        raise CliError(f"--speculate needs the cpu-native backend (position-invariant steps); this model runs on {runner.backend.name}")
+    return SchedulerConfig(speculate=speculate)
+
+
+def add_speculate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (default 0: off; 4 measured "
+                        "best); the same tokens, faster where the reply repeats the prompt (CPU, cpu-native backend)")
 
 
 # ---- entry point ------------------------------------------------------------------------------------------------
@@ -169,12 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never part of the output")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_speculate_arg(g)
     add_runner_args(g)
     add_sampling_args(g, temperature=0.0, top_p=1.0)
 
     c = sub.add_parser("chat", help="interactive terminal chat (also reads piped stdin)")
     c.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     c.add_argument("--stats", action="store_true", help="print tokens/s after each reply (toggle with /stats)")
+    add_speculate_arg(c)
     add_runner_args(c)
     add_sampling_args(c, temperature=0.7, top_p=0.9)
 
@@ -217,26 +243,27 @@ def make_command(a: argparse.Namespace):
         from tinyserve.generation.session import GenerationParams
 
         params = GenerationParams(max_tokens=256 if a.max_tokens is None else a.max_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, sampling=sampling_params(a))
-        cfg = GenerateConfig(a.model, a.prompt, runner_config(a), params, a.json)
+        if a.speculate < 0:
+            raise ValueError(f"--speculate must be >= 0, got {a.speculate}")
+        cfg = GenerateConfig(a.model, a.prompt, runner_config(a), params, a.json, a.speculate)
         return lambda: generate_main(cfg)
     if a.command == "chat":
         from tinyserve.cli.chat import ChatConfig
 
         chat = ChatConfig(max_tokens=512 if a.max_tokens is None else a.max_tokens, system=a.system, stats=a.stats, sampling=sampling_params(a))
-        cfg = ChatMainConfig(a.model, runner_config(a), chat)
+        if a.speculate < 0:
+            raise ValueError(f"--speculate must be >= 0, got {a.speculate}")
+        cfg = ChatMainConfig(a.model, runner_config(a), chat, a.speculate)
         return lambda: chat_main(cfg)
     if a.command == "serve":
-        from dataclasses import replace
-
         from tinyserve.server import app as server
 
         scfg = server.config_from_args(a)
-        # Continuous batching: greedy output must not depend on what else is in the batch, nor on whether the prefix
-        # cache served part of the prompt (position_invariant, where the backend provides it). On CPU the compute thread
+        # Continuous batching: greedy output must not depend on what else is in the batch. On CPU the compute thread
         # count defaults to all cores but one: the HTTP event loop needs a core of its own, and OpenMP threads that
         # lose their core to it wait for each other (on the 2-core VM two threads made steps many times slower).
         threads = a.threads or max(1, len(os.sched_getaffinity(0)) - 1)
-        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True, position_invariant=True, threads=threads)
+        rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True, threads=threads)
         if a.model:
             resolve_model(a.model)  # a wrong path fails now, before the port opens
         return lambda: server.main(scfg, lambda: load(a.model, rcfg), user_errors())

@@ -52,11 +52,21 @@ class Stats:
     ttft_s: float = 0.0  # request start -> first token sampled
     decode_s: float = 0.0  # first token -> last token
     finish_reason: FinishReason | None = None
+    draft_tokens: int = 0  # speculative decoding: tokens proposed for verification
+    accepted_tokens: int = 0  # ... and kept
 
     @property
     def prefill_tok_s(self) -> float:
         computed = self.prompt_tokens - self.cached_tokens
         return computed / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def speculation(self) -> str:
+        """Speculative decoding's share of the work: proposals kept and tokens per decode step."""
+        steps = self.completion_tokens - 1 - self.accepted_tokens
+        per_step = (self.completion_tokens - 1) / steps if steps > 0 else 0.0
+        return (f"kept {self.accepted_tokens} of {self.draft_tokens} proposed tokens "
+                f"({self.accepted_tokens / max(self.draft_tokens, 1):.0%}), {per_step:.2f} tokens per step")
 
     @property
     def decode_tok_s(self) -> float:
@@ -133,7 +143,8 @@ class Session:
             if not done:  # closed early or interrupted: end the sequence now, so no half-finished one stays behind
                 sched.abort([seq_id])
                 sched.reap_aborted()
-            sched.take_stats()  # the server's metrics; a session has no use for them
+            step_stats = sched.take_stats()
+            stats.draft_tokens, stats.accepted_tokens = step_stats.draft_tokens, step_stats.accepted_tokens
             # The slot holds the prompt and every emitted token but the last (never fed back), or fewer if a step was
             # interrupted: the runner knows how many.
             self.cached = (prompt + generated)[: runner.length(slot)]

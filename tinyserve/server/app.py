@@ -700,9 +700,9 @@ def add_args(p) -> None:
     g.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before requests get 429 (default 64)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, so long prompts do not stall running streams")
     g.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole, even a prefix a KV slot already holds")
-    g.add_argument("--speculate", type=int, default=0, metavar="K",
-                   help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (0: off, the default; "
-                        "4 measured best, BENCHMARKS.md); same tokens, faster where replies repeat the prompt")
+    g.add_argument("--speculate", type=int, default=4, metavar="K",
+                   help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (default 4, measured "
+                        "best in BENCHMARKS.md; 0: off); the same tokens, faster where replies repeat the prompt (CPU, cpu-native)")
     g.add_argument("--speculate-max-batch", type=int, default=1, metavar="N", help="speculate only while at most N sequences decode (default 1)")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     g.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before a ': ping' comment on a stream")
