@@ -96,16 +96,16 @@ def cast(obj, dtype: torch.dtype | None = None, device: str | torch.device | Non
     return obj
 
 
-GRAM_BLOCK = 512  # rows of X^T X per GEMM; only blocks on or right of the diagonal are computed
+GRAM_BLOCK = 1024  # rows of X^T X per GEMM; only blocks on or right of the diagonal are computed
 
 
 def _add_gram_upper(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """acc [K, K] fp32 (None: zeros) += the block upper triangle of x^T x, x [T, K]; _mirror_upper completes it.
 
-    X^T X is symmetric, so each row block [a0:a1] is multiplied only against columns a0: (about 55% of the full
-    product's flops at K = 4864; blocks of 512 measured 5-20% faster than 1024 at K = 896 to 8960). Each bf16 x bf16
-    block accumulates in fp32 inside the GEMM, rounds to bf16 like the full product's entries (bit-identical on
-    oneDNN), and is summed into acc in fp32."""
+    X^T X is symmetric, so each row block [a0:a1] is multiplied only against columns a0: (about 60% of the full
+    product's flops at K = 4864). Each bf16 x bf16 block accumulates in fp32 inside the GEMM, rounds to bf16 like the
+    full product's entries, and is summed into acc in fp32. (Blocks of 512 were 5-20% faster, but on SmolLM2's real
+    K = 576 inputs some entries came out different from the whole product's, which moved GPTQ's roundings.)"""
     K = x.shape[1]
     acc = torch.zeros(K, K) if acc is None else acc
     for a0 in range(0, K, GRAM_BLOCK):
