@@ -76,10 +76,11 @@ def test_generate_with_speculation_gives_the_same_tokens(model_dir, capsys, monk
         (["generate", "--model", "{tiny}", "--prompt", "word " * 600, "--max-seq-len", "64"], "the context holds 64"),
         (["generate", "--model", "{tiny}", "--prompt", "x", "--dtype", "float8"], "unknown dtype"),
         (["chat", "--model", "{empty}"], "no config.json"),
+        (["generate", "--model", "{tiny}", "--prompt", "x", "--draft-model", "{qwen}"], "does not share the tokenizer"),
     ],
 )
-def test_user_mistakes_are_one_line_errors(model_dir, tmp_path, capsys, args, message):
-    args = [a.format(tiny=model_dir, empty=tmp_path) for a in args]
+def test_user_mistakes_are_one_line_errors(model_dir, tiny_qwen2_dir, tmp_path, capsys, args, message):
+    args = [a.format(tiny=model_dir, qwen=tiny_qwen2_dir, empty=tmp_path) for a in args]
     assert main(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines

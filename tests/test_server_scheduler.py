@@ -388,3 +388,20 @@ def test_speculation_needs_a_position_invariant_runner(runner_tok):
     runner, tok = runner_tok
     with pytest.raises(ValueError, match="position-invariant"):
         Scheduler(runner, tok, SchedulerConfig(speculate=4))
+
+
+def test_a_draft_model_gives_the_tokens_of_plain_decoding_and_its_slots_back(invariant_runner_tok, tiny_int4):
+    """The same tiny model as its own draft (a runner of its own, with fewer slots than sequences, so the last one
+    falls back to prompt lookup): greedy tokens equal plain decoding, most proposals are kept, every draft slot is
+    free at the end."""
+    runner, tok = invariant_runner_tok
+    draft = ModelRunner(tiny_int4, RunnerConfig(device="cpu", num_slots=2, max_seq_len=256, threads=1))
+    words = "one two three four five six seven eight nine ten".split()
+    specs = [SeqSpec(tuple(tok.encode(" ".join(words[i : i + 5]))), 20, GREEDY) for i in range(3)]
+    plain = run(Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16)), specs)
+    sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16, speculate=3, speculate_max_batch=3), draft=draft)
+    got = run(sched, specs)
+    assert [v[0] for v in got.values()] == [v[0] for v in plain.values()]
+    st = sched.stats
+    assert st.draft_tokens > 0 and st.accepted_tokens > st.draft_tokens // 2
+    assert draft.pool.num_free == 2 and runner.pool.num_free == NUM_SLOTS

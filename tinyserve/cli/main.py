@@ -42,6 +42,25 @@ def load(model: str | None, runner_cfg: RunnerConfig):
     return runner, tok
 
 
+def load_draft(model: str | None, runner, tok, num_slots: int):
+    """The --draft-model runner, beside the target's (same device, dtype, context and threads), after checking that
+    the two models share the tokenizer: the draft's token ids must mean what the target's do."""
+    from tinyserve.runtime.runner import ModelRunner
+    from tinyserve.generation.tokenizer import Tokenizer
+
+    if model is None:
+        return None
+    folder = resolve_model(model)
+    rc = runner.config
+    draft = ModelRunner(folder, RunnerConfig(device=str(runner.device), dtype=rc.dtype, max_seq_len=runner.max_seq_len, num_slots=num_slots,
+                                             lm_head=rc.lm_head, threads=rc.threads))
+    probe = "def main():\n    print('Hello, world!')  # \u00e9t\u00e9 \u4f60\u597d"
+    dtok = Tokenizer(folder, draft.cfg.eos_token_ids)
+    if dtok.encode(probe) != tok.encode(probe) or draft.cfg.vocab_size > runner.cfg.vocab_size:
+        raise CliError(f"--draft-model {folder} does not share the tokenizer of {runner.model_dir}; a draft model must use the same one")
+    return draft
+
+
 # ---- arguments shared by the subcommands --------------------------------------------------------------------------
 
 
@@ -102,14 +121,15 @@ class GenerateConfig:
     runner: RunnerConfig
     params: object  # generate.GenerationParams
     json: bool = False
-    speculate: int = 0  # prompt-lookup tokens verified per step (0: off)
+    speculate: int = 0  # proposed tokens verified per step (0: off)
+    draft_model: str | None = None  # a smaller model proposing them (None: prompt lookup)
 
 
 def generate_main(cfg: GenerateConfig) -> int:
     from tinyserve.generation.session import Session
 
     runner, tok = load(cfg.model, cfg.runner)
-    session = Session(runner, tok, config=scheduler_config(runner, cfg.speculate))
+    session = Session(runner, tok, config=scheduler_config(runner, cfg.speculate), draft=load_draft(cfg.draft_model, runner, tok, 1))
     prompt = tok.encode(cfg.prompt)
     pieces, ids = [], []
     for chunk in session.stream(prompt, cfg.params):
@@ -152,7 +172,8 @@ class ChatMainConfig:
     model: str | None
     runner: RunnerConfig
     chat: object  # chat.ChatConfig
-    speculate: int = 0  # prompt-lookup tokens verified per step (0: off)
+    speculate: int = 0  # proposed tokens verified per step (0: off)
+    draft_model: str | None = None  # a smaller model proposing them (None: prompt lookup)
 
 
 def chat_main(cfg: ChatMainConfig) -> int:
@@ -162,7 +183,7 @@ def chat_main(cfg: ChatMainConfig) -> int:
     runner, tok = load(cfg.model, cfg.runner)
     if not tok.has_chat_template:
         raise CliError(f"{runner.model_dir} has no chat template; use `python -m tinyserve generate` with a raw prompt")
-    Chat(Session(runner, tok, config=scheduler_config(runner, cfg.speculate)), cfg.chat).run()
+    Chat(Session(runner, tok, config=scheduler_config(runner, cfg.speculate), draft=load_draft(cfg.draft_model, runner, tok, 1)), cfg.chat).run()
     return 0
 
 
@@ -177,8 +198,16 @@ def scheduler_config(runner, speculate: int):
 
 def add_speculate_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", type=int, default=0, metavar="K",
-                   help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (default 0: off; 4 measured "
-                        "best); the same tokens, faster where the reply repeats the prompt (CPU, cpu-native backend)")
+                   help="speculative decoding: verify up to K proposed tokens per step (default 0: off, 5 with --draft-model); the "
+                        "same tokens, faster where the proposals are right (CPU, cpu-native backend)")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="a smaller model with the same tokenizer whose greedy continuation is proposed (default: prompt lookup)")
+
+
+def speculate_of(a: argparse.Namespace) -> int:
+    if a.speculate < 0:
+        raise ValueError(f"--speculate must be >= 0, got {a.speculate}")
+    return a.speculate or (5 if a.draft_model else 0)
 
 
 # ---- entry point ------------------------------------------------------------------------------------------------
@@ -243,17 +272,13 @@ def make_command(a: argparse.Namespace):
         from tinyserve.generation.session import GenerationParams
 
         params = GenerationParams(max_tokens=256 if a.max_tokens is None else a.max_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, sampling=sampling_params(a))
-        if a.speculate < 0:
-            raise ValueError(f"--speculate must be >= 0, got {a.speculate}")
-        cfg = GenerateConfig(a.model, a.prompt, runner_config(a), params, a.json, a.speculate)
+        cfg = GenerateConfig(a.model, a.prompt, runner_config(a), params, a.json, speculate_of(a), a.draft_model)
         return lambda: generate_main(cfg)
     if a.command == "chat":
         from tinyserve.cli.chat import ChatConfig
 
         chat = ChatConfig(max_tokens=512 if a.max_tokens is None else a.max_tokens, system=a.system, stats=a.stats, sampling=sampling_params(a))
-        if a.speculate < 0:
-            raise ValueError(f"--speculate must be >= 0, got {a.speculate}")
-        cfg = ChatMainConfig(a.model, runner_config(a), chat, a.speculate)
+        cfg = ChatMainConfig(a.model, runner_config(a), chat, speculate_of(a), a.draft_model)
         return lambda: chat_main(cfg)
     if a.command == "serve":
         from tinyserve.server import app as server
@@ -266,7 +291,11 @@ def make_command(a: argparse.Namespace):
         rcfg = replace(runner_config(a, num_slots=a.num_slots), batch_invariant=True, threads=threads)
         if a.model:
             resolve_model(a.model)  # a wrong path fails now, before the port opens
-        return lambda: server.main(scfg, lambda: load(a.model, rcfg), user_errors())
+        def load_both():
+            runner, tok = load(a.model, rcfg)
+            return runner, tok, load_draft(a.draft_model, runner, tok, a.speculate_max_batch)
+
+        return lambda: server.main(scfg, load_both, user_errors())
     from tinyserve.cli import bench
 
     bcfg = bench.config_from_args(a)

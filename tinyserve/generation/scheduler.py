@@ -44,7 +44,7 @@ from tinyserve.runtime.runner import ContextOverflow, ModelRunner
 from tinyserve.generation.grammar import Grammars
 from tinyserve.generation.prefix_cache import PrefixCache
 from tinyserve.generation.sampling import SampleResult, SamplingParams, SequenceSampler, sample
-from tinyserve.generation.speculative import PromptLookup
+from tinyserve.generation.speculative import DraftModel, PromptLookup
 from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
 
@@ -129,7 +129,7 @@ class Sequence:
     completion_tokens: int = 0
     last_token: int | None = None  # sampled, not yet fed to the model
     fed: list[int] = field(default_factory=list)  # sampled tokens fed to the model so far (their KV is in the slot)
-    drafter: PromptLookup | None = None  # speculative decoding's proposals (None: this sequence decodes one token a step)
+    drafter: PromptLookup | DraftModel | None = None  # speculation's proposals (None: one token a step)
     first_token_at: float | None = None
     last_token_at: float | None = None
     sampler: SequenceSampler | None = None
@@ -152,8 +152,11 @@ class StepStats:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig()):
-        self.runner, self.tok, self.config = runner, tokenizer, config
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig(),
+                 draft: ModelRunner | None = None):
+        """draft: a smaller model with the same tokenizer whose greedy continuations speculation verifies (one slot
+        of it per speculating sequence; prompt lookup where none is free). Without it, prompt lookup."""
+        self.runner, self.tok, self.config, self.draft = runner, tokenizer, config, draft
         self.eos = tokenizer.eos_token_ids | frozenset(runner.cfg.eos_token_ids)
         self._lock = threading.Lock()  # guards _waiting, _aborted and _ids (touched by other threads)
         self._waiting: deque[Sequence] = deque()
@@ -327,7 +330,7 @@ class Scheduler:
                 s.detok = IncrementalDetokenizer(self.tok, prompt)
                 s.stops = StopStrings(s.spec.stop)
                 if self.config.speculate and constraint is None and not (s.spec.sampling.logprobs or s.spec.sampling.top_logprobs):
-                    s.drafter = PromptLookup(prompt)
+                    s.drafter = DraftModel(self.draft, prompt) if self.draft is not None and self.draft.pool.num_free else PromptLookup(prompt)
                 self._accept(s, sample(logits, [s.sampler])[0], out)
                 out[-1].cached_tokens = s.reused  # _accept emits exactly one output, the sequence's first
             if budget <= 0:
@@ -445,6 +448,9 @@ class Scheduler:
         self._count_finish(FinishReason.ERROR)
 
     def _release(self, s: Sequence) -> None:
+        if isinstance(s.drafter, DraftModel):
+            s.drafter.close()
+        s.drafter = None
         if s.slot is not None and s.spec.slot is None:  # a slot the caller brought stays the caller's
             if self.prefix is not None:
                 self.prefix.release(s.slot, list(s.spec.prompt_ids[: s.prefilled]) + s.fed)

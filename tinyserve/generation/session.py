@@ -78,9 +78,10 @@ class Session:
     """One sequence slot of a runner, reused across calls (turns of a chat, or repeated generations)."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, slot: int | None = None,
-                 config: SchedulerConfig = SchedulerConfig()):
+                 config: SchedulerConfig = SchedulerConfig(), draft: ModelRunner | None = None):
+        """draft: speculative decoding's draft model (Scheduler), when config.speculate is on."""
         self.runner, self.tok = runner, tokenizer
-        self.scheduler = Scheduler(runner, tokenizer, config)
+        self.scheduler = Scheduler(runner, tokenizer, config, draft)
         self.slot = runner.alloc_slot() if slot is None else slot
         self.cached: list[int] = []  # token ids whose keys/values sit in the slot, in order
         self.stats = Stats()

@@ -595,14 +595,15 @@ def build_app(state: State) -> web.Application:
     return app
 
 
-def attach_engine(state: State, runner, tokenizer, name: str | None = None) -> Engine:
-    """Start an engine on a loaded model and make the server ready (in the running event loop)."""
+def attach_engine(state: State, runner, tokenizer, name: str | None = None, draft=None) -> Engine:
+    """Start an engine on a loaded model (and speculation's draft model, if any) and make the server ready (in the
+    running event loop)."""
     sched = state.config.scheduler
     if sched.speculate and not runner.position_invariant:
         log.warning("--speculate needs the cpu-native backend (position-invariant steps); the %s backend decodes without it",
                     runner.backend.name)
         sched = replace(sched, speculate=0)
-    engine = Engine(runner, tokenizer, sched, state.metrics)
+    engine = Engine(runner, tokenizer, sched, state.metrics, draft)
     engine.start()
     state.model_name = name or state.config.served_model_name or Path(runner.model_dir).name
     state.engine = engine
@@ -627,7 +628,8 @@ def _load_in_thread(load: Callable[[], tuple]) -> asyncio.Future:
 
 
 async def serve(config: ServeConfig, load: Callable[[], tuple], user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Listen at once (GET /health answers 503 while loading), load the model with `load() -> (runner, tokenizer)`,
+    """Listen at once (GET /health answers 503 while loading), load the model with `load() -> (runner, tokenizer)` or
+    `(runner, tokenizer, draft runner or None)`,
     serve until SIGTERM or SIGINT, then shut down gracefully. Returns the exit status."""
     state = State(config)
     app = build_app(state)
@@ -654,7 +656,7 @@ async def serve(config: ServeConfig, load: Callable[[], tuple], user_errors: tup
     status = 0
     if loading.done():
         try:
-            model_runner, tokenizer = loading.result()
+            model_runner, tokenizer, *draft = loading.result()
         except user_errors as e:
             print(f"tinyserve: error: {e}", file=sys.stderr, flush=True)
             status = EXIT_USAGE
@@ -662,7 +664,7 @@ async def serve(config: ServeConfig, load: Callable[[], tuple], user_errors: tup
             log.exception("loading the model failed")
             status = 1
         else:
-            attach_engine(state, model_runner, tokenizer)
+            attach_engine(state, model_runner, tokenizer, draft=draft[0] if draft else None)
             log.info("model %s ready in %.1f s: %d slots x %d tokens; serving on http://%s:%d", state.model_name,
                      time.perf_counter() - t0, model_runner.num_slots, model_runner.max_seq_len, config.host, config.port)
             await stopper
@@ -704,6 +706,8 @@ def add_args(p) -> None:
                    help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (default 4, measured "
                         "best in BENCHMARKS.md; 0: off); the same tokens, faster where replies repeat the prompt (CPU, cpu-native)")
     g.add_argument("--speculate-max-batch", type=int, default=1, metavar="N", help="speculate only while at most N sequences decode (default 1)")
+    g.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="a smaller model with the same tokenizer whose greedy continuation is proposed (default: prompt lookup)")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     g.add_argument("--ping-interval", type=float, default=5.0, help="seconds of silence before a ': ping' comment on a stream")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish after SIGTERM")

@@ -63,9 +63,9 @@ class RequestStream:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig(),
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, draft: ModelRunner | None = None):
         self.runner, self.tok = runner, tokenizer
-        self.scheduler = Scheduler(runner, tokenizer, config)
+        self.scheduler = Scheduler(runner, tokenizer, config, draft)
         self.metrics = metrics or Metrics()
         self.metrics.slots.set(runner.num_slots)
         self.pieces = TokenPieces(tokenizer)
