@@ -2,9 +2,11 @@
 
 One `step()`:
   1. sequences cancelled since the last step give their KV slot back (the slot is free before anything else runs);
-  2. every running sequence decodes one token, all in one batched `runner.decode` call (M = running sequences);
-  3. waiting sequences take free slots (FIFO; with the prefix cache, a slot that holds whole chunks of the prompt
-     already, prefix_cache.py) and their prompts are prefilled, at most `prefill_chunk` prompt
+  2. every running sequence decodes one token, all in one batched `runner.decode` call (M = running sequences), or,
+     speculating (at most speculate_max_batch of them), feeds its last token and its drafter's proposals and keeps
+     the ones that verify;
+  3. waiting sequences take free slots (FIFO; with the prefix cache, a slot that holds part of the prompt already,
+     prefix_cache.py) and their prompts are prefilled, at most `prefill_chunk` prompt
      tokens per step, so a long prompt delays the running sequences by one chunk per step, not by the whole prompt.
      A sequence whose prompt is complete samples its first token and decodes with the others from the next step on.
   4. sequences that hit EOS, a stop string, max_tokens or the end of the context finish and free their slot at once.
@@ -75,8 +77,9 @@ class SchedulerConfig:
     max_waiting: int = 64  # sequences waiting for a slot; beyond this `add` raises QueueFull
     prefill_chunk: int = 512  # most prompt tokens prefilled per step (and the fixed chunk size of every prompt)
     prefix_cache: bool = True  # start from a prompt prefix a slot already holds (prefix_cache.py; output unchanged)
-    # Speculative decoding by prompt lookup (speculative.py): up to this many proposed tokens verified per sequence
-    # and step (0: off), while at most speculate_max_batch sequences decode; needs a position-invariant runner.
+    # Speculative decoding (speculative.py: prompt lookup, or the Scheduler's draft model): up to this many proposed
+    # tokens verified per sequence and step (0: off), while at most speculate_max_batch sequences decode; needs a
+    # position-invariant runner.
     speculate: int = 0
     speculate_max_batch: int = 1
 
