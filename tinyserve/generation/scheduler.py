@@ -403,8 +403,8 @@ class Scheduler:
             self.stats.draft_tokens += len(d)
             self.stats.accepted_tokens += kept
             self.stats.verify_steps += bool(d)
-            if s.slot is not None:
-                self.runner.truncate(s.slot, chunk.start + 1 + kept)
+            if s.slot is not None or s.spec.slot is not None:  # (a caller's slot stays allocated after its sequence ends)
+                self.runner.truncate(chunk.slot, chunk.start + 1 + kept)
 
     def _accept(self, s: Sequence, res: SampleResult, out: list[Output]) -> None:
         """Handle one sampled token: emit text, decide whether the sequence goes on (then it joins `running`)."""
