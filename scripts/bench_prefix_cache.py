@@ -4,8 +4,11 @@
           prompt tokens actually prefilled and wall time, cache off vs on;
   chat    a 10-turn conversation (~150-token user turns, replies up to 150 tokens): time to first token per turn,
           cache off vs on (turn 10 against turn 1).
+  return  32 conversations (~400-token first turns) on the 16 slots, one after the other, then each one's second
+          turn: prompt tokens prefilled in the second round, with the host-memory tier (prefix_cache_bytes, 1 GiB)
+          vs slots only.
 
-    python scripts/bench_prefix_cache.py [--prefill-chunk 512] [--position-invariant off,on]
+    python scripts/bench_prefix_cache.py [--prefill-chunk 512] [--position-invariant off,on] [--scenarios shared,chat,return]
 
 --position-invariant: the runner's RunnerConfig.position_invariant (serve's is on): off reuses whole prompt chunks
 only, on any prefix, replies included. Each chat run says whether its replies equal the cache-off run's.
@@ -72,10 +75,39 @@ def chat(runner, tok, chunk: int) -> None:
               + " ".join(f"{t * 1e3:.0f}" for t in ttft))
 
 
+def returning(runner, tok, chunk: int) -> None:
+    words = eval_text().split()
+    firsts = [[{"role": "user", "content": f"Conversation {i}. " + " ".join(words[300 * i: 300 * i + 300]) + "\nSummarize."}]
+              for i in range(32)]
+    print(f"return: 32 conversations, 16 slots, first turns of {min(len(tok.chat_ids(m)) for m in firsts)}-"
+          f"{max(len(tok.chat_ids(m)) for m in firsts)} tokens, replies of 16")
+    for host in (0, SchedulerConfig.prefix_cache_bytes):
+        sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=chunk, prefix_cache_bytes=host))
+        seconds = {}
+        for turn in (1, 2):
+            t0 = time.perf_counter()
+            for m in firsts:
+                if turn == 2:
+                    m = m + [{"role": "user", "content": "And in one line?"}]
+                ids = sched.add([SeqSpec(tuple(tok.chat_ids(m)), 16, GREEDY)])
+                text = ""
+                while sched.has_work():
+                    text += "".join(o.text for o in sched.step() if o.seq_id == ids[0])
+                if turn == 1:
+                    m.append({"role": "assistant", "content": text})
+            seconds[turn], stats = time.perf_counter() - t0, sched.take_stats()
+        for m in firsts:
+            del m[1:]
+        print(f"  second turns, host tier {host >> 20} MiB: {stats.prompt_tokens} prompt tokens prefilled, "
+              f"{stats.cached_tokens} served from the cache, {seconds[2]:.1f} s (first turns {seconds[1]:.1f} s); "
+              f"host memory used {sched.prefix.saved_bytes / 2**20:.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--position-invariant", default="on", help="off, on or off,on")
+    ap.add_argument("--scenarios", default="shared,chat,return")
     a = ap.parse_args()
     folder = ensure_quantized_default()
     for mode in a.position_invariant.split(","):
@@ -83,8 +115,9 @@ def main() -> None:
                                                   position_invariant=mode.strip() == "on"))
         print(f"{runner.backend.name} backend, position_invariant {runner.position_invariant}, prefill chunk {a.prefill_chunk}:")
         tok = Tokenizer(folder, runner.cfg.eos_token_ids)
-        shared(runner, tok, a.prefill_chunk)
-        chat(runner, tok, a.prefill_chunk)
+        scenarios = {"shared": shared, "chat": chat, "return": returning}
+        for name in a.scenarios.split(","):
+            scenarios[name.strip()](runner, tok, a.prefill_chunk)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,40 @@ import pytest
 import torch
 
 from tinyserve.cli.chat import Chat, ChatConfig
+from tinyserve.generation.scheduler import SchedulerConfig
 from tinyserve.generation.session import GenerationParams, Session
 from tinyserve.runtime.runner import ContextOverflow, ModelRunner, RunnerConfig
 from tinyserve.generation.sampling import SamplingError, SamplingParams, SequenceSampler, sample
 from tinyserve.generation.tokenizer import IncrementalDetokenizer, StopStrings, Tokenizer
 
+from native_variants import need
+from runtime_helpers import write_rtn_folder
+
 GREEDY = SamplingParams(temperature=0)
 
 
-def session_for(folder, max_seq_len=128, dtype="float32") -> Session:
+def session_for(folder, max_seq_len=128, dtype="float32", config: SchedulerConfig = SchedulerConfig()) -> Session:
     runner = ModelRunner(folder, RunnerConfig(device="cpu", dtype=dtype, max_seq_len=max_seq_len))
-    return Session(runner, Tokenizer(folder, runner.cfg.eos_token_ids))
+    return Session(runner, Tokenizer(folder, runner.cfg.eos_token_ids), config)
+
+
+@pytest.fixture(scope="module")
+def invariant_session(tmp_path_factory, tiny_llama_dir):
+    """Sessions on the runner `chat` and `generate` build on CPU: INT4 on the cpu-native backend, position-invariant
+    (one thread, restored afterwards)."""
+    need("native")
+    folder = write_rtn_folder(tiny_llama_dir, tmp_path_factory.mktemp("tiny-int4"), group_size=64)
+    threads = torch.get_num_threads()
+
+    def make(max_seq_len=256) -> Session:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TINYSERVE_CPU_KERNEL", "1")
+            runner = ModelRunner(folder, RunnerConfig(device="cpu", max_seq_len=max_seq_len, position_invariant=True, threads=1))
+        assert runner.position_invariant
+        return Session(runner, Tokenizer(folder, runner.cfg.eos_token_ids))
+
+    yield make
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -205,28 +228,40 @@ def test_context_overflow(tiny_llama_dir):
     assert session.stats.completion_tokens == 5 and chunks[-1].finish_reason == "length"
 
 
+@pytest.mark.parametrize("runner", ["eager", "position-invariant"])
 @torch.inference_mode()
-def test_second_turn_reuses_the_cached_prefix(tiny_qwen2_dir):
-    session, fresh = session_for(tiny_qwen2_dir), session_for(tiny_qwen2_dir)
+def test_second_turn_reuses_the_cached_prefix(runner, tiny_qwen2_dir, invariant_session):
+    """A chat's second turn re-sends the first turn's prompt and reply: the scheduler's prefix cache serves whole
+    prefill chunks of the first prompt (eager: a position's KV depends on its chunk), or on the position-invariant
+    runner every position the first turn's slot holds, its reply included. Either way, the tokens of a fresh session."""
+    if runner == "eager":
+        session, fresh = (session_for(tiny_qwen2_dir, config=SchedulerConfig(prefill_chunk=4)) for _ in range(2))
+    else:
+        session, fresh = invariant_session(), invariant_session()
     params = GenerationParams(max_tokens=10, ignore_eos=True, sampling=GREEDY)
-    first = session.tok.encode("A first message")
+    first = session.tok.encode("A first message, long enough for a few chunks")
     _, reply = session.generate(first, params)
+    assert session.stats.cached_tokens == 0
     follow_up = first + reply + session.tok.encode(" and a follow-up")
     text, ids = session.generate(follow_up, params)
-    assert session.stats.cached_tokens == len(first) + len(reply) - 1  # the last reply token was never fed back
+    if runner == "eager":
+        assert session.stats.cached_tokens == len(first) // 4 * 4 > 0
+    else:
+        assert session.stats.cached_tokens == len(first) + len(reply) - 1  # the last reply token was never fed back
     assert (text, ids) == fresh.generate(follow_up, params)
     assert session.stats.prefill_tok_s > 0 and not math.isnan(session.stats.decode_tok_s)
 
 
 @torch.inference_mode()
-def test_an_interrupted_stream_leaves_the_session_usable(tiny_llama_dir):
+def test_an_interrupted_stream_leaves_the_session_usable(invariant_session):
     """A stream closed mid-reply (the chat's Ctrl-C) or a KeyboardInterrupt inside a decode step ends its sequence at
-    once: nothing stays in the session's scheduler, the slot holds a prefix the session knows, and the next call
-    reuses it and gives what an uninterrupted session gives."""
-    session, fresh = session_for(tiny_llama_dir), session_for(tiny_llama_dir)
+    once: nothing stays in the session's scheduler, the slot is free again and the prefix cache knows what it holds,
+    and the next call reuses it and gives what an uninterrupted session gives."""
+    session, fresh = invariant_session(), invariant_session()
     params = GenerationParams(max_tokens=12, ignore_eos=True, sampling=GREEDY)
     prompt = session.tok.encode("Once upon a time")
     expected = fresh.generate(prompt, params)
+    runner = session.runner
 
     stream = session.stream(prompt, params)
     for _ in range(4):
@@ -234,13 +269,14 @@ def test_an_interrupted_stream_leaves_the_session_usable(tiny_llama_dir):
     with pytest.raises(RuntimeError, match="still open"):
         next(session.stream(prompt, params))
     stream.close()
-    assert not session.scheduler.has_work()
-    assert session.cached == prompt + expected[1][:3]  # 4 tokens shown, the first 3 fed back
-    assert session.runner.length(session.slot) == len(session.cached)
+    assert not session.scheduler.has_work() and runner.pool.num_free == 1
+    longer = prompt + expected[1][:3] + expected[1][:2]  # 4 tokens shown, the first 3 fed back
+    session.generate(longer, GenerationParams(max_tokens=1, sampling=GREEDY))
+    assert session.stats.cached_tokens == len(prompt) + 3
     assert session.generate(prompt, params) == expected
     assert session.stats.cached_tokens == len(prompt) - 1
 
-    runner, calls = session.runner, []
+    calls = []
 
     def decode(*args):  # Ctrl-C landing inside the third decode step
         calls.append(1)
@@ -252,13 +288,13 @@ def test_an_interrupted_stream_leaves_the_session_usable(tiny_llama_dir):
     with pytest.raises(KeyboardInterrupt):
         list(session.stream(prompt, params))
     del runner.decode
-    assert not session.scheduler.has_work() and runner.length(session.slot) == len(session.cached)
+    assert not session.scheduler.has_work() and runner.pool.num_free == 1
     assert session.generate(prompt, params) == expected
 
 
 @torch.inference_mode()
-def test_a_chat_reply_stopped_mid_way_keeps_the_chat_going(tiny_llama_dir):
-    session = session_for(tiny_llama_dir, max_seq_len=256)
+def test_a_chat_reply_stopped_mid_way_keeps_the_chat_going(invariant_session):
+    session = invariant_session()
     stops = []
 
     class Screen(io.StringIO):

@@ -139,7 +139,7 @@ def test_finish_reasons_eos_and_stop_string(runner_tok):
 
 
 def test_a_session_runs_the_same_loop_as_the_server(runner_tok):
-    """`generate` and `chat` (a Session, one sequence in a slot it keeps) and the server (the Scheduler) are one loop:
+    """`generate` and `chat` (a Session, one sequence at a time) and the server (the Scheduler) are one loop:
     the same tokens, text and finish reason for max_tokens, a stop string, EOS, and EOS with ignore_eos."""
     runner, tok = runner_tok
     spec = make_specs(tok, 1, max_tokens=20)[0]
@@ -151,13 +151,10 @@ def test_a_session_runs_the_same_loop_as_the_server(runner_tok):
     results = []
     for case, eos_ids in cases:
         sched, session = Scheduler(runner, tok), Session(runner, tok)
-        try:
-            if eos_ids:
-                sched.eos = session.scheduler.eos = eos_ids
-            (server,) = run(sched, [case]).values()
-            chunks = list(session.stream(case.prompt_ids, GenerationParams(case.max_tokens, case.stop, case.ignore_eos, case.sampling)))
-        finally:
-            session.close()
+        if eos_ids:
+            sched.eos = session.scheduler.eos = eos_ids
+        (server,) = run(sched, [case]).values()
+        chunks = list(session.stream(case.prompt_ids, GenerationParams(case.max_tokens, case.stop, case.ignore_eos, case.sampling)))
         alone = ([c.token.token for c in chunks if c.token], "".join(c.text for c in chunks), chunks[-1].finish_reason)
         assert alone == server and session.stats.finish_reason is server[2]
         assert session.stats.completion_tokens == len(server[0])
@@ -165,30 +162,6 @@ def test_a_session_runs_the_same_loop_as_the_server(runner_tok):
     assert [r for _, _, r in results] == [FinishReason.LENGTH, FinishReason.STOP, FinishReason.STOP, FinishReason.LENGTH]
     assert len(results[2][0]) < 20 and results[3][0] == tokens  # EOS stopped it; ignore_eos went through it
     assert runner.pool.num_free == NUM_SLOTS
-
-
-def test_a_spec_with_its_own_slot_keeps_it(runner_tok):
-    """A sequence that brings its slot (a Session's) prefills from `cached` on, and the slot is not freed after."""
-    runner, tok = runner_tok
-    spec = make_specs(tok, 1, max_tokens=8)[0]
-    n = len(spec.prompt_ids)
-    (want,) = run(Scheduler(runner, tok), [spec]).values()
-    slot = runner.alloc_slot()
-    try:
-        sched = Scheduler(runner, tok)
-        run(sched, [SeqSpec(spec.prompt_ids, 1, GREEDY, slot=slot)])
-        assert runner.pool.num_free == NUM_SLOTS - 1 and runner.length(slot) == n
-        sched.take_stats()
-        (got,) = run(sched, [SeqSpec(spec.prompt_ids, 8, GREEDY, slot=slot, cached=n - 1)]).values()
-        assert sched.take_stats().prompt_tokens == 1  # only the last prompt token ran
-        # The first token comes from the prompt's logits: the same. Later ones may differ in near-ties, since the
-        # last prompt position was computed as a 1-token prefill (another kernel path) instead of inside the prompt.
-        assert got[0][0] == want[0][0] and len(got[0]) == 8 and got[2] is FinishReason.LENGTH
-        assert runner.length(slot) == n + 7 and runner.pool.num_free == NUM_SLOTS - 1
-        with pytest.raises(ValueError, match="cached"):
-            sched.add([SeqSpec(spec.prompt_ids, 8, GREEDY, slot=slot, cached=n)])
-    finally:
-        runner.free_slot(slot)
 
 
 def test_finish_reasons_are_plain_strings_on_the_wire():
@@ -262,7 +235,8 @@ def test_prefix_cache_serves_whole_chunks_and_changes_no_token(runner_tok, arriv
 
 
 def test_prefix_cache_ignores_a_slot_given_out_elsewhere(runner_tok):
-    """A Session takes the slot a finished sequence left its prefix in: the entry is dropped, not reused."""
+    """Another scheduler on the runner takes the slot a finished sequence left its prefix in: the entry is dropped,
+    not reused."""
     runner, tok = runner_tok
     specs = shared_prefix_specs(tok, 2, 40)
     sched = Scheduler(runner, tok, SchedulerConfig(prefill_chunk=16))
@@ -376,6 +350,45 @@ def test_speculation_gives_the_tokens_of_plain_decoding(invariant_runner_tok, mo
             assert 0 < sched.stats.accepted_tokens < sched.stats.draft_tokens
             assert sched.stats.verify_steps < sum(len(v[0]) for v in plain.values())  # fewer steps than tokens
     assert runner.pool.num_free == NUM_SLOTS
+
+
+def distinct_specs(tok: Tokenizer, n: int, tokens: int = 40, max_tokens: int = 6) -> list[SeqSpec]:
+    """n prompts of `tokens` tokens that differ from their first token on."""
+    words = "amber birch cobalt dune ember fjord granite harbor iris juniper kelp lagoon meadow nectar orchid pebble".split()
+    return [SeqSpec(tuple(tok.encode(" ".join(words[(i + j * (i + 1)) % len(words)] for j in range(tokens)))[:tokens]),
+                    max_tokens, GREEDY) for i in range(n)]
+
+
+def test_prefix_cache_keeps_prefixes_in_host_memory_after_their_slot_is_reused(invariant_runner_tok):
+    """A conversation whose slot went to NUM_SLOTS other prompts comes back: its prompt and reply are copied back from
+    host memory (prefix_cache_bytes), not prefilled, and the tokens equal the uncached run's. Without the host tier
+    nothing is reused. Under a budget of one entry, only the most recently saved one stays, within the budget."""
+    runner, tok = invariant_runner_tok
+    cfg = SchedulerConfig(prefill_chunk=16)
+    convo, *others = distinct_specs(tok, NUM_SLOTS + 4, tokens=50)
+    others, extra = others[:NUM_SLOTS], others[NUM_SLOTS:]
+    assert len(set(s.prompt_ids[0] for s in [convo, *others, *extra])) == NUM_SLOTS + 4
+    ((reply, _, reason),) = run(Scheduler(runner, tok, replace(cfg, prefix_cache=False)), [convo]).values()
+    fed = len(reply) - (reason == FinishReason.LENGTH)
+    turn2 = SeqSpec(convo.prompt_ids + tuple(reply) + tuple(tok.encode(" and then", add_special_tokens=False)), 8, GREEDY)
+    ((plain, _, _),) = run(Scheduler(runner, tok, replace(cfg, prefix_cache=False)), [turn2]).values()
+    per_token = runner.cache.bytes_per_token()
+    for budget, want in [(cfg.prefix_cache_bytes, len(convo.prompt_ids) + fed), (0, 0)]:
+        sched = Scheduler(runner, tok, replace(cfg, prefix_cache_bytes=budget))
+        run(sched, [convo])
+        for spec in others:  # one after the other: each takes the least recently used slot, convo's among them
+            run(sched, [spec])
+        assert all(sched.prefix._valid(s)[:1] != convo.prompt_ids[:1] for s in sched.prefix.entries)  # no slot holds it
+        sched.take_stats()
+        ((got, _, _),) = run(sched, [turn2]).values()
+        assert sched.take_stats().cached_tokens == want and got == plain
+        # the empty slots went first: convo's slot was the first reused (by the last of the others), then others[0]'s
+        assert [e.tokens[0] for e in sched.prefix.saved] == ([convo.prompt_ids[0], others[0].prompt_ids[0]] if budget else [])
+    sched = Scheduler(runner, tok, replace(cfg, prefix_cache_bytes=60 * per_token))  # one 50-56 token entry fits
+    for spec in [convo, *others, *extra]:  # the extras reuse others[0..2]'s slots, each saved in turn
+        run(sched, [spec])
+    assert [e.tokens[0] for e in sched.prefix.saved] == [others[2].prompt_ids[0]]
+    assert sched.prefix.saved_bytes <= 60 * per_token
 
 
 def test_speculation_needs_a_position_invariant_runner(runner_tok):

@@ -1,7 +1,7 @@
 """Prompt-lookup speculative decoding and the position-invariant prefix cache through a real server on the default
 model (`serve --speculate 4`): a greedy editing reply equals plain decoding of the same prompt in-process (no
 speculation), proposals were verified and kept (/metrics), and sending the conversation's next turn reuses the first
-turn's prompt and reply from the cache."""
+turn's prompt and reply from the cache, from host memory once other conversations have taken both KV slots."""
 
 import pytest
 import requests
@@ -26,7 +26,7 @@ def awq_default():
 
 @pytest.fixture(scope="module")
 def server(awq_default, tmp_path_factory):
-    with running_server(["--num-slots", "2", "--speculate", "4"], tmp_path_factory.mktemp("server-spec") / "server.log") as srv:
+    with running_server(["--num-slots", "2", "--speculate", "4", "--prefix-cache-bytes", "64M"], tmp_path_factory.mktemp("server-spec") / "server.log") as srv:
         yield srv
 
 
@@ -59,3 +59,10 @@ def test_speculative_reply_equals_plain_decoding_and_the_next_turn_is_cached(ser
     r2 = client.chat.completions.create(model=model, messages=turn2, max_tokens=8, temperature=0)
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert cached >= r.usage.prompt_tokens + r.usage.completion_tokens - 3  # all of turn 1 but its end-of-turn tokens
+
+    for other in ["Name three rivers in Europe.", "Write a haiku about rain."]:  # take both slots, one after the other
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": other}], max_tokens=4, temperature=0)
+    assert 0 < metric(server, "tinyserve_prefix_cache_host_bytes") <= 64 << 20
+    r3 = client.chat.completions.create(model=model, messages=turn2, max_tokens=8, temperature=0)
+    assert r3.usage.prompt_tokens_details.cached_tokens == r3.usage.prompt_tokens - 1  # copied back from host memory
+    assert r3.choices[0].message.content == r2.choices[0].message.content

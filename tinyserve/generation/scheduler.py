@@ -19,9 +19,8 @@ Every sequence ends with exactly one output whose `finish_reason` is set, a `Fin
   SHUTDOWN   `abort_all(FinishReason.SHUTDOWN)`: the server stopped before it finished.
 
 This is the one generation loop: the server runs it for many sequences through the engine, and `generate.Session`
-(the `generate` and `chat` commands) runs it for one. A Session keeps its KV slot across turns, so its spec brings
-the slot and how many prompt tokens that slot already holds (`SeqSpec.slot`, `SeqSpec.cached`): the scheduler then
-neither allocates nor frees that slot and prefills from `cached` on.
+(the `generate` and `chat` commands) runs it for one; a chat's turns find each other through the prefix cache as the
+server's clients do.
 
 Greedy output must not depend on the batch: a prompt is always cut into the same chunks (boundaries at multiples of
 `prefill_chunk`, whatever else is waiting), sampling is per row (tinyserve.generation.sampling) and the runner's decode is
@@ -77,6 +76,7 @@ class SchedulerConfig:
     max_waiting: int = 64  # sequences waiting for a slot; beyond this `add` raises QueueFull
     prefill_chunk: int = 512  # most prompt tokens prefilled per step (and the fixed chunk size of every prompt)
     prefix_cache: bool = True  # start from a prompt prefix a slot already holds (prefix_cache.py; output unchanged)
+    prefix_cache_bytes: int = 1 << 30  # host memory for prefixes whose slots went to other prompts (0: slots only)
     # Speculative decoding (speculative.py: prompt lookup, or the Scheduler's draft model): up to this many proposed
     # tokens verified per sequence and step (0: off), while at most speculate_max_batch sequences decode; needs a
     # position-invariant runner.
@@ -88,6 +88,8 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting must be at least 1, got {self.max_waiting}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        if self.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {self.prefix_cache_bytes}")
         if self.speculate < 0 or self.speculate_max_batch < 1:
             raise ValueError("speculate must be >= 0 and speculate_max_batch >= 1")
 
@@ -104,8 +106,6 @@ class SeqSpec:
     # False (the server): `add` refuses prompt + max_tokens > the context. True (a Session): any prompt shorter than
     # the context is accepted, and generation stops with LENGTH when the context is full.
     clamp_to_context: bool = False
-    slot: int | None = None  # a KV slot the caller owns (a Session): used as it is, never allocated or freed here
-    cached: int = 0  # prompt tokens whose keys/values `slot` already holds: prefill starts there
     grammar: str | None = None  # a grammar the output must follow (Scheduler.grammars compiled it); None: free
 
 
@@ -127,7 +127,7 @@ class Sequence:
     spec: SeqSpec
     arrival: float  # time.perf_counter() at add
     slot: int | None = None
-    prefilled: int = 0  # prompt tokens already in the slot (spec.cached at first)
+    prefilled: int = 0  # prompt tokens already in the slot
     reused: int = 0  # prompt tokens the prefix cache served
     completion_tokens: int = 0
     last_token: int | None = None  # sampled, not yet fed to the model
@@ -170,7 +170,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # hold a slot, decoding (worker thread only)
         self.stats = StepStats()
         self.grammars = Grammars(tokenizer.hf, runner.cfg.vocab_size, self.eos)
-        self.prefix = PrefixCache(runner, config.prefill_chunk) if config.prefix_cache else None
+        self.prefix = PrefixCache(runner, config.prefill_chunk, config.prefix_cache_bytes) if config.prefix_cache else None
         if config.speculate and not runner.position_invariant:
             raise ValueError("speculative decoding needs a position-invariant runner (the cpu-native backend with "
                              "RunnerConfig.position_invariant): elsewhere verified tokens could differ from decoded ones")
@@ -190,15 +190,11 @@ class Scheduler:
                     raise ContextOverflow(f"the prompt has {n} tokens; the context holds {max_len} (prompt and reply together)")
             elif n + spec.max_tokens > max_len:
                 raise ContextOverflow(f"{n} prompt tokens + {spec.max_tokens} new tokens exceed the context of {max_len}")
-            if spec.cached and spec.slot is None:
-                raise ValueError("cached prompt tokens need the slot that holds them")
-            if not 0 <= spec.cached < n:  # the last prompt token must run to give the first token's logits
-                raise ValueError(f"cached must be in [0, {n}) for a {n}-token prompt, got {spec.cached}")
         now = time.perf_counter()
         with self._lock:
             if len(self._waiting) + len(specs) > self.config.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} sequences are already waiting (limit {self.config.max_waiting})")
-            seqs = [Sequence(next(self._ids), spec, now, prefilled=spec.cached) for spec in specs]
+            seqs = [Sequence(next(self._ids), spec, now) for spec in specs]
             self._waiting.extend(seqs)
         return [s.id for s in seqs]
 
@@ -268,15 +264,13 @@ class Scheduler:
         return out
 
     def _admit(self) -> None:
-        """Waiting sequences take free slots, first come first served (one that brings its own slot just starts)."""
+        """Waiting sequences take free slots, first come first served."""
         if not self._waiting:
             return
         with self._lock:
             while self._waiting:
                 s = self._waiting[0]
-                if s.spec.slot is not None:
-                    s.slot = s.spec.slot
-                elif not self.runner.pool.num_free:
+                if not self.runner.pool.num_free:
                     break
                 elif self.prefix is not None:
                     if self._prefix_pending(s):
@@ -298,7 +292,7 @@ class Scheduler:
         waiting costs s little and saves those tokens."""
         for p in self.prefilling:
             gain = self.prefix.reusable(p.spec.prompt_ids, s.spec.prompt_ids) - p.prefilled
-            if p.spec.slot is None and gain > 0 and gain >= min(self.config.prefill_chunk, MIN_PREFIX_WAIT):
+            if gain > 0 and gain >= min(self.config.prefill_chunk, MIN_PREFIX_WAIT):
                 return True
         return False
 
@@ -319,7 +313,7 @@ class Scheduler:
                 continue
             self.stats.prompt_tokens += end - s.prefilled
             budget -= end - s.prefilled
-            if self.prefix is not None and s.spec.slot is None:
+            if self.prefix is not None:
                 self.prefix.record(s.slot, prompt, s.prefilled, end)
             s.prefilled = end
             if end == len(prompt):
@@ -403,7 +397,7 @@ class Scheduler:
             self.stats.draft_tokens += len(d)
             self.stats.accepted_tokens += kept
             self.stats.verify_steps += bool(d)
-            if s.slot is not None or s.spec.slot is not None:  # (a caller's slot stays allocated after its sequence ends)
+            if s.slot is not None:  # (still running: a finished sequence's slot was freed)
                 self.runner.truncate(chunk.slot, chunk.start + 1 + kept)
 
     def _accept(self, s: Sequence, res: SampleResult, out: list[Output]) -> None:
@@ -454,7 +448,7 @@ class Scheduler:
         if isinstance(s.drafter, DraftModel):
             s.drafter.close()
         s.drafter = None
-        if s.slot is not None and s.spec.slot is None:  # a slot the caller brought stays the caller's
+        if s.slot is not None:
             if self.prefix is not None:
                 self.prefix.release(s.slot, list(s.spec.prompt_ids[: s.prefilled]) + s.fed)
             self.runner.free_slot(s.slot)

@@ -1,11 +1,10 @@
 """Single-session generation: what `generate` and `chat` (and the golden tests) run.
 
-A `Session` owns one KV cache slot and a `Scheduler` of its own, and generates through that scheduler: the same loop
-as the server (sampling, detokenizing, stop strings, EOS, max_tokens, a full context), with one sequence. What is
-specific to a session lives here:
-  - prefix reuse across calls: a chat turn re-sends the whole history; the prefix the slot already holds is handed
-    to the scheduler as `SeqSpec.cached` and not recomputed;
-  - the per-call `Stats` (tokens, time to first token, tokens/s) that the CLI prints.
+A `Session` has a `Scheduler` of its own and generates through it: the same loop as the server (sampling,
+detokenizing, stop strings, EOS, max_tokens, a full context, the prefix cache), with one sequence. A chat turn
+re-sends the whole history; the scheduler's prefix cache (prefix_cache.py) finds the previous turn's prompt and reply
+in the slot that ran it, as it does for the server's clients. What is specific to a session lives here: the per-call
+`Stats` (tokens, cached tokens, time to first token, tokens/s) that the CLI prints.
 `stream` drives `scheduler.step()` synchronously and yields each step's output as a `Chunk`.
 """
 
@@ -75,15 +74,13 @@ class Stats:
 
 
 class Session:
-    """One sequence slot of a runner, reused across calls (turns of a chat, or repeated generations)."""
+    """One sequence at a time on a runner, across calls (turns of a chat, or repeated generations)."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, slot: int | None = None,
-                 config: SchedulerConfig = SchedulerConfig(), draft: ModelRunner | None = None):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: SchedulerConfig = SchedulerConfig(),
+                 draft: ModelRunner | None = None):
         """draft: speculative decoding's draft model (Scheduler), when config.speculate is on."""
         self.runner, self.tok = runner, tokenizer
         self.scheduler = Scheduler(runner, tokenizer, config, draft)
-        self.slot = runner.alloc_slot() if slot is None else slot
-        self.cached: list[int] = []  # token ids whose keys/values sit in the slot, in order
         self.stats = Stats()
 
     @property
@@ -106,20 +103,14 @@ class Session:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_seq_len:
             raise ContextOverflow(f"the prompt has {len(prompt)} tokens; the context holds {self.max_seq_len} (prompt and reply together)")
-        runner, sched, slot = self.runner, self.scheduler, self.slot
+        sched = self.scheduler
         if sched.has_work():
             raise RuntimeError("this session's previous stream is still open; close it before starting another")
         stats = self.stats = Stats(prompt_tokens=len(prompt))
         t0 = time.perf_counter()
-        # An interrupted step may have left the slot shorter than our record: trust the runner.
-        self.cached = self.cached[: runner.length(slot)]
-        reuse = min(_common_prefix(self.cached, prompt), len(prompt) - 1)  # the last prompt token must run
-        stats.cached_tokens = reuse
-        self.cached = prompt[:reuse]
         spec = SeqSpec(tuple(prompt), params.max_tokens, params.sampling, tuple(params.stop), params.ignore_eos,
-                       clamp_to_context=True, slot=slot, cached=reuse)
+                       clamp_to_context=True)
         (seq_id,) = sched.add([spec])
-        generated: list[int] = []  # every token the scheduler emitted (EOS is not emitted unless ignore_eos)
         t_first = None
         done = False
         try:
@@ -129,12 +120,12 @@ class Session:
                     if t_first is None:
                         t_first = now
                         stats.ttft_s = now - t0
+                        stats.cached_tokens = out.cached_tokens
                     stats.decode_s = now - t_first
                     if out.finish_reason is FinishReason.ERROR:
                         done = True
                         raise GenerationError(out.error)
                     if out.token is not None:
-                        generated.append(out.token.token)
                         stats.completion_tokens += 1
                     if out.finish_reason is not None:
                         done = True
@@ -146,9 +137,6 @@ class Session:
                 sched.reap_aborted()
             step_stats = sched.take_stats()
             stats.draft_tokens, stats.accepted_tokens = step_stats.draft_tokens, step_stats.accepted_tokens
-            # The slot holds the prompt and every emitted token but the last (never fed back), or fewer if a step was
-            # interrupted: the runner knows how many.
-            self.cached = (prompt + generated)[: runner.length(slot)]
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams) -> tuple[str, list[int]]:
         """Non-streaming: (text, generated token ids)."""
@@ -158,14 +146,3 @@ class Session:
             if chunk.token is not None:
                 ids.append(chunk.token.token)
         return "".join(pieces), ids
-
-    def close(self) -> None:
-        self.runner.free_slot(self.slot)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -154,6 +154,25 @@ class ModelRunner:
         v[:, dst, :, :n].copy_(v[:, src, :, :n])
         self._lengths[dst] = n
 
+    def save_prefix(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy in host memory of positions [0, n) of the slot's keys and values, [layers, Hkv, n, D] each. The slot
+        may be free: its stale rows are what they were (the caller tracks that, by generation)."""
+        if not 0 < n <= self.max_seq_len:
+            raise ValueError(f"cannot save {n} positions of slot {slot}")
+        k, v = self.cache.k, self.cache.v  # [layers, slots, Hkv, S, D]
+        return k[:, slot, :, :n].to("cpu", copy=True), v[:, slot, :, :n].to("cpu", copy=True)
+
+    def load_prefix(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values that save_prefix returned, [layers, Hkv, n, D], into positions [0, n) of slot
+        (allocated), which then holds n positions."""
+        self._check_slot(slot)
+        n = k.shape[2]
+        if not 0 < n <= self.max_seq_len or k.shape != v.shape:
+            raise ValueError(f"cannot load {n} positions into slot {slot}")
+        self.cache.k[:, slot, :, :n].copy_(k)
+        self.cache.v[:, slot, :, :n].copy_(v)
+        self._lengths[slot] = n
+
     def length(self, slot: int) -> int:
         return self._lengths[slot]
 

@@ -690,6 +690,17 @@ async def _shutdown(state: State, runner: web.AppRunner, site: web.TCPSite) -> N
     log.info("stopped")
 
 
+def byte_size(text: str) -> int:
+    """'1G', '512M', '64K' or a number of bytes -> bytes (an argparse type: a ValueError is a usage error)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    number = float(t[:-1] if t[-1:] in units else t)
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"not a size: {text}")
+    return int(number * scale)
+
+
 def add_args(p) -> None:
     """The serve subcommand's own flags (the runtime flags, --model included, come from tinyserve.cli.main)."""
     g = p.add_argument_group("server")
@@ -702,6 +713,9 @@ def add_args(p) -> None:
     g.add_argument("--max-waiting", type=int, default=64, help="sequences that may wait for a slot before requests get 429 (default 64)")
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, so long prompts do not stall running streams")
     g.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole, even a prefix a KV slot already holds")
+    g.add_argument("--prefix-cache-bytes", type=byte_size, default=1 << 30, metavar="SIZE",
+                   help="host memory that keeps cached prefixes after their KV slots go to other prompts, e.g. 512M or 4G "
+                        "(default 1G; 0: only what the slots hold)")
     g.add_argument("--speculate", type=int, default=4, metavar="K",
                    help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (default 4, measured "
                         "best in BENCHMARKS.md; 0: off); the same tokens, faster where replies repeat the prompt (CPU, cpu-native)")
@@ -722,6 +736,7 @@ def config_from_args(a) -> ServeConfig:
         cors_origins=tuple(a.cors_origin),
         max_body_bytes=a.max_body_bytes,
         scheduler=SchedulerConfig(max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk, prefix_cache=not a.no_prefix_cache,
+                                  prefix_cache_bytes=a.prefix_cache_bytes,
                                   speculate=a.speculate, speculate_max_batch=a.speculate_max_batch),
         ping_interval=a.ping_interval,
         shutdown_timeout=a.shutdown_timeout,

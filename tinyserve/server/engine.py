@@ -163,6 +163,8 @@ class Engine:
         for reason, count in stats.finished.items():
             m.finished.labels(reason=reason.value).inc(count)
         m.running.set(sched.num_running)
+        if sched.prefix is not None:
+            m.prefix_host_bytes.set(sched.prefix.saved_bytes)
         m.waiting.set(sched.num_waiting)
 
     # ---- event loop -------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ class Metrics:
         self.prompt_tokens = Counter("tinyserve_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.cached_tokens = Counter("tinyserve_prompt_tokens_cached", "Prompt tokens served by the prefix cache (not prefilled)",
                                      registry=r)
+        self.prefix_host_bytes = Gauge("tinyserve_prefix_cache_host_bytes",
+                                       "Host memory holding cached prefixes whose KV slots went to other prompts", registry=r)
         self.generation_tokens = Counter("tinyserve_generation_tokens", "Tokens generated", registry=r)
         self.draft_tokens = Counter("tinyserve_spec_draft_tokens", "Tokens proposed by speculative decoding", registry=r)
         self.accepted_tokens = Counter("tinyserve_spec_accepted_tokens", "Proposed tokens that verified", registry=r)
