@@ -112,17 +112,22 @@ def quantize_blocks(
                             search.gate_cache_bytes, device)
             source.release_embedding()
             stack.enter_context(on(device))
+            # asym: the unquantized model's block inputs too ([B, S, H] fp32), the target of every block's GPTQ
+            reference = inputs if method != "awq" and gptq.calib_inputs == "asym" else None
             for i in blocks:
                 block = source.load(i).to(device)
                 runner = copy.deepcopy(block).to(search.compute_dtype)
                 sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
-                outputs, stats = run_block(runner, inputs, kwargs, sites, search.holdout_every, search.token_stride)
+                outputs, stats = run_block(runner, inputs, kwargs, sites, search.holdout_every, search.token_stride,
+                                           reference=reference)
                 del runner
                 if method == "awq":
                     out = quantize_block(block, i, family, spec, search, stats, alternatives=gate is not None)
                 else:
                     out = gptq_block(block, i, family, spec, gptq, stats, search, awq=method == "awq-gptq")
-                    if gptq.calib_inputs == "quantized":  # the next block sees what the quantized model will feed it
+                    if gptq.calib_inputs != "fp":  # the next block sees what the quantized model will feed it
+                        if reference is not None:
+                            reference = outputs  # (run_block returned the reference stream's outputs)
                         runner = copy.deepcopy(block).to(search.compute_dtype)
                         outputs, _ = run_block(runner, inputs, kwargs, {}, search.holdout_every)
                         del runner
@@ -136,7 +141,7 @@ def quantize_blocks(
                 del stats, block
                 source.release(i)
                 inputs = outputs
-            del inputs, outputs  # the last block's outputs ([B, S, H] fp32) are not needed by the gate or the export
+            del inputs, outputs, reference  # the last block's outputs ([B, S, H] fp32) are not needed by the gate or the export
             if gate is not None:
                 if gate.rows:  # some sub-block has an alternative to test
                     bar = (lambda it: tqdm(it, desc="gate", unit="block")) if progress else None

@@ -84,6 +84,9 @@ class SiteStats:
     H_val: torch.Tensor  # [K, K] the same over the held-out tokens
     tokens_fit: int
     tokens_val: int
+    # [K, K] X_ref^T X / T over the fit tokens, when run_block had a reference stream: the unquantized model's inputs
+    # at this site (X_ref) against the quantized model's (X), token for token (gptq.py's asymmetric calibration)
+    D_fit: torch.Tensor | None = None
 
 
 def cast(obj, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
@@ -134,24 +137,36 @@ def run_block(
     holdout_every: int = 4,
     token_stride: int = 1,
     chunk: int = 8,
+    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, SiteStats]]:
     """Run one decoder block on inputs [B, S, H] (in the block's dtype) and collect SiteStats for every site.
 
     sites: name -> linear module whose *input* is recorded. token_stride > 1 uses every stride-th token for the Gram
     matrices (x_mean always sees every fit token). Returns (outputs [B, S, H] fp32, stats).
+    reference [B, S, H]: the same windows as the unquantized model feeds this block (inputs being the quantized
+    model's): the block also runs on them, each site's D_fit pairs the two streams' inputs, and the outputs returned
+    are the reference stream's (the unquantized model's next block inputs).
     """
     dtype = next(block.parameters()).dtype
     kw = {k: cast(v, dtype) for k, v in block_kwargs.items()}
     B = inputs.shape[0]
     val_ids = [i for i in range(B) if holdout_every and i % holdout_every == holdout_every - 1]
     fit_ids = [i for i in range(B) if i not in set(val_ids)] or val_ids
-    acc = {name: {"abs": 0.0, "fit": None, "val": None, "n_abs": 0, "n_fit": 0, "n_val": 0} for name in sites}
+    acc = {name: {"abs": 0.0, "fit": None, "val": None, "n_abs": 0, "n_fit": 0, "n_val": 0, "cross": None} for name in sites}
     split = {"now": "fit"}
+    ref_x: dict[str, torch.Tensor] = {}  # site -> the reference stream's strided inputs [T, K] of the current chunk
 
     def make_hook(name):
         def hook(module, args):
             x = args[0].flatten(0, -2)  # [T, K]
             a = acc[name]
+            if split["now"] == "ref":
+                ref_x[name] = x[::token_stride]
+                return
+            if split["now"] == "fit" and name in ref_x:
+                xr = ref_x.pop(name)
+                cross = xr.t() @ x[::token_stride]
+                a["cross"] = cross.float() if a["cross"] is None else a["cross"].add_(cross)
             if split["now"] == "fit":
                 a["abs"] = a["abs"] + x.abs().sum(0, dtype=torch.float32)
                 a["n_abs"] += x.shape[0]
@@ -165,11 +180,17 @@ def run_block(
     outputs = torch.empty(inputs.shape, dtype=torch.float32)
     try:
         for part, ids in (("fit", fit_ids), ("val", val_ids)):
-            split["now"] = part
             for i in range(0, len(ids), chunk):
                 idx = ids[i : i + chunk]
+                if reference is not None:
+                    split["now"] = "ref"
+                    out = block(reference[idx].to(dtype), **kw)
+                    outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
+                split["now"] = part
                 out = block(inputs[idx].to(dtype), **kw)
-                outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
+                if reference is None:
+                    outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
+                ref_x.clear()
     finally:
         for h in handles:
             h.remove()
@@ -177,5 +198,6 @@ def run_block(
     for name, a in acc.items():
         H_fit = _mirror_upper(a["fit"]) / max(a["n_fit"], 1)
         H_val = _mirror_upper(a["val"]) / a["n_val"] if a["n_val"] else H_fit
-        stats[name] = SiteStats(a["abs"] / max(a["n_abs"], 1), H_fit, H_val, a["n_fit"], a["n_val"])
+        D_fit = a["cross"] / max(a["n_fit"], 1) if a["cross"] is not None else None
+        stats[name] = SiteStats(a["abs"] / max(a["n_abs"], 1), H_fit, H_val, a["n_fit"], a["n_val"], D_fit)
     return outputs, stats

@@ -40,7 +40,7 @@ from tinyserve_quantize.model_families import Family
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, grouped, one_thread, params_from_bounds
 from tinyserve_quantize.scale_search import fold_scales, search_scales, weighted_error
 
-CALIB_INPUTS = ("quantized", "fp")
+CALIB_INPUTS = ("quantized", "fp", "asym")
 MAX_DAMP_TRIES = 6  # damping grows 10x per failed Cholesky factorization
 
 
@@ -50,7 +50,8 @@ class GPTQConfig:
     block_size: int = 128  # columns per lazy-batch block
     act_order: bool = False  # visit columns by decreasing H_kk (groups then use static grids)
     # Where block i's calibration inputs come from: "quantized": the outputs of blocks 0..i-1 after quantization (the
-    # GPTQ reference), so each block corrects for the error of the blocks before it; "fp": the unquantized model's.
+    # GPTQ reference), so each block corrects for the error of the blocks before it; "fp": the unquantized model's;
+    # "asym": the quantized model's inputs, with the unquantized model's outputs as the target (asymmetric_target).
     calib_inputs: str = "quantized"
     awq_clip: bool = False  # awq-gptq: fix each group's grid to AWQ's searched clip (static) instead of min/max
 
@@ -107,6 +108,20 @@ def _check_blocks(G: int, K: int, block_size: int) -> None:
     # for them, which holds when groups never straddle a block boundary partway (G | B), or start at block starts.
     if not (block_size % G == 0 or G % block_size == 0 or G == K):
         raise QuantizationError(f"GPTQ block size {block_size} and group size {G}: one must divide the other")
+
+
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The weights W' [N, K] whose output on the quantized model's inputs X best matches W's output on the unquantized
+    model's inputs X_ref, given H = X^T X / T and D = X_ref^T X / T [K, K] (GPTAQ's asymmetric calibration, Li et al.
+    2025): min ||X_ref W^T - X W'^T|| gives W' = W D H^-1 = W + W (D - H) H^-1. Then for any quantized Q,
+    ||X_ref W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const, so GPTQ of W' against H minimises the error against the
+    unquantized model's outputs. H is damped as GPTQ damps it, which shrinks only the correction (W' = W when D = H)."""
+    Hd = H.double().clone()
+    diag = Hd.diagonal()
+    diag[diag == 0] = 1
+    diag.add_(percdamp * float(diag.mean()))
+    correction = torch.linalg.solve(Hd, (D.double() - H.double()).t() @ W.double().t()).t()  # [N, K] = W (D - H) Hd^-1
+    return (W.double() + correction).float()
 
 
 @torch.no_grad()
@@ -248,6 +263,8 @@ def gptq_block(
         inv = 1 / in_scale[names[0]]  # every linear of a scaling group reads the same scaled input x / s
         H_fit, H_val = st.H_fit * inv[:, None] * inv[None, :], st.H_val * inv[:, None] * inv[None, :]
         W = torch.cat([lin.weight.detach().float() for lin in lins])  # [sum N, K]
+        if st.D_fit is not None:
+            W = asymmetric_target(W, H_fit, st.D_fit * inv[:, None] * inv[None, :], cfg.percdamp)
         grid = None
         if awq and cfg.awq_clip and search.clip:
             bounds = [_awq_grid(lin.weight.detach().float(), H_fit, H_val, spec, search)
