@@ -15,7 +15,7 @@ from tinyserve_quantize.evaluate import perplexity, text_ids
 from tinyserve_quantize.model_families import family_for
 from tinyserve_quantize.model_io import load_model, load_tokenizer, read_config
 from tinyserve_quantize.quantizer import QuantSpec
-from tinyserve_quantize.text_data import eval_text
+from tinyserve_quantize.text_data import calib_text, eval_text
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(n_samples=8, seqlen=64, ctx=64, max_tokens=256)
@@ -24,17 +24,21 @@ QUICK = dict(n_samples=8, seqlen=64, ctx=64, max_tokens=256)
 def test_all_methods_on_tiny_llama(tmp_path, tiny_llama_dir, capsys):
     out = tmp_path / "cmp"
     messages = []
-    result = main(CompareConfig(tiny_llama_dir, out=out, **QUICK), log=messages.append)
+    second = tmp_path / "second.txt"
+    second.write_text(calib_text()[:4000])
+    result = main(CompareConfig(tiny_llama_dir, out=out, also_texts=(second,), **QUICK), log=messages.append)
     rows = {r["method"]: r for r in result["rows"]}
-    assert list(rows) == ["fp16", "rtn", "gptq", "awq", "awq-gptq"]
+    assert list(rows) == ["fp16", "rtn", "gptq", "awq", "awq-gptq", "awq-gptq-attn"]
     assert all(r["error"] is None for r in rows.values()), [r.get("error") for r in rows.values()]
     assert result["tokens"] == 4 * 63
     assert rows["fp16"]["delta_fp16"] == 0 and rows["fp16"]["quantize_seconds"] is None
     assert rows["rtn"]["rtn_recovered"] == 0
-    for m in ("gptq", "awq", "awq-gptq"):
-        r = rows[m]
+    for m in ("gptq", "awq", "awq-gptq", "awq-gptq-attn"):
+        r, a, rtn, fp16 = rows[m], rows[m]["also"][0], rows["rtn"]["also"][0], rows["fp16"]["also"][0]
         assert r["quantize_seconds"] > 0 and r["peak_rss_gib"] > 0.1
         assert r["rtn_recovered"] == pytest.approx((rows["rtn"]["ppl"] - r["ppl"]) / (rows["rtn"]["ppl"] - rows["fp16"]["ppl"]))
+        assert a["tokens"] == 4 * 63 and a["ppl"] != r["ppl"]
+        assert a["rtn_recovered"] == pytest.approx((rtn["ppl"] - a["ppl"]) / (rtn["ppl"] - fp16["ppl"]))
     # The RTN row is exactly RTN's fake-quantized model on the same tokens.
     model = load_model(tiny_llama_dir)
     dequantize_into(model, quantize_model("rtn", model, family_for(read_config(tiny_llama_dir)), QuantSpec(4, 64), None, progress=False), 64)
@@ -42,11 +46,12 @@ def test_all_methods_on_tiny_llama(tmp_path, tiny_llama_dir, capsys):
     assert rows["rtn"]["ppl"] == pytest.approx(perplexity(model, ids, 64)[0], rel=1e-6)
 
     table = capsys.readouterr().out
-    assert "| method | perplexity | vs fp16 | RTN's loss recovered | quantize s | peak RSS GiB |" in table
-    assert table.count("\n| ") == 1 + 5  # the separator row does not start with "| "
+    assert ("| method | perplexity | vs fp16 | RTN's loss recovered | second.txt perplexity | recovered | quantize s | "
+            "peak RSS GiB |") in table
+    assert table.count("\n| ") == 1 + 6  # the separator row does not start with "| "
     assert json.loads((out / "compare.json").read_text())["rows"] == result["rows"]
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert any("[3/5] gptq" in m for m in messages)
+    assert any("[3/6] gptq" in m for m in messages)
 
 
 def test_failing_method_is_a_row_on_tiny_qwen2(tmp_path, tiny_qwen2_dir):

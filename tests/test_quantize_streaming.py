@@ -126,7 +126,7 @@ def loaded_model_quantize(cfg) -> dict:
     return {"gate": result.gate, "report": result.report}
 
 
-@pytest.mark.parametrize("method,extra", [("awq", []), ("awq-gptq", []), ("gptq", ["--fake"])])
+@pytest.mark.parametrize("method,extra", [("awq", []), ("awq-gptq", []), ("awq-gptq-attn", []), ("gptq", ["--fake"])])
 def test_streaming_calibrated_methods_write_the_in_memory_paths_bytes(tiny_model_dir, tmp_path, method, extra):
     """AWQ (gate included: z = -1 makes it take decisions on this tiny model), AWQ+GPTQ and GPTQ (fake-quantized
     output) quantized from the checkpoint block by block write the same bytes and report as the loaded model."""

@@ -1,7 +1,7 @@
 """python -m tinyserve_quantize: AWQ, GPTQ, AWQ + GPTQ or RTN INT4 quantization of a Hugging Face model folder into the AutoAWQ
 GEMM layout.
 
-    python -m tinyserve_quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|rtn] [--w-bit 4] [--group-size 64]
+    python -m tinyserve_quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|awq-gptq-attn|rtn] [--w-bit 4] [--group-size 64]
                        [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
                        [--max-shard-size 5GB] [--device auto|cpu|cuda] [--gate-cache-size 2GiB]
 
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     p.add_argument("--model", type=Path, required=True, help="source model folder (fp16/bf16/fp32 safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--method", default="awq",
-                   help="awq (default), gptq, awq-gptq (AWQ's scales, then GPTQ's rounding) or rtn (plain round-to-nearest baseline)")
+                   help="awq (default), gptq, awq-gptq (AWQ's scales, then GPTQ's rounding), awq-gptq-attn (awq-gptq with v_proj "
+                        "rounded against its attention-averaged inputs) or rtn (plain round-to-nearest baseline)")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits: 4 (default) or 3")
     p.add_argument("--group-size", type=int, default=64,
                    help=f"input channels per quantization group: {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (-1: per output channel); default 64")
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
                    help="dequantized blocks the gate keeps in memory (default 2GiB; 0: none); the others are re-read from its spill on disk")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
-    g = p.add_argument_group("GPTQ (gptq and awq-gptq)")
+    g = p.add_argument_group("GPTQ (gptq, awq-gptq and awq-gptq-attn)")
     g.add_argument("--act-order", action="store_true",
                    help="visit columns by decreasing Hessian diagonal (groups keep fixed, contiguous grids)")
     g.add_argument("--percdamp", type=float, default=0.01, help="damping as a share of the Hessian's mean diagonal (default 0.01)")

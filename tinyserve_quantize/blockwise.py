@@ -17,7 +17,7 @@ import copy
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -29,8 +29,9 @@ from tinyserve_quantize.calibration import capture_block_inputs, cast, run_block
 from tinyserve_quantize.clip_gate import Gate
 from tinyserve_quantize.gptq import GPTQConfig, gptq_block
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
+from tinyserve_quantize.value_stats import AttentionShape, ValueSite
 
-LABELS = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "awq-gptq": "AWQ+GPTQ"}
+LABELS = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "awq-gptq": "AWQ+GPTQ", "awq-gptq-attn": "AWQ+GPTQ-attn"}
 
 
 class Sink(Protocol):
@@ -90,6 +91,8 @@ def quantize_blocks(
     windows [B, S] calibration token ids (unused by rtn). spill_dir: where the gate spills blocks (a temporary folder
     is made inside it; default: the system's). device: where the blocks are quantized (resolve_device)."""
     family, rows, gate_summary = source.family, [], None
+    if method == "awq-gptq-attn":
+        gptq = replace(gptq, value_hessian=True)
     blocks = tqdm(range(len(source)), desc=LABELS[method], unit="block", disable=not progress)
     if method == "rtn":
         for i in blocks:
@@ -112,22 +115,22 @@ def quantize_blocks(
                             search.gate_cache_bytes, device)
             source.release_embedding()
             stack.enter_context(on(device))
-            # asym: the unquantized model's block inputs too ([B, S, H] fp32), the target of every block's GPTQ
-            reference = inputs if method != "awq" and gptq.calib_inputs == "asym" else None
             for i in blocks:
                 block = source.load(i).to(device)
                 runner = copy.deepcopy(block).to(search.compute_dtype)
                 sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
+                value = None
+                if method != "awq" and gptq.value_hessian:
+                    attn = runner.get_submodule(family.attention)
+                    value = ValueSite(family.groups[0].linears[0], attn.q_proj, attn.k_proj, AttentionShape.of(attn))
                 outputs, stats = run_block(runner, inputs, kwargs, sites, search.holdout_every, search.token_stride,
-                                           reference=reference)
+                                           value=value)
                 del runner
                 if method == "awq":
                     out = quantize_block(block, i, family, spec, search, stats, alternatives=gate is not None)
                 else:
-                    out = gptq_block(block, i, family, spec, gptq, stats, search, awq=method == "awq-gptq")
-                    if gptq.calib_inputs != "fp":  # the next block sees what the quantized model will feed it
-                        if reference is not None:
-                            reference = outputs  # (run_block returned the reference stream's outputs)
+                    out = gptq_block(block, i, family, spec, gptq, stats, search, awq=method.startswith("awq-"))
+                    if gptq.calib_inputs == "quantized":  # the next block sees what the quantized model will feed it
                         runner = copy.deepcopy(block).to(search.compute_dtype)
                         outputs, _ = run_block(runner, inputs, kwargs, {}, search.holdout_every)
                         del runner
@@ -141,7 +144,7 @@ def quantize_blocks(
                 del stats, block
                 source.release(i)
                 inputs = outputs
-            del inputs, outputs, reference  # the last block's outputs ([B, S, H] fp32) are not needed by the gate or the export
+            del inputs, outputs  # the last block's outputs ([B, S, H] fp32) are not needed by the gate or the export
             if gate is not None:
                 if gate.rows:  # some sub-block has an alternative to test
                     bar = (lambda it: tqdm(it, desc="gate", unit="block")) if progress else None

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tinyserve_quantize.value_stats import ValueSite, value_gram
+
 
 class CalibrationError(ValueError):
     """The calibration text cannot give what was asked; the message says why."""
@@ -84,9 +86,9 @@ class SiteStats:
     H_val: torch.Tensor  # [K, K] the same over the held-out tokens
     tokens_fit: int
     tokens_val: int
-    # [K, K] X_ref^T X / T over the fit tokens, when run_block had a reference stream: the unquantized model's inputs
-    # at this site (X_ref) against the quantized model's (X), token for token (gptq.py's asymmetric calibration)
-    D_fit: torch.Tensor | None = None
+    # [kv_heads, K, K] at q/k/v's input: the attention-averaged inputs' Gram per key/value head, over the fit tokens
+    # (value_stats.py): the Hessian of v_proj's rows
+    H_value: torch.Tensor | None = None
 
 
 def cast(obj, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
@@ -137,36 +139,30 @@ def run_block(
     holdout_every: int = 4,
     token_stride: int = 1,
     chunk: int = 8,
-    reference: torch.Tensor | None = None,
+    value: ValueSite | None = None,
 ) -> tuple[torch.Tensor, dict[str, SiteStats]]:
     """Run one decoder block on inputs [B, S, H] (in the block's dtype) and collect SiteStats for every site.
 
     sites: name -> linear module whose *input* is recorded. token_stride > 1 uses every stride-th token for the Gram
     matrices (x_mean always sees every fit token). Returns (outputs [B, S, H] fp32, stats).
-    reference [B, S, H]: the same windows as the unquantized model feeds this block (inputs being the quantized
-    model's): the block also runs on them, each site's D_fit pairs the two streams' inputs, and the outputs returned
-    are the reference stream's (the unquantized model's next block inputs).
+    value: the block's attention (value_stats.ValueSite): its site's stats get H_value.
     """
     dtype = next(block.parameters()).dtype
     kw = {k: cast(v, dtype) for k, v in block_kwargs.items()}
     B = inputs.shape[0]
     val_ids = [i for i in range(B) if holdout_every and i % holdout_every == holdout_every - 1]
     fit_ids = [i for i in range(B) if i not in set(val_ids)] or val_ids
-    acc = {name: {"abs": 0.0, "fit": None, "val": None, "n_abs": 0, "n_fit": 0, "n_val": 0, "cross": None} for name in sites}
+    acc = {name: {"abs": 0.0, "fit": None, "val": None, "n_abs": 0, "n_fit": 0, "n_val": 0, "value": None, "n_value": 0}
+           for name in sites}
     split = {"now": "fit"}
-    ref_x: dict[str, torch.Tensor] = {}  # site -> the reference stream's strided inputs [T, K] of the current chunk
+    seen: dict[str, torch.Tensor] = {}  # value: the attention's input [B, S, K] and q_proj's output of the current chunk
 
     def make_hook(name):
         def hook(module, args):
+            if value is not None and name == value.site and split["now"] == "fit":
+                seen["x"] = args[0]
             x = args[0].flatten(0, -2)  # [T, K]
             a = acc[name]
-            if split["now"] == "ref":
-                ref_x[name] = x[::token_stride]
-                return
-            if split["now"] == "fit" and name in ref_x:
-                xr = ref_x.pop(name)
-                cross = xr.t() @ x[::token_stride]
-                a["cross"] = cross.float() if a["cross"] is None else a["cross"].add_(cross)
             if split["now"] == "fit":
                 a["abs"] = a["abs"] + x.abs().sum(0, dtype=torch.float32)
                 a["n_abs"] += x.shape[0]
@@ -176,21 +172,28 @@ def run_block(
 
         return hook
 
+    def keep_q(module, args, out):
+        if split["now"] == "fit":
+            seen["q"] = out
+
+    def value_hook(module, args, out):  # k_proj runs after q_proj: the attention weights can be computed now
+        if split["now"] == "fit":
+            a = acc[value.site]
+            gram = value_gram(seen.pop("x"), seen.pop("q"), out, kw["position_embeddings"], value.shape)
+            a["value"] = gram if a["value"] is None else a["value"].add_(gram)
+            a["n_value"] += out.shape[0] * out.shape[1] * (value.shape.heads // value.shape.kv_heads)
+
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in sites.items()]
+    if value is not None:
+        handles += [value.q.register_forward_hook(keep_q), value.k.register_forward_hook(value_hook)]
     outputs = torch.empty(inputs.shape, dtype=torch.float32)
     try:
         for part, ids in (("fit", fit_ids), ("val", val_ids)):
+            split["now"] = part
             for i in range(0, len(ids), chunk):
                 idx = ids[i : i + chunk]
-                if reference is not None:
-                    split["now"] = "ref"
-                    out = block(reference[idx].to(dtype), **kw)
-                    outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
-                split["now"] = part
                 out = block(inputs[idx].to(dtype), **kw)
-                if reference is None:
-                    outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
-                ref_x.clear()
+                outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
     finally:
         for h in handles:
             h.remove()
@@ -198,6 +201,6 @@ def run_block(
     for name, a in acc.items():
         H_fit = _mirror_upper(a["fit"]) / max(a["n_fit"], 1)
         H_val = _mirror_upper(a["val"]) / a["n_val"] if a["n_val"] else H_fit
-        D_fit = a["cross"] / max(a["n_fit"], 1) if a["cross"] is not None else None
-        stats[name] = SiteStats(a["abs"] / max(a["n_abs"], 1), H_fit, H_val, a["n_fit"], a["n_val"], D_fit)
+        H_value = a["value"] / a["n_value"] if a["value"] is not None else None
+        stats[name] = SiteStats(a["abs"] / max(a["n_abs"], 1), H_fit, H_val, a["n_fit"], a["n_val"], H_value)
     return outputs, stats

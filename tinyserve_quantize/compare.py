@@ -1,8 +1,8 @@
 """python -m tinyserve_quantize.compare: RTN vs GPTQ vs AWQ (vs AWQ + GPTQ) on one model and one text, in one command.
 
-    python -m tinyserve_quantize.compare [--model DIR] [--text FILE] [--methods fp16,rtn,gptq,awq,awq-gptq] [--w-bit 4]
+    python -m tinyserve_quantize.compare [--model DIR] [--text FILE] [--methods fp16,rtn,gptq,awq,awq-gptq,awq-gptq-attn] [--w-bit 4]
                                [--group-size 64] [--ctx 512] [--max-tokens 16384] [--json] [--out DIR]
-                               [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--act-order]
+                               [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--act-order] [--also-text FILE ...]
 
 Each method runs in its own process, one after another: it loads the model, quantizes it in memory (fake
 quantization: the dequantized weights are bit-identical to what `python -m tinyserve_quantize` would pack), and evaluates
@@ -12,7 +12,9 @@ processes are forked from a server process that has imported torch and transform
 
 Prints one table: method, perplexity, difference to fp16, share of RTN's perplexity increase recovered, quantization
 wall time (calibration included, model loading and evaluation excluded) and peak RSS of the process up to the end of
-quantization. Writes the same as compare.json and a bar chart compare.png into --out (default:
+quantization. `--also-text FILE` (repeatable) evaluates every method's model on more texts in the same process (two
+more columns each: perplexity and RTN's loss recovered), so a second held-out text costs no second quantization.
+Writes the same as compare.json and a bar chart compare.png into --out (default:
 ./compare-<model>-w<bits>-g<group>). Without --model, the embedded default model (SmolLM2-135M-Instruct) is used;
 without --text, the built-in evaluation slice (Botchan chapters I-IV); calibration defaults to the built-in slice
 (chapters V-XI), disjoint from it.
@@ -41,7 +43,7 @@ from tinyserve_quantize.quantizer import QuantizationError, QuantSpec
 from tinyserve_quantize.text_data import read_user_text
 
 COMPARE_METHODS = ("fp16", *METHODS)
-DEFAULT_METHODS = ("fp16", "rtn", "gptq", "awq", "awq-gptq")
+DEFAULT_METHODS = ("fp16", "rtn", "gptq", "awq", "awq-gptq", "awq-gptq-attn")
 JSON_NAME, PNG_NAME = "compare.json", "compare.png"
 
 
@@ -64,6 +66,7 @@ class CompareConfig:
     n_samples: int = 128
     seqlen: int = 512
     act_order: bool = False
+    also_texts: tuple[Path, ...] = ()  # more evaluation texts, each a column pair of the table
 
     def __post_init__(self):
         if isinstance(self.methods, str):
@@ -85,6 +88,9 @@ class CompareConfig:
             path = getattr(self, name)
             if path is not None:
                 read_user_text(Path(path), "--" + name.replace("_", "-"), CompareError)
+        self.also_texts = tuple(Path(t) for t in self.also_texts)
+        for path in self.also_texts:
+            read_user_text(path, "--also-text", CompareError)
 
 
 def check_model_folder(folder: Path, spec: QuantSpec) -> dict:
@@ -159,8 +165,15 @@ def run_method(method: str, cfg: CompareConfig, model_dir: Path) -> dict:
     if len(ids) < 2:
         raise ModelFolderError("the evaluation text has fewer than 2 tokens")
     ppl, tokens = perplexity(model, ids, cfg.ctx, progress=True)
+    more = []
+    for path in cfg.also_texts:
+        extra_ids = text_ids(tokenizer, read_user_text(path, "--also-text", CompareError), cfg.max_tokens)
+        if len(extra_ids) < 2:
+            raise ModelFolderError(f"{path} has fewer than 2 tokens")
+        extra_ppl, extra_tokens = perplexity(model, extra_ids, cfg.ctx, progress=True)
+        more.append({"text": str(path), "ppl": extra_ppl, "tokens": extra_tokens})
     return {
-        "method": method, "ppl": ppl, "tokens": tokens,
+        "method": method, "ppl": ppl, "tokens": tokens, "also": more,
         "quantize_seconds": None if method == "fp16" else round(seconds, 1),
         "peak_rss_gib": round(peak, 2), "threads": torch.get_num_threads(),
         "load_avg_start": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2), "error": None,
@@ -204,32 +217,50 @@ def run_isolated(method: str, cfg: CompareConfig, model_dir: Path) -> dict:
     return row
 
 
-def summarize(rows: list[dict]) -> None:
-    """Add the difference to fp16 and the share of RTN's increase recovered, where those rows succeeded."""
-    ok = {r["method"]: r["ppl"] for r in rows if not r.get("error")}
+def _recovered(rows: list[dict], ppl_of) -> dict[str, float | None]:
+    """method -> the share of RTN's perplexity increase over fp16 it recovers (None where undefined)."""
+    ok = {r["method"]: ppl_of(r) for r in rows if not r.get("error")}
     fp16, rtn = ok.get("fp16"), ok.get("rtn")
+    gap = None if fp16 is None or rtn is None else rtn - fp16
+    return {m: None if not gap or m == "fp16" else (rtn - p) / gap for m, p in ok.items()}
+
+
+def summarize(rows: list[dict]) -> None:
+    """Add the difference to fp16 and the share of RTN's increase recovered, where those rows succeeded (on every
+    text)."""
+    fp16 = next((r["ppl"] for r in rows if r["method"] == "fp16" and not r.get("error")), None)
+    recovered = _recovered(rows, lambda r: r["ppl"])
     for r in rows:
         if r.get("error"):
             continue
         r["delta_fp16"] = None if fp16 is None else r["ppl"] - fp16
-        gap = None if fp16 is None or rtn is None else rtn - fp16
-        r["rtn_recovered"] = None if not gap or r["method"] == "fp16" else (rtn - r["ppl"]) / gap
+        r["rtn_recovered"] = recovered[r["method"]]
+    for i in range(len(next((r["also"] for r in rows if not r.get("error")), []))):
+        recovered = _recovered(rows, lambda r: r["also"][i]["ppl"])
+        for r in rows:
+            if not r.get("error"):
+                r["also"][i]["rtn_recovered"] = recovered[r["method"]]
 
 
 def table(result: dict) -> str:
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
 
+    def rec(v):
+        return "" if v is None else f"{100 * v:.0f}%"
+
+    also = [Path(t).name for t in result.get("also_texts", [])]
+    head = "".join(f" {name} perplexity | recovered |" for name in also)
     lines = [result["title"],
-             "| method | perplexity | vs fp16 | RTN's loss recovered | quantize s | peak RSS GiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"| method | perplexity | vs fp16 | RTN's loss recovered |{head} quantize s | peak RSS GiB |",
+             "|---|---:|---:|---:|" + "---:|---:|" * len(also) + "---:|---:|"]
     for r in result["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error']} | | |" + " | |" * len(also) + " | |")
             continue
-        rec = "" if r.get("rtn_recovered") is None else f"{100 * r['rtn_recovered']:.0f}%"
-        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {num(r.get('delta_fp16'), '+.2f')} | {rec} | "
-                     f"{num(r['quantize_seconds'], '.1f')} | {r['peak_rss_gib']:.2f} |")
+        cells = "".join(f" {a['ppl']:.2f} | {rec(a.get('rtn_recovered'))} |" for a in r.get("also", []))
+        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {num(r.get('delta_fp16'), '+.2f')} | {rec(r.get('rtn_recovered'))} |"
+                     f"{cells} {num(r['quantize_seconds'], '.1f')} | {r['peak_rss_gib']:.2f} |")
     return "\n".join(lines)
 
 
@@ -315,7 +346,7 @@ def main(cfg: CompareConfig, log=log_stderr) -> dict:
     result = {
         "title": f"{model_dir.name}, w{cfg.w_bit} g{cfg.group_size}: perplexity on {text} "
                  f"({tokens} predicted tokens, ctx {cfg.ctx})",
-        "model": str(model_dir), "text": text,
+        "model": str(model_dir), "text": text, "also_texts": [str(t) for t in cfg.also_texts],
         "calibration": {"text": calib, "n_samples": cfg.n_samples, "seqlen": cfg.seqlen},
         "w_bit": cfg.w_bit, "group_size": cfg.group_size, "ctx": cfg.ctx, "max_tokens": cfg.max_tokens,
         "tokens": tokens,
@@ -349,10 +380,12 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
                    help="calibration windows (default 128; a shorter text gives fewer)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
+    p.add_argument("--also-text", type=Path, action="append", default=[],
+                   help="another UTF-8 evaluation text, evaluated on the same quantized models (repeatable)")
     a = p.parse_args(argv)
     try:
         return CompareConfig(a.model, a.text, a.methods, a.w_bit, a.group_size, a.ctx, a.max_tokens or None, a.json,
-                             a.out, a.calib_text, a.n_samples, a.seqlen, a.act_order)
+                             a.out, a.calib_text, a.n_samples, a.seqlen, a.act_order, tuple(a.also_text))
     except (CompareError, QuantizationError) as e:
         p.error(str(e))
 

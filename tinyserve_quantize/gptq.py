@@ -40,7 +40,7 @@ from tinyserve_quantize.model_families import Family
 from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quantize, grouped, one_thread, params_from_bounds
 from tinyserve_quantize.scale_search import fold_scales, search_scales, weighted_error
 
-CALIB_INPUTS = ("quantized", "fp", "asym")
+CALIB_INPUTS = ("quantized", "fp")
 MAX_DAMP_TRIES = 6  # damping grows 10x per failed Cholesky factorization
 
 
@@ -50,10 +50,12 @@ class GPTQConfig:
     block_size: int = 128  # columns per lazy-batch block
     act_order: bool = False  # visit columns by decreasing H_kk (groups then use static grids)
     # Where block i's calibration inputs come from: "quantized": the outputs of blocks 0..i-1 after quantization (the
-    # GPTQ reference), so each block corrects for the error of the blocks before it; "fp": the unquantized model's;
-    # "asym": the quantized model's inputs, with the unquantized model's outputs as the target (asymmetric_target).
+    # GPTQ reference), so each block corrects for the error of the blocks before it; "fp": the unquantized model's.
     calib_inputs: str = "quantized"
     awq_clip: bool = False  # awq-gptq: fix each group's grid to AWQ's searched clip (static) instead of min/max
+    # v_proj's rows against the Gram of the attention-averaged inputs, per key/value head (value_stats.py), instead
+    # of the inputs' own
+    value_hessian: bool = False
 
     def __post_init__(self):
         if not 0 <= self.percdamp < 1:
@@ -108,20 +110,6 @@ def _check_blocks(G: int, K: int, block_size: int) -> None:
     # for them, which holds when groups never straddle a block boundary partway (G | B), or start at block starts.
     if not (block_size % G == 0 or G % block_size == 0 or G == K):
         raise QuantizationError(f"GPTQ block size {block_size} and group size {G}: one must divide the other")
-
-
-def asymmetric_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The weights W' [N, K] whose output on the quantized model's inputs X best matches W's output on the unquantized
-    model's inputs X_ref, given H = X^T X / T and D = X_ref^T X / T [K, K] (GPTAQ's asymmetric calibration, Li et al.
-    2025): min ||X_ref W^T - X W'^T|| gives W' = W D H^-1 = W + W (D - H) H^-1. Then for any quantized Q,
-    ||X_ref W^T - X Q^T||^2 = ||X (W' - Q)^T||^2 + const, so GPTQ of W' against H minimises the error against the
-    unquantized model's outputs. H is damped as GPTQ damps it, which shrinks only the correction (W' = W when D = H)."""
-    Hd = H.double().clone()
-    diag = Hd.diagonal()
-    diag[diag == 0] = 1
-    diag.add_(percdamp * float(diag.mean()))
-    correction = torch.linalg.solve(Hd, (D.double() - H.double()).t() @ W.double().t()).t()  # [N, K] = W (D - H) Hd^-1
-    return (W.double() + correction).float()
 
 
 @torch.no_grad()
@@ -194,6 +182,12 @@ def _gptq_weight(W, H, spec, cfg, grid, name) -> GPTQWeight:
     return GPTQWeight(out.t().to(torch.int32).contiguous(), zero.to(torch.int32), scale.half(), damp, int(dead.sum()))
 
 
+def _cat(parts: list[GPTQWeight]) -> GPTQWeight:
+    """GPTQ results of consecutive row ranges of one weight -> one result."""
+    return GPTQWeight(torch.cat([p.codes for p in parts]), torch.cat([p.zeros for p in parts]),
+                      torch.cat([p.scales for p in parts]), max(p.damp for p in parts), max(p.dead for p in parts))
+
+
 def awq_scale_block(
     block: nn.Module, family: Family, spec: QuantSpec, search: SearchConfig, stats: dict[str, SiteStats]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float | None]]:
@@ -263,8 +257,6 @@ def gptq_block(
         inv = 1 / in_scale[names[0]]  # every linear of a scaling group reads the same scaled input x / s
         H_fit, H_val = st.H_fit * inv[:, None] * inv[None, :], st.H_val * inv[:, None] * inv[None, :]
         W = torch.cat([lin.weight.detach().float() for lin in lins])  # [sum N, K]
-        if st.D_fit is not None:
-            W = asymmetric_target(W, H_fit, st.D_fit * inv[:, None] * inv[None, :], cfg.percdamp)
         grid = None
         if awq and cfg.awq_clip and search.clip:
             bounds = [_awq_grid(lin.weight.detach().float(), H_fit, H_val, spec, search)
@@ -274,7 +266,19 @@ def gptq_block(
                 bounds = [b if b is not None else (g.amin(-1), g.amax(-1)) for b, g in zip(bounds, wg)]
                 grid = (torch.cat([b[0] for b in bounds]), torch.cat([b[1] for b in bounds]))
         label = full[0] if len(full) == 1 else f"{full[0]} (+{len(full) - 1} sharing its input)"
-        q = gptq_weight(W, H_fit, spec, cfg, grid, name=label)
+        v_name = f"{family.attention}.v_proj"
+        if cfg.value_hessian and st.H_value is not None and v_name in names:
+            # v_proj's rows, one key/value head at a time, against its attention-averaged inputs' Gram
+            v0 = sum(lin.out_features for n, lin in zip(names, lins) if names.index(n) < names.index(v_name))
+            heads = st.H_value * inv[None, :, None] * inv[None, None, :]
+            hd = block.get_submodule(v_name).out_features // len(heads)
+            parts = [slice(0, v0)] + [slice(v0 + g * hd, v0 + (g + 1) * hd) for g in range(len(heads))]
+            parts.append(slice(v0 + len(heads) * hd, W.shape[0]))
+            hessians = [H_fit] + list(heads) + [H_fit]
+            q = _cat([gptq_weight(W[r], Hr, spec, cfg, None if grid is None else (grid[0][r], grid[1][r]), name=label)
+                      for r, Hr in zip(parts, hessians) if r.stop > r.start])
+        else:
+            q = gptq_weight(W, H_fit, spec, cfg, grid, name=label)
         G = spec.group(W.shape[1])
         Wq = q.dequantized(G)
         row = 0

@@ -5,7 +5,9 @@ the scripts and the tests (`python -m tinyserve_quantize` streams the checkpoint
 - awq: activation-aware scales and clipping (awq.py), then the gate (clip_gate.py).
 - gptq: GPTQ's error-feedback rounding against each linear's input Hessian (gptq.py).
 - awq-gptq: AWQ's scales folded in first, then GPTQ's rounding of the scaled weights (gptq.py).
-All four write the same groups and grid (quantizer.py), so their results pack into the same layout.
+- awq-gptq-attn: awq-gptq whose v_proj rows are rounded against the Gram of the attention-averaged inputs, per
+  key/value head (value_stats.py): the error attention actually passes on, not the error on each token's input.
+All five write the same groups and grid (quantizer.py), so their results pack into the same layout.
 """
 
 from collections.abc import Callable
@@ -20,8 +22,8 @@ from tinyserve_quantize.gptq import GPTQConfig
 from tinyserve_quantize.model_families import Family
 from tinyserve_quantize.quantizer import QuantSpec
 
-METHODS = ("rtn", "awq", "gptq", "awq-gptq")
-CALIBRATED = ("awq", "gptq", "awq-gptq")
+METHODS = ("rtn", "awq", "gptq", "awq-gptq", "awq-gptq-attn")
+CALIBRATED = ("awq", "gptq", "awq-gptq", "awq-gptq-attn")
 
 
 class ResultSink:

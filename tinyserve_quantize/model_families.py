@@ -29,6 +29,7 @@ class Family:
     groups: tuple[ScalingGroup, ...]
     no_clip: tuple[str, ...]  # linears whose clip search is skipped: q/k errors pass through softmax, not linearly
     norm: str = "model.norm"  # the final norm before the output head
+    attention: str = "self_attn"  # the attention module inside a block (its q_proj, k_proj and v_proj)
 
     @property
     def linears(self) -> tuple[str, ...]:
