@@ -49,8 +49,8 @@ def tiny_runs(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("e2e")
     packed = base / "awq"
     fake = base / "awq-fake"
-    summary = run(QuantizeConfig(tiny_model_dir, packed, **SMALL_CALIB), log=lambda m: None, progress=False)
-    run(QuantizeConfig(tiny_model_dir, fake, fake=True, **SMALL_CALIB), log=lambda m: None, progress=False)
+    summary = run(QuantizeConfig(tiny_model_dir, packed, method="awq", **SMALL_CALIB), log=lambda m: None, progress=False)
+    run(QuantizeConfig(tiny_model_dir, fake, method="awq", fake=True, **SMALL_CALIB), log=lambda m: None, progress=False)
     return tiny_model_dir, packed, fake, summary
 
 

@@ -161,7 +161,7 @@ def test_streaming_awq_memory_does_not_grow_with_the_layers(tmp_path, default_fp
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(default_fp16_dir / f, dirs[n] / f)
     code = ("from tinyserve_quantize.__main__ import parse_args\nfrom tinyserve_quantize.pipeline import run\n"
-            "s = run(parse_args(['--model', '{src}', '--out', '{dst}', '--group-size', '32', '--n-samples', '4', '--seqlen', '32',"
+            "s = run(parse_args(['--model', '{src}', '--out', '{dst}', '--method', 'awq', '--group-size', '32', '--n-samples', '4', '--seqlen', '32',"
             " '--gate-windows', '1', '--max-shard-size', '1000000'] + " + repr(extra) + "), log=lambda m: None, progress=False)\n"
             "assert ('clip_gate' in s) == ('--no-clip-gate' not in " + repr(extra) + ")")
     rss = {n: peak_rss_mib(code.format(src=dirs[n], dst=tmp_path / f"awq-{n}")) for n in (2, layers)}
@@ -183,7 +183,7 @@ def test_device_choice(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+@pytest.mark.parametrize("method", ["awq", "awq-gptq", "awq-gptq-attn"])
 def test_cuda_quantization_is_as_good_as_the_cpus(tiny_model_dir, tmp_path, method):
     """The same streaming run on the GPU writes the same tensors (names, shapes, dtypes), reports its peak GPU
     memory, and is as close to the unquantized model as the CPU's result. (Its bytes may differ: the GPU's matmuls sum

@@ -1,7 +1,7 @@
-"""python -m tinyserve_quantize: AWQ, GPTQ, AWQ + GPTQ or RTN INT4 quantization of a Hugging Face model folder into the AutoAWQ
-GEMM layout.
+"""python -m tinyserve_quantize: INT4 quantization of a Hugging Face model folder into the AutoAWQ GEMM layout, by
+AWQ + GPTQ with v_proj rounded against its attention-averaged inputs (the default), AWQ + GPTQ, AWQ, GPTQ or RTN.
 
-    python -m tinyserve_quantize --model DIR --out DIR [--method awq|gptq|awq-gptq|awq-gptq-attn|rtn] [--w-bit 4] [--group-size 64]
+    python -m tinyserve_quantize --model DIR --out DIR [--method awq-gptq-attn|awq-gptq|awq|gptq|rtn] [--w-bit 4] [--group-size 64]
                        [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--fake] [--overwrite]
                        [--max-shard-size 5GB] [--device auto|cpu|cuda] [--gate-cache-size 2GiB]
 
@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     p = argparse.ArgumentParser(prog="python -m tinyserve_quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="source model folder (fp16/bf16/fp32 safetensors)")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    p.add_argument("--method", default="awq",
-                   help="awq (default), gptq, awq-gptq (AWQ's scales, then GPTQ's rounding), awq-gptq-attn (awq-gptq with v_proj "
-                        "rounded against its attention-averaged inputs) or rtn (plain round-to-nearest baseline)")
+    p.add_argument("--method", default="awq-gptq-attn",
+                   help="awq-gptq-attn (default: AWQ's scales, then GPTQ's rounding, v_proj's against its attention-averaged "
+                        "inputs), awq-gptq, awq, gptq or rtn (plain round-to-nearest baseline)")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits: 4 (default) or 3")
     p.add_argument("--group-size", type=int, default=64,
                    help=f"input channels per quantization group: {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (-1: per output channel); default 64")

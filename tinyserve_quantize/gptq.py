@@ -188,6 +188,17 @@ def _cat(parts: list[GPTQWeight]) -> GPTQWeight:
                       torch.cat([p.scales for p in parts]), max(p.damp for p in parts), max(p.dead for p in parts))
 
 
+def value_rows(family: Family, names: tuple[str, ...], lins: list[nn.Module], st: SiteStats) -> list[tuple[slice, torch.Tensor]]:
+    """The rows of v_proj's key/value heads in the concatenation of a group's weights, each with its attention-averaged
+    inputs' Gram [K, K] (st.H_value, value_stats.py); [] when the group has no v_proj or no such statistics."""
+    v_name = f"{family.attention}.v_proj"
+    if st.H_value is None or v_name not in names:
+        return []
+    start = sum(lin.out_features for n, lin in zip(names, lins) if names.index(n) < names.index(v_name))
+    hd = lins[names.index(v_name)].out_features // len(st.H_value)
+    return [(slice(start + g * hd, start + (g + 1) * hd), H) for g, H in enumerate(st.H_value)]
+
+
 def awq_scale_block(
     block: nn.Module, family: Family, spec: QuantSpec, search: SearchConfig, stats: dict[str, SiteStats]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float | None]]:
@@ -266,17 +277,14 @@ def gptq_block(
                 bounds = [b if b is not None else (g.amin(-1), g.amax(-1)) for b, g in zip(bounds, wg)]
                 grid = (torch.cat([b[0] for b in bounds]), torch.cat([b[1] for b in bounds]))
         label = full[0] if len(full) == 1 else f"{full[0]} (+{len(full) - 1} sharing its input)"
-        v_name = f"{family.attention}.v_proj"
-        if cfg.value_hessian and st.H_value is not None and v_name in names:
-            # v_proj's rows, one key/value head at a time, against its attention-averaged inputs' Gram
-            v0 = sum(lin.out_features for n, lin in zip(names, lins) if names.index(n) < names.index(v_name))
-            heads = st.H_value * inv[None, :, None] * inv[None, None, :]
-            hd = block.get_submodule(v_name).out_features // len(heads)
-            parts = [slice(0, v0)] + [slice(v0 + g * hd, v0 + (g + 1) * hd) for g in range(len(heads))]
-            parts.append(slice(v0 + len(heads) * hd, W.shape[0]))
-            hessians = [H_fit] + list(heads) + [H_fit]
+        rows = value_rows(family, names, lins, st) if cfg.value_hessian else []
+        if rows:
+            # v_proj's rows, one key/value head at a time, against its attention-averaged inputs' Gram (scaled too)
+            first, last = rows[0][0].start, rows[-1][0].stop
+            parts = [(slice(0, first), H_fit)] + [(r, Hr * inv[:, None] * inv[None, :]) for r, Hr in rows]
+            parts.append((slice(last, W.shape[0]), H_fit))
             q = _cat([gptq_weight(W[r], Hr, spec, cfg, None if grid is None else (grid[0][r], grid[1][r]), name=label)
-                      for r, Hr in zip(parts, hessians) if r.stop > r.start])
+                      for r, Hr in parts if r.stop > r.start])
         else:
             q = gptq_weight(W, H_fit, spec, cfg, grid, name=label)
         G = spec.group(W.shape[1])

@@ -35,7 +35,7 @@ USER_ERRORS = (QuantizationError, CalibrationError, ModelFolderError)
 class QuantizeConfig:
     model: Path
     out: Path
-    method: str = "awq"
+    method: str = "awq-gptq-attn"  # methods.py; the best measured (BENCHMARKS.md, issue 20)
     w_bit: int = 4
     group_size: int = 64
     calib_text: Path | None = None  # default: the built-in calibration slice (Botchan chapters V-XI)
