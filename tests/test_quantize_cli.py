@@ -98,7 +98,7 @@ def test_group_size_not_dividing_names_the_layer(tmp_path, tiny_llama_dir):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--method", "gptx"], r"method 'gptx'; choose one of \['rtn', 'awq', 'gptq', 'awq-gptq'\]"),
+        (["--method", "gptx"], r"method 'gptx'; choose one of \['rtn', 'awq', 'gptq', 'awq-gptq', 'awq-gptq-attn'\]"),
         (["--method", "gptq", "--percdamp", "2"], r"percdamp 2.0 must lie in \[0, 1\)"),
         (["--method", "gptq", "--calib-inputs", "float"], r"calibration inputs 'float'; choose one of \['quantized', 'fp'\]"),
         (["--w-bit", "8"], r"w-bit 8 is not supported"),
