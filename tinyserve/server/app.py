@@ -714,7 +714,8 @@ def add_args(p) -> None:
     g.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step, so long prompts do not stall running streams")
     g.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt whole, even a prefix a KV slot already holds")
     g.add_argument("--prefix-cache-bytes", type=byte_size, default=1 << 30, metavar="SIZE",
-                   help="host memory that keeps cached prefixes after their KV slots go to other prompts, e.g. 512M or 4G "
+                   help="host memory that keeps cached prefixes after their KV slots go to other prompts, e.g. 512M or 4G (binary: "
+                        "G = 2^30 bytes) "
                         "(default 1G; 0: only what the slots hold)")
     g.add_argument("--speculate", type=int, default=4, metavar="K",
                    help="speculative decoding by prompt lookup: verify up to K proposed tokens per step (default 4, measured "
