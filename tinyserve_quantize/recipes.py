@@ -45,6 +45,7 @@ RECIPES = {
         Recipe("awq-gptq", 32, 32, "fp"),
         Recipe("awq-gptq", 32, 48, "fp"),
         Recipe("awq-gptq", 32, 128, "fp"),
+        Recipe("awq-gptq-attn", 32, 48, "fp"),
     )
 }
 # Best on quality (held-out perplexity and chat agreement) of the candidates that quantize within the first-run
