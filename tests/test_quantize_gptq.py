@@ -162,3 +162,16 @@ def test_folder_is_served_unchanged_by_the_runtime(tmp_path, tiny_model_dir, met
     got = runner.prefill(slot, ids)
     runner.free_slot(slot)
     assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+
+
+@pytest.mark.parametrize("flag, expected", [([], {"gptq": False, "awq-gptq": False, "awq-gptq-attn": True}),
+                                            (["--act-order"], {"gptq": True, "awq-gptq": True, "awq-gptq-attn": True}),
+                                            (["--no-act-order"], {"gptq": False, "awq-gptq": False, "awq-gptq-attn": False})])
+def test_act_order_defaults_per_method_and_the_flag_overrides_it(flag, expected):
+    from tinyserve_quantize.__main__ import parse_args
+
+    cfg = parse_args(["--model", "m", "--out", "o", *flag]).gptq
+    for method, act_order in expected.items():
+        resolved = cfg.resolved(method)
+        assert resolved.act_order is act_order
+        assert resolved.value_hessian is (method == "awq-gptq-attn")

@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
     g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
     g = p.add_argument_group("GPTQ (gptq, awq-gptq and awq-gptq-attn)")
-    g.add_argument("--act-order", action="store_true",
-                   help="visit columns by decreasing Hessian diagonal (groups keep fixed, contiguous grids)")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction,
+                   help="visit columns by decreasing Hessian diagonal, groups keeping fixed, contiguous grids "
+                        "(default: on for awq-gptq-attn, off for gptq and awq-gptq)")
     g.add_argument("--percdamp", type=float, default=0.01, help="damping as a share of the Hessian's mean diagonal (default 0.01)")
     g.add_argument("--calib-inputs", default="quantized",
                    help=f"each block calibrates on the outputs of the {' or '.join(CALIB_INPUTS)} blocks before it (default quantized)")

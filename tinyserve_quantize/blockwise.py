@@ -17,7 +17,7 @@ import copy
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -91,8 +91,7 @@ def quantize_blocks(
     windows [B, S] calibration token ids (unused by rtn). spill_dir: where the gate spills blocks (a temporary folder
     is made inside it; default: the system's). device: where the blocks are quantized (resolve_device)."""
     family, rows, gate_summary = source.family, [], None
-    if method == "awq-gptq-attn":
-        gptq = replace(gptq, value_hessian=True)
+    gptq = gptq.resolved(method)
     blocks = tqdm(range(len(source)), desc=LABELS[method], unit="block", disable=not progress)
     if method == "rtn":
         for i in blocks:

@@ -2,7 +2,7 @@
 
     python -m tinyserve_quantize.compare [--model DIR] [--text FILE] [--methods fp16,rtn,gptq,awq,awq-gptq,awq-gptq-attn] [--w-bit 4]
                                [--group-size 64] [--ctx 512] [--max-tokens 16384] [--json] [--out DIR]
-                               [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--act-order] [--also-text FILE ...]
+                               [--calib-text FILE] [--n-samples 128] [--seqlen 512] [--[no-]act-order] [--also-text FILE ...]
 
 Each method runs in its own process, one after another: it loads the model, quantizes it in memory (fake
 quantization: the dequantized weights are bit-identical to what `python -m tinyserve_quantize` would pack), and evaluates
@@ -65,7 +65,7 @@ class CompareConfig:
     calib_text: Path | None = None  # None: the built-in calibration slice
     n_samples: int = 128
     seqlen: int = 512
-    act_order: bool = False
+    act_order: bool | None = None  # None: each method's default (GPTQConfig.resolved)
     also_texts: tuple[Path, ...] = ()  # more evaluation texts, each a column pair of the table
 
     def __post_init__(self):
@@ -350,7 +350,8 @@ def main(cfg: CompareConfig, log=log_stderr) -> dict:
         "calibration": {"text": calib, "n_samples": cfg.n_samples, "seqlen": cfg.seqlen},
         "w_bit": cfg.w_bit, "group_size": cfg.group_size, "ctx": cfg.ctx, "max_tokens": cfg.max_tokens,
         "tokens": tokens,
-        "act_order": cfg.act_order, "gptq": asdict(GPTQConfig(act_order=cfg.act_order)),
+        "act_order": cfg.act_order,
+        "gptq": {m: asdict(GPTQConfig(act_order=cfg.act_order).resolved(m)) for m in cfg.methods if "gptq" in m},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "rows": rows,
     }
@@ -379,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
     p.add_argument("--n-samples", type=int, default=128,
                    help="calibration windows (default 128; a shorter text gives fewer)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction,
+                   help="GPTQ visits columns by decreasing Hessian diagonal (default: on for awq-gptq-attn, off for the others)")
     p.add_argument("--also-text", type=Path, action="append", default=[],
                    help="another UTF-8 evaluation text, evaluated on the same quantized models (repeatable)")
     a = p.parse_args(argv)

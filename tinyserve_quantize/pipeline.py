@@ -109,7 +109,7 @@ def run(cfg: QuantizeConfig, log=log_stderr, progress: bool = True, if_exists: s
         "fake": cfg.fake,
         "calibration": calib,
         "search": search if cfg.method in CALIBRATED else None,
-        "gptq": asdict(cfg.gptq) if "gptq" in cfg.method else None,
+        "gptq": asdict(cfg.gptq.resolved(cfg.method)) if "gptq" in cfg.method else None,
         "streamed": True,
         "device": device,
         "threads": torch.get_num_threads(),

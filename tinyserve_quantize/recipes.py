@@ -11,7 +11,7 @@ from pathlib import Path
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # Part of every cached quantized folder's name. Bump it whenever the quantizer's arithmetic changes what a recipe
 # writes, so that a cache built by an older version is rebuilt instead of served (the golden test's ids depend on it).
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 
 @dataclass(frozen=True)
