@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tinyserve_quantize.awq import SearchConfig
+from tinyserve_quantize.awq import SearchConfig, native_compute_dtype
 from tinyserve_quantize.clip_search import CLIP_MODES
 from tinyserve_quantize.export import SHARD_BYTES
 from tinyserve_quantize.gptq import CALIB_INPUTS, GPTQConfig
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--gate-cache-size", type=lambda t: byte_size(t, 0), default=SearchConfig.gate_cache_bytes,
                    help="dequantized blocks the gate keeps in memory (default 2GiB; 0: none); the others are re-read from its spill on disk")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
-    g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default bf16)")
+    g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default: bf16 where the CPU or GPU computes it natively, fp32 on an AVX2-only CPU)")
     g = p.add_argument_group("GPTQ (gptq, awq-gptq and awq-gptq-attn)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                    help="visit columns by decreasing Hessian diagonal, groups keeping fixed, contiguous grids "
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
         duo_scaling=a.duo_scaling, scale=not a.no_scale, clip=not a.no_clip, gqa_vo=not a.no_gqa_vo, refit=not a.no_refit, clip_mode=a.clip_mode,
         holdout_gate=not a.no_holdout_gate, clip_gate=not a.no_clip_gate, gate_windows=a.gate_windows, gate_cache_bytes=a.gate_cache_size,
         token_stride=a.token_stride,
-        compute_dtype=torch.float32 if a.fp32 else torch.bfloat16,
+        compute_dtype=torch.float32 if a.fp32 else native_compute_dtype(),
     )
     gptq = GPTQConfig(percdamp=a.percdamp, act_order=a.act_order, calib_inputs=a.calib_inputs)
     return QuantizeConfig(a.model, a.out, a.method, a.w_bit, a.group_size, a.calib_text, a.n_samples, a.seqlen,

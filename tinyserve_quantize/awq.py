@@ -22,6 +22,14 @@ from tinyserve_quantize.quantizer import QuantizationError, QuantSpec, fake_quan
 from tinyserve_quantize.scale_search import fold_scales, gqa_tie, search_scales, weighted_error
 
 
+def native_compute_dtype() -> torch.dtype:
+    """bf16 where the hardware computes it natively (a CUDA GPU; a CPU with AVX-512 or AMX, on which oneDNN runs bf16),
+    else fp32: an AVX2-only CPU emulates bf16 matmuls (a Zen 3 EPYC: 19 GFLOP/s in bf16, 157 in fp32; BENCHMARKS.md)."""
+    if torch.cuda.is_available() or (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     n_grid: int = 20  # alphas 0, 1/20, ..., 19/20
@@ -41,7 +49,8 @@ class SearchConfig:
     gate_z: float = 2.0  # the gate takes a candidate only when the KL falls by more than gate_z standard errors
     gate_cache_bytes: int = 2 * 2**30  # dequantized blocks the gate keeps in memory (the rest re-read from its spill)
     token_stride: int = 1  # use every n-th token for the Gram matrices
-    compute_dtype: torch.dtype = torch.bfloat16  # of the calibration forward passes and the error products
+    # of the calibration forward passes and the error products
+    compute_dtype: torch.dtype = field(default_factory=lambda: native_compute_dtype())
 
     def __post_init__(self):
         if self.clip_mode not in CLIP_MODES:

@@ -129,7 +129,8 @@ def generate_main(cfg: GenerateConfig) -> int:
     from tinyserve.generation.session import Session
 
     runner, tok = load(cfg.model, cfg.runner)
-    session = Session(runner, tok, config=scheduler_config(runner, cfg.speculate), draft=load_draft(cfg.draft_model, runner, tok, 1))
+    draft = load_draft(cfg.draft_model, runner, tok, 1)  # a draft's own mistakes first: they hold on every backend
+    session = Session(runner, tok, config=scheduler_config(runner, cfg.speculate), draft=draft)
     prompt = tok.encode(cfg.prompt)
     pieces, ids = [], []
     for chunk in session.stream(prompt, cfg.params):
@@ -183,7 +184,8 @@ def chat_main(cfg: ChatMainConfig) -> int:
     runner, tok = load(cfg.model, cfg.runner)
     if not tok.has_chat_template:
         raise CliError(f"{runner.model_dir} has no chat template; use `python -m tinyserve generate` with a raw prompt")
-    Chat(Session(runner, tok, config=scheduler_config(runner, cfg.speculate), draft=load_draft(cfg.draft_model, runner, tok, 1)), cfg.chat).run()
+    draft = load_draft(cfg.draft_model, runner, tok, 1)
+    Chat(Session(runner, tok, config=scheduler_config(runner, cfg.speculate), draft=draft), cfg.chat).run()
     return 0
 
 
