@@ -50,7 +50,7 @@ class SearchConfig:
     gate_cache_bytes: int = 2 * 2**30  # dequantized blocks the gate keeps in memory (the rest re-read from its spill)
     token_stride: int = 1  # use every n-th token for the Gram matrices
     # of the calibration forward passes and the error products
-    compute_dtype: torch.dtype = field(default_factory=lambda: native_compute_dtype())
+    compute_dtype: torch.dtype = field(default_factory=native_compute_dtype)
 
     def __post_init__(self):
         if self.clip_mode not in CLIP_MODES:
