@@ -222,8 +222,11 @@ def test_prefix_cache_reports_cached_tokens(server, client, model):
 
     if cpu_kernels_usable("auto"):  # the server's backend: cpu-native steps are position-invariant
         assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
-    else:  # eager (an AVX2 CPU): whole prefill chunks (the server's default, 512 tokens) are reused
-        assert second.usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 512 * 512
+    else:  # eager (an AVX2 CPU): whole prefill chunks (the server's default) are reused
+        from tinyserve.generation.scheduler import SchedulerConfig
+
+        chunk = SchedulerConfig().prefill_chunk
+        assert second.usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // chunk * chunk
     assert second.choices[0].message.content == first.choices[0].message.content
     metrics = requests.get(server.url + "/metrics", timeout=10).text
     cached = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("tinyserve_prompt_tokens_cached_total")]
