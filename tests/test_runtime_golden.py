@@ -14,7 +14,8 @@ and for serving. Our kernels' inner sums are exact integers, so every AVX-512 en
 single forward (issue 16) all four sets are the same ids on this machine; test_backends_track_the_reference_forward
 checks each backend against the reference forward itself. On a CPU without native bf16 (AVX2 only) the quantizer
 calibrates in fp32 (tinyserve_quantize.awq.native_compute_dtype), which writes other bytes: those folders have their
-own "fp32-calibrated" sets, recorded on an AMD EPYC Zen 3 (2026-12-07) with the eager backend (the only one there).
+own "fp32-calibrated" sets, recorded on an AMD EPYC Zen 3 (2026-12-07) with the eager backend (the only one there),
+whose prompt weights are fp32 on such CPUs (tinyserve_kernels/cpu.py, DENSE_DTYPE); the same with 1 and 2 threads.
 """
 
 import pytest
@@ -54,9 +55,9 @@ GOLDEN = [  # (kind, prompt, {kernel: ids}, text start)
                       2073, 282, 10074, 30, 2306, 5732, 288, 2217, 260, 905, 28, 429, 260],
         } | {
             # " there was a young woman named Aria. She had a heart full of dreams, and she was determined to make a
-            # difference.\n\nOne day, a"
+            # difference.\n\nAria's family"
             kernel: [665, 436, 253, 1805, 4166, 3365, 330, 5484, 30, 2306, 761, 253, 1911, 2073, 282, 10074, 28, 284, 1041, 436,
-                     5250, 288, 919, 253, 3193, 30, 198, 198, 2705, 1194, 28, 253]
+                     5250, 288, 919, 253, 3193, 30, 198, 198, 49, 5484, 506, 1564]
             for kernel in ("eager fp32-calibrated", "eager serve fp32-calibrated")
         },
         " there was a young",

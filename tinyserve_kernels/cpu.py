@@ -21,7 +21,8 @@ is kept as a dense bf16 weight, see prepare in dispatch.py).
 Large M: the op dequantizes each weight block once per 4 rows of x, so its cost grows with M and a dense bf16 GEMM
 (AMX/AVX-512 through oneDNN) wins beyond a few rows. Two ways to get the dense weight are offered: dequantize per
 call in cache-sized column chunks (no memory cost) or a bf16 copy cached at load time (2 bytes per weight: an
-explicit option of prepare), held prepacked in oneDNN's layout (hold_dense). The thresholds live in dispatch.py and
+explicit option of prepare), held prepacked in oneDNN's layout (hold_dense). On CPUs without bf16 GEMMs (AVX2 only)
+the cached copy is fp32 (4 bytes per weight), and the per-call dequantize is not offered (the op packs another layout). The thresholds live in dispatch.py and
 come from scripts/bench_kernels.py.
 """
 
@@ -41,6 +42,9 @@ DENSE_PACK_ROWS = 128
 # Whether dense weights are held prepacked for oneDNN (hold_dense, dense_linear). A constant, not a test of the tensor:
 # under torch.compile the weight is a fake tensor that does not say it is a oneDNN one.
 PREPACK_DENSE = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# The dense prompt weights' dtype: bf16 where oneDNN runs bf16 GEMMs (AVX512-BF16, AMX); fp32 elsewhere, where a bf16
+# matmul is emulated (AVX2 only: 512 rows x [576, 1536] took ~640 ms in bf16, ~6 ms in fp32; BENCHMARKS.md).
+DENSE_DTYPE = torch.bfloat16 if PREPACK_DENSE else torch.float32
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,23 +166,25 @@ def _(x, packed, scale_zero, out_features):
 
 
 def hold_dense(weight_kn: torch.Tensor) -> torch.Tensor:
-    """A dense bf16 weight [K, N] as dense_linear takes it: prepacked in oneDNN's GEMM layout where this torch has oneDNN
-    with bf16 (a matmul on the plain weight repacks it on every call: 1.2-1.4x slower at 100-512 rows on cold weights,
-    BENCHMARKS.md, "Prepacked dense prompt weights"), else as it is."""
+    """A dense weight [K, N] (bf16; fp32 on CPUs without bf16 GEMMs) as dense_linear takes it: prepacked in oneDNN's
+    GEMM layout where this torch has oneDNN with bf16 (a matmul on the plain weight repacks it on every call: 1.2-1.4x
+    slower at 100-512 rows on cold weights, BENCHMARKS.md, "Prepacked dense prompt weights"), else as it is."""
     if PREPACK_DENSE:
         return torch.ops.mkldnn._reorder_linear_weight(weight_kn.t().contiguous(), DENSE_PACK_ROWS)
     return weight_kn
 
 
-def dense_copy(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The packed weight (file layout) as a dense bf16 [K, N], held as dense_linear takes it (hold_dense): computed in
-    fp32, rounded once."""
-    return hold_dense(dequantize(qweight, qzeros, scales.float(), group_size).to(torch.bfloat16))
+def dense_copy(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+               dtype: torch.dtype = DENSE_DTYPE) -> torch.Tensor:
+    """The packed weight (file layout) as a dense [K, N] (bf16 or fp32), held as dense_linear takes it (hold_dense):
+    computed in fp32, rounded once."""
+    return hold_dense(dequantize(qweight, qzeros, scales.float(), group_size).to(dtype))
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [M, K] @ a dense bf16 weight held by hold_dense (N' >= N columns, padded ones dropped) -> [M, N] bf16."""
-    x = x.to(torch.bfloat16)
+    """x [M, K] @ a dense weight held by hold_dense (N' >= N columns, padded ones dropped) -> [M, N] in the weight's
+    dtype (x is rounded to it first)."""
+    x = x.to(weight.dtype)
     y = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "") if PREPACK_DENSE else x @ weight
     return y if y.shape[1] == out_features else y[:, :out_features]
 

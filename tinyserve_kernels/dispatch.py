@@ -5,7 +5,7 @@
 
 On CUDA int4_linear calls torch.ops.tinyserve.int4_linear on the file tensors (Triton GEMV/GEMM or dequant + cuBLAS),
 a custom op with a fake implementation so CUDA-graph capture and torch.compile see one opaque call. On CPU it calls
-torch's int4 op, a dense bf16 copy cached at load time, or a per-call dequant + matmul (tinyserve_kernels/cpu.py).
+torch's int4 op, a dense copy cached at load time (bf16; fp32 on CPUs without bf16 GEMMs), or a per-call dequant + matmul (tinyserve_kernels/cpu.py).
 Our own CPU kernels (cpu_native.py) are not chosen here: the cpu-native backend holds them (tinyserve/runtime/backends/).
 Thresholds are rows of x, from scripts/bench_kernels.py (BENCHMARKS.md, "INT4 kernels (issue 3)").
 """
@@ -39,7 +39,7 @@ class Int4Weights:
     in_features: int  # K
     out_features: int  # N
     int4pack: cpu.CpuPacked | None = None  # CPU: torch's int4 layout (None when the op cannot take this group size)
-    dense: torch.Tensor | None = None  # CPU: bf16, as cpu.hold_dense keeps it, when cached at load time or G unsupported
+    dense: torch.Tensor | None = None  # CPU: cpu.DENSE_DTYPE, as cpu.hold_dense keeps it, when cached at load time or G unsupported
 
     @property
     def nbytes(self) -> int:
@@ -53,9 +53,9 @@ class Int4Weights:
 def prepare(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, cpu_dense_cache: bool = False) -> Int4Weights:
     """Check the packed tensors and convert them for their device (they must already be on it).
 
-    cpu_dense_cache (CPU only): also keep a dense bf16 copy of the weight (2 bytes per weight on top of ~0.5) so
-    prompts of more than CPU_INT4PACK_MAX_M rows run a plain bf16 matmul instead of dequantizing every call. A group
-    size torch's CPU op cannot take (not a multiple of 32) is held as dense bf16 only.
+    cpu_dense_cache (CPU only): also keep a dense copy of the weight (cpu.DENSE_DTYPE: 2 bytes per weight on top of ~0.5, 4 in fp32) so
+    prompts of more than CPU_INT4PACK_MAX_M rows run a plain dense matmul instead of dequantizing every call. A group
+    size torch's CPU op cannot take (not a multiple of 32) is held dense only.
     """
     K = qweight.shape[0]
     G = resolve_group_size(group_size, K)

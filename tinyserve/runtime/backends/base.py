@@ -8,9 +8,10 @@ import torch
 from tinyserve.config import ModelConfig
 from tinyserve.runtime.kv_cache import KVCache
 from tinyserve.model import ModelWeights, SeqChunk, rope_tables
+from tinyserve_kernels import cpu
 
-# On CPU, keep a dense bf16 copy of INT4 weights for prompts (a dense GEMM beats the INT4 kernels beyond a few rows)
-# when that copy costs at most this much memory: 2 bytes per weight on top of ~0.56.
+# On CPU, keep a dense copy of INT4 weights for prompts (a dense GEMM beats the INT4 kernels beyond a few rows)
+# when that copy costs at most this much memory: 2 bytes per weight on top of ~0.56 (4 where it is fp32).
 DENSE_PREFILL_MAX_BYTES = 1 << 30
 
 
@@ -54,8 +55,9 @@ def int8_lm_head(cfg: ModelConfig, device: torch.device, mode: str) -> bool:
     return mode == "int8"
 
 
-def dense_prefill_fits(cfg: ModelConfig, device: torch.device) -> bool:
-    """Whether a CPU backend keeps a bf16 copy of every INT4 weight for prompts (small models only)."""
+def dense_prefill_fits(cfg: ModelConfig, device: torch.device, dtype: torch.dtype = cpu.DENSE_DTYPE) -> bool:
+    """Whether a CPU backend keeps a dense copy of every INT4 weight for prompts (small models only; bf16, or fp32 on
+    CPUs without bf16 GEMMs: tinyserve_kernels/cpu.py, DENSE_DTYPE)."""
     c = cfg
     params = c.num_layers * c.hidden_size * (c.q_size + 2 * c.kv_size + c.q_size + 3 * c.intermediate_size)
-    return device.type == "cpu" and c.quant is not None and 2 * params <= DENSE_PREFILL_MAX_BYTES
+    return device.type == "cpu" and c.quant is not None and dtype.itemsize * params <= DENSE_PREFILL_MAX_BYTES

@@ -2,7 +2,7 @@
 CPU kernels (tinyserve_kernels/cpu_native.py), the lm_head after it.
 
 Decode rows go through Decoder::decode in one call; each prompt chunk through Decoder::prefill (our INT4 kernel up to
-NATIVE_MAX_ROWS rows, then the dense bf16 copy when one is held; torch's SDPA). Every row is computed alone by
+NATIVE_MAX_ROWS rows, then the dense copy when one is held; torch's SDPA). Every row is computed alone by
 row-invariant kernels, so a row's logits never depend on the rest of the batch. With `position_invariant`, prompt
 chunks join the decode rows in one Decoder::decode call (our INT4 kernel at every M, the decode attention per row),
 so a position's keys and values are the same however it was computed: prefilled in any chunk or decoded. The arithmetic is model.forward's
@@ -30,7 +30,7 @@ NATIVE_MAX_ROWS = 32
 @dataclass
 class NativeInt4Linear:
     w: cpu_native.NativePacked
-    dense: torch.Tensor | None = None  # bf16 copy for prompts (tinyserve_kernels/cpu.py, hold_dense), or None
+    dense: torch.Tensor | None = None  # dense copy for prompts (tinyserve_kernels/cpu.py, hold_dense), or None
     bias: torch.Tensor | None = None  # [N]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,11 +75,12 @@ class CpuNativeBackend(Backend):
         """variant: which build of the kernels (tinyserve_kernels/cpu_native.py, VARIANTS; the tests run each engine)."""
         super().__init__(cfg, weights, device, opts)
         self.position_invariant = opts.position_invariant
-        dense_copy = dense_prefill_fits(cfg, device) and not self.position_invariant  # prompts never use it then
+        # The decoder reads dense prompt weights in bf16 only; prompts never use them when position-invariant.
+        dense_copy = dense_prefill_fits(cfg, device, torch.bfloat16) and not self.position_invariant
         for lw in weights.layers:
             for name in lw.linears():
                 p: PackedLinear = getattr(lw, name)
-                dense = cpu.dense_copy(p.qweight, p.qzeros, p.scales, p.group_size) if dense_copy else None
+                dense = cpu.dense_copy(p.qweight, p.qzeros, p.scales, p.group_size, torch.bfloat16) if dense_copy else None
                 setattr(lw, name, NativeInt4Linear(cpu_native.repack(p.qweight, p.qzeros, p.scales, p.group_size), dense, p.bias))
         head = weights.lm_head
         if isinstance(head, PackedLinear):
