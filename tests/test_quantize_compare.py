@@ -100,3 +100,25 @@ def test_group_size_that_does_not_fit_fails_before_any_method(tmp_path, tiny_lla
     assert r.returncode == 1
     assert r.stderr.strip().endswith("group size 128 does not divide in_features 192; use a group size that divides it (or -1)")
     assert not (tmp_path / "o").exists()
+
+
+def test_fp32_flag_calibrates_in_fp32_whatever_the_cpu(tmp_path, tiny_llama_dir):
+    """--fp32: the row is the fp32-calibrated model's perplexity (bf16 is the default where the CPU computes it), and
+    the JSON and the title say which arithmetic calibrated."""
+    import torch
+
+    from tinyserve_quantize.awq import SearchConfig
+    from tinyserve_quantize.calibration import calibration_windows
+
+    cfg = parse_args(["--model", str(tiny_llama_dir), "--methods", "awq-gptq", "--fp32", "--out", str(tmp_path / "cmp"),
+                      "--n-samples", "8", "--seqlen", "64", "--ctx", "64", "--max-tokens", "256"])
+    assert cfg.fp32
+    result = main(cfg, log=lambda m: None)
+    assert result["compute_dtype"] == "float32" and result["title"].endswith("calibrated in float32)")
+    tok = load_tokenizer(tiny_llama_dir)
+    model = load_model(tiny_llama_dir)
+    windows = calibration_windows(tok, calib_text(), 8, 64)
+    out = quantize_model("awq-gptq", model, family_for(read_config(tiny_llama_dir)), QuantSpec(4, 64), windows,
+                         SearchConfig(compute_dtype=torch.float32), progress=False)
+    dequantize_into(model, out, 64)
+    assert result["rows"][0]["ppl"] == pytest.approx(perplexity(model, text_ids(tok, eval_text(), 256), 64)[0], rel=1e-6)

@@ -33,6 +33,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tinyserve_quantize.awq import native_compute_dtype
 from tinyserve_quantize.default_model import DefaultModelError
 from tinyserve_quantize.evaluate import DEFAULT_CTX, DEFAULT_MAX_TOKENS
 from tinyserve_quantize.gptq import GPTQConfig
@@ -67,6 +68,7 @@ class CompareConfig:
     seqlen: int = 512
     act_order: bool | None = None  # None: each method's default (GPTQConfig.resolved)
     also_texts: tuple[Path, ...] = ()  # more evaluation texts, each a column pair of the table
+    fp32: bool = False  # calibrate in fp32 even where bf16 is native (awq.native_compute_dtype)
 
     def __post_init__(self):
         if isinstance(self.methods, str):
@@ -135,7 +137,7 @@ def run_method(method: str, cfg: CompareConfig, model_dir: Path) -> dict:
     import torch
     import transformers
 
-    from tinyserve_quantize.awq import dequantize_into
+    from tinyserve_quantize.awq import SearchConfig, dequantize_into
     from tinyserve_quantize.calibration import calibration_windows
     from tinyserve_quantize.evaluate import perplexity, text_ids
     from tinyserve_quantize.methods import quantize_model
@@ -155,7 +157,8 @@ def run_method(method: str, cfg: CompareConfig, model_dir: Path) -> dict:
             text = read_user_text(cfg.calib_text, "--calib-text", CompareError) if cfg.calib_text else calib_text()
             windows = calibration_windows(tokenizer, text, cfg.n_samples, cfg.seqlen,
                                           log=lambda m: print(f"{method}: {m}", file=sys.stderr))
-        result = quantize_model(method, model, family, cfg.spec, windows, gptq=GPTQConfig(act_order=cfg.act_order),
+        search = SearchConfig(compute_dtype=torch.float32) if cfg.fp32 else SearchConfig()
+        result = quantize_model(method, model, family, cfg.spec, windows, search, gptq=GPTQConfig(act_order=cfg.act_order),
                                 log=lambda m: None)
         dequantize_into(model, result, cfg.spec.group_size)
     seconds = time.perf_counter() - t0
@@ -343,14 +346,16 @@ def main(cfg: CompareConfig, log=log_stderr) -> dict:
     tokens = next((r["tokens"] for r in rows if not r.get("error")), None)
     text = str(cfg.text) if cfg.text else "built-in Botchan chapters I-IV"
     calib = str(cfg.calib_text) if cfg.calib_text else "built-in Botchan chapters V-XI"
+    compute = "float32" if cfg.fp32 else str(native_compute_dtype()).removeprefix("torch.")
     result = {
         "title": f"{model_dir.name}, w{cfg.w_bit} g{cfg.group_size}: perplexity on {text} "
-                 f"({tokens} predicted tokens, ctx {cfg.ctx})",
+                 f"({tokens} predicted tokens, ctx {cfg.ctx}; calibrated in {compute})",
         "model": str(model_dir), "text": text, "also_texts": [str(t) for t in cfg.also_texts],
         "calibration": {"text": calib, "n_samples": cfg.n_samples, "seqlen": cfg.seqlen},
         "w_bit": cfg.w_bit, "group_size": cfg.group_size, "ctx": cfg.ctx, "max_tokens": cfg.max_tokens,
         "tokens": tokens,
         "act_order": cfg.act_order,
+        "compute_dtype": compute,
         "gptq": {m: asdict(GPTQConfig(act_order=cfg.act_order).resolved(m)) for m in cfg.methods if "gptq" in m},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "rows": rows,
@@ -384,10 +389,13 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
                    help="GPTQ visits columns by decreasing Hessian diagonal (default: on for awq-gptq-attn, off for the others)")
     p.add_argument("--also-text", type=Path, action="append", default=[],
                    help="another UTF-8 evaluation text, evaluated on the same quantized models (repeatable)")
+    p.add_argument("--fp32", action="store_true",
+                   help="calibrate in fp32 (default: bf16 where the CPU or GPU computes it natively, fp32 on an AVX2-only CPU)")
     a = p.parse_args(argv)
     try:
         return CompareConfig(a.model, a.text, a.methods, a.w_bit, a.group_size, a.ctx, a.max_tokens or None, a.json,
-                             a.out, a.calib_text, a.n_samples, a.seqlen, a.act_order, tuple(a.also_text))
+                             a.out, a.calib_text, a.n_samples, a.seqlen, a.act_order, tuple(a.also_text),
+                             a.fp32)
     except (CompareError, QuantizationError) as e:
         p.error(str(e))
 
