@@ -22,8 +22,8 @@ Large M: the op dequantizes each weight block once per 4 rows of x, so its cost 
 (AMX/AVX-512 through oneDNN) wins beyond a few rows. Two ways to get the dense weight are offered: dequantize per
 call in cache-sized column chunks (no memory cost) or a bf16 copy cached at load time (2 bytes per weight: an
 explicit option of prepare), held prepacked in oneDNN's layout (hold_dense). On CPUs without bf16 GEMMs (AVX2 only)
-the cached copy is fp32 (4 bytes per weight), and the per-call dequantize is not offered (the op packs another layout). The thresholds live in dispatch.py and
-come from scripts/bench_kernels.py.
+the cached copy is fp32 (4 bytes per weight), and the per-call dequantize is not offered (the op packs another
+layout). The thresholds live in dispatch.py and come from scripts/bench_kernels.py.
 """
 
 from dataclasses import dataclass
