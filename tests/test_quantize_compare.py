@@ -102,6 +102,20 @@ def test_group_size_that_does_not_fit_fails_before_any_method(tmp_path, tiny_lla
     assert not (tmp_path / "o").exists()
 
 
+def test_title_says_which_methods_calibrate_in_fp32_on_a_bf16_cpu(tmp_path, tiny_llama_dir, monkeypatch):
+    """Where bf16 is native, the title names the methods that calibrate in fp32 anyway (awq-gptq-attn)."""
+    import torch
+
+    from tinyserve_quantize import compare
+
+    monkeypatch.setattr(compare, "native_compute_dtype", lambda: torch.bfloat16)
+    cfg = parse_args(["--model", str(tiny_llama_dir), "--methods", "rtn,awq-gptq-attn", "--out", str(tmp_path / "cmp"),
+                      "--n-samples", "4", "--seqlen", "32", "--ctx", "64", "--max-tokens", "128"])
+    result = main(cfg, log=lambda m: None)
+    assert result["compute_dtype"] == "bfloat16"
+    assert result["title"].endswith("calibrated in bfloat16; awq-gptq-attn in float32)")
+
+
 def test_fp32_flag_calibrates_in_fp32_whatever_the_cpu(tmp_path, tiny_llama_dir):
     """--fp32: the row is the fp32-calibrated model's perplexity (bf16 is the default where the CPU computes it), and
     the JSON and the title say which arithmetic calibrated."""

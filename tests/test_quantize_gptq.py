@@ -175,3 +175,4 @@ def test_act_order_defaults_per_method_and_the_flag_overrides_it(flag, expected)
         resolved = cfg.resolved(method)
         assert resolved.act_order is act_order
         assert resolved.value_hessian is (method == "awq-gptq-attn")
+        assert resolved.fp32 is (method == "awq-gptq-attn")

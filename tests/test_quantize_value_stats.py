@@ -130,3 +130,19 @@ def test_folders_are_deterministic_and_read_back_through_the_layout(tiny_model_d
     for n in names:
         w = dequantize(packed[n + ".qweight"], packed[n + ".qzeros"], packed[n + ".scales"], 32)  # [K, N]
         assert torch.equal(w.t().half(), dense[n + ".weight"]), n
+
+
+@pytest.mark.parametrize("method, forward", [("awq-gptq", torch.bfloat16), ("awq-gptq-attn", torch.float32)])
+def test_attn_calibrates_in_fp32_where_the_search_is_bf16(tiny_model_dir, tmp_path, monkeypatch, method, forward):
+    """awq-gptq-attn calibrates in fp32 even where the search is set to bf16 (an AVX-512 or AMX CPU): both forward
+    passes per block (input statistics, then the quantized block's outputs) run in fp32; awq-gptq keeps bf16."""
+    from dataclasses import replace
+
+    from tinyserve_quantize import blockwise
+
+    seen, real = [], blockwise.run_block
+    monkeypatch.setattr(blockwise, "run_block", lambda block, *a, **k: seen.append(next(block.parameters()).dtype) or real(block, *a, **k))
+    cfg = parse_args(["--model", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--method", method, "--group-size", "32",
+                      "--n-samples", "4", "--seqlen", "32"])
+    run(replace(cfg, search=replace(cfg.search, compute_dtype=torch.bfloat16)), log=lambda m: None, progress=False)
+    assert seen == [forward] * (2 * json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"])

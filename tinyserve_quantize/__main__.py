@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> QuantizeConfig:
     g.add_argument("--gate-cache-size", type=lambda t: byte_size(t, 0), default=SearchConfig.gate_cache_bytes,
                    help="dequantized blocks the gate keeps in memory (default 2GiB; 0: none); the others are re-read from its spill on disk")
     g.add_argument("--token-stride", type=int, default=1, help="use every n-th calibration token for the error statistics")
-    g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default: bf16 where the CPU or GPU computes it natively, fp32 on an AVX2-only CPU)")
+    g.add_argument("--fp32", action="store_true", help="run the calibration forward passes and error products in fp32 (default: bf16 where the CPU or GPU computes it natively, fp32 on an AVX2-only CPU; awq-gptq-attn calibrates in fp32 always)")
     g = p.add_argument_group("GPTQ (gptq, awq-gptq and awq-gptq-attn)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                    help="visit columns by decreasing Hessian diagonal, groups keeping fixed, contiguous grids "

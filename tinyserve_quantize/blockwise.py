@@ -1,11 +1,12 @@
 """The quantization loop over decoder blocks, for every method, from a block source (blocks.py) into a sink.
 
-Layer 0's inputs are captured once. Then per block: load it (fp32); run an unquantized copy in the compute dtype on
-its inputs, collecting input statistics (calibration.run_block), whose outputs are the next block's inputs; quantize
-it (awq.quantize_block, gptq.gptq_block, awq.rtn_block); hand the result to the sink, or, with AWQ's gate, to the
-gate, which hands every block to the sink once it has decided; release it. Memory holds one block, its inputs and
-outputs [B, S, H] and its statistics, whatever the model's depth; the sink decides where the results go (the output
-folder, shard by shard: export.FolderSink; or a QuantResult in memory: methods.quantize_model).
+Layer 0's inputs are captured once. Then per block: load it (fp32); run it unquantized in the compute dtype (fp32
+for awq-gptq-attn: GPTQConfig.fp32) on its inputs, collecting input statistics (calibration.run_block),
+whose outputs are the next block's inputs; quantize it (awq.quantize_block, gptq.gptq_block, awq.rtn_block); hand
+the result to the sink, or, with AWQ's gate, to the gate, which hands every block to the sink once it has decided;
+release it. Memory holds one block, its inputs and outputs [B, S, H] and its statistics, whatever the model's
+depth; the sink decides where the results go (the output folder, shard by shard: export.FolderSink; or a QuantResult
+in memory: methods.quantize_model).
 
 Device: the block, its inputs and everything computed from them live on `device` (a GPU when there is one); the
 loop runs under `torch.device(device)` so the methods' own tensors (scale grids, Hessian factors) are made there too.
@@ -17,11 +18,12 @@ import copy
 import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from tinyserve_quantize.awq import PackedLinear, SearchConfig, quantize_block, rtn_block
@@ -65,6 +67,12 @@ def on(device: str):
     return contextlib.nullcontext() if device == "cpu" else torch.device(device)
 
 
+def forward_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The block a calibration forward pass runs: the block itself where it already holds dtype (fp32: no copy), else
+    a copy cast to dtype."""
+    return block if next(block.parameters()).dtype == dtype else copy.deepcopy(block).to(dtype)
+
+
 def gate_windows(windows: torch.Tensor, search: SearchConfig) -> torch.Tensor:
     """The held-out windows (calibration.run_block's split) the gate runs on: gate_windows of them, spread out."""
     B = len(windows)
@@ -92,6 +100,8 @@ def quantize_blocks(
     is made inside it; default: the system's). device: where the blocks are quantized (resolve_device)."""
     family, rows, gate_summary = source.family, [], None
     gptq = gptq.resolved(method)
+    if gptq.fp32:
+        search = replace(search, compute_dtype=torch.float32)
     blocks = tqdm(range(len(source)), desc=LABELS[method], unit="block", disable=not progress)
     if method == "rtn":
         for i in blocks:
@@ -116,7 +126,7 @@ def quantize_blocks(
             stack.enter_context(on(device))
             for i in blocks:
                 block = source.load(i).to(device)
-                runner = copy.deepcopy(block).to(search.compute_dtype)
+                runner = forward_copy(block, search.compute_dtype)
                 sites = {g.linears[0]: runner.get_submodule(g.linears[0]) for g in family.groups}
                 value = None
                 if method != "awq" and gptq.value_hessian:
@@ -130,7 +140,7 @@ def quantize_blocks(
                 else:
                     out = gptq_block(block, i, family, spec, gptq, stats, search, awq=method.startswith("awq-"))
                     if gptq.calib_inputs == "quantized":  # the next block sees what the quantized model will feed it
-                        runner = copy.deepcopy(block).to(search.compute_dtype)
+                        runner = forward_copy(block, search.compute_dtype)
                         outputs, _ = run_block(runner, inputs, kwargs, {}, search.holdout_every)
                         del runner
                 rows += out.report

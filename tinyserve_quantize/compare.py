@@ -347,9 +347,11 @@ def main(cfg: CompareConfig, log=log_stderr) -> dict:
     text = str(cfg.text) if cfg.text else "built-in Botchan chapters I-IV"
     calib = str(cfg.calib_text) if cfg.calib_text else "built-in Botchan chapters V-XI"
     compute = "float32" if cfg.fp32 else str(native_compute_dtype()).removeprefix("torch.")
+    fp32_methods = [m for m in cfg.methods if "gptq" in m and GPTQConfig().resolved(m).fp32]
+    calibrated = compute if compute == "float32" or not fp32_methods else f"{compute}; {', '.join(fp32_methods)} in float32"
     result = {
         "title": f"{model_dir.name}, w{cfg.w_bit} g{cfg.group_size}: perplexity on {text} "
-                 f"({tokens} predicted tokens, ctx {cfg.ctx}; calibrated in {compute})",
+                 f"({tokens} predicted tokens, ctx {cfg.ctx}; calibrated in {calibrated})",
         "model": str(model_dir), "text": text, "also_texts": [str(t) for t in cfg.also_texts],
         "calibration": {"text": calib, "n_samples": cfg.n_samples, "seqlen": cfg.seqlen},
         "w_bit": cfg.w_bit, "group_size": cfg.group_size, "ctx": cfg.ctx, "max_tokens": cfg.max_tokens,

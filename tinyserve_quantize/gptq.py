@@ -57,6 +57,9 @@ class GPTQConfig:
     # v_proj's rows against the Gram of the attention-averaged inputs, per key/value head (value_stats.py), instead
     # of the inputs' own
     value_hessian: bool = False
+    # calibrate in fp32 (forward passes and the search's products) whatever SearchConfig.compute_dtype says: bf16
+    # forward passes cost awq-gptq-attn much of its gain on a second text (BENCHMARKS.md, issue 20)
+    fp32: bool = False
 
     def __post_init__(self):
         if not 0 <= self.percdamp < 1:
@@ -67,11 +70,12 @@ class GPTQConfig:
             raise QuantizationError(f"calibration inputs {self.calib_inputs!r}; choose one of {list(CALIB_INPUTS)}")
 
     def resolved(self, method: str) -> "GPTQConfig":
-        """The settings `method` runs with. awq-gptq-attn adds the attention statistics and, unless told otherwise,
-        act order (BENCHMARKS.md, issue 20: 2-5 points more of RTN's loss recovered on both models and texts, for 1-3%
-        more time); the other methods keep file order, so the default recipe's bytes do not move."""
+        """The settings `method` runs with. awq-gptq-attn adds the attention statistics, fp32 calibration and,
+        unless told otherwise, act order (BENCHMARKS.md, issue 20: 2-5 points more of RTN's loss recovered on both
+        models and texts, for 1-3% more time); the other methods keep file order and the search's dtype, so the
+        default recipe's bytes do not move."""
         attn = method == "awq-gptq-attn"
-        return replace(self, value_hessian=self.value_hessian or attn,
+        return replace(self, value_hessian=self.value_hessian or attn, fp32=self.fp32 or attn,
                        act_order=attn if self.act_order is None else self.act_order)
 
 
