@@ -70,10 +70,10 @@ class GPTQConfig:
             raise QuantizationError(f"calibration inputs {self.calib_inputs!r}; choose one of {list(CALIB_INPUTS)}")
 
     def resolved(self, method: str) -> "GPTQConfig":
-        """The settings `method` runs with. awq-gptq-attn adds the attention statistics, fp32 calibration and,
-        unless told otherwise, act order (BENCHMARKS.md, issue 20: 2-5 points more of RTN's loss recovered on both
-        models and texts, for 1-3% more time); the other methods keep file order and the search's dtype, so the
-        default recipe's bytes do not move."""
+        """The settings `method` runs with. awq-gptq-attn adds the attention statistics, fp32 calibration (where bf16
+        is native: more time, measured nowhere yet) and, unless told otherwise, act order (2-5 points more of RTN's
+        loss recovered on both models and texts, for 1-3% more time; BENCHMARKS.md, issue 20); the other methods keep
+        file order and the search's dtype, so the default recipe's bytes do not move."""
         attn = method == "awq-gptq-attn"
         return replace(self, value_hessian=self.value_hessian or attn, fp32=self.fp32 or attn,
                        act_order=attn if self.act_order is None else self.act_order)
