@@ -15,7 +15,7 @@ from tinyserve_quantize.model_families import FAMILIES
 from tinyserve_quantize.pipeline import run
 from tinyserve_quantize.__main__ import parse_args
 from tinyserve_quantize.quantizer import QuantSpec, fake_quantize
-from tinyserve_quantize.value_stats import AttentionShape, ValueSite, value_gram
+from tinyserve_quantize.value_stats import AttentionShape, ValueSite, causal_gram, value_gram
 from tests.test_quantize_awq import block_inputs, tiny_model
 from tests.test_quantize_gptq import correlated_inputs
 
@@ -50,6 +50,37 @@ def sinking_block(arch: str):
             attn.k_proj.weight[g * D + D // 2 - 1] = 5 * first / first.norm()
         block.mlp.down_proj.weight.mul_(0.1)
     return block, kw
+
+
+@pytest.mark.parametrize("B, h, S", [(1, 1, 1), (2, 3, 37), (1, 7, 130)])
+def test_causal_gram_is_the_full_product(B, h, S):
+    """The blocked product of causal attention weights equals sum_h a_h^T a_h computed whole, for any S."""
+    scores = torch.randn(B, h, S, S, generator=torch.Generator().manual_seed(S))
+    a = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    full = a.reshape(B, h * S, S).transpose(1, 2) @ a.reshape(B, h * S, S)
+    torch.testing.assert_close(causal_gram(a), full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@torch.no_grad()
+def test_statistics_pass_stops_at_the_last_site(arch):
+    """run_block(outputs=False) gathers the same statistics, bit for bit, without running down_proj."""
+    block, kw = sinking_block(arch)
+    family = FAMILIES[arch]
+    calib = sink_inputs(6, 48, seed=3)
+    attn = block.self_attn
+    value = ValueSite("self_attn.q_proj", attn.q_proj, attn.k_proj, AttentionShape.of(attn))
+    sites = {g.linears[0]: block.get_submodule(g.linears[0]) for g in family.groups}
+    full_out, full = run_block(block, calib, kw, sites, holdout_every=4, value=value)
+    calls = []
+    handle = block.mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    out, stopped = run_block(block, calib, kw, sites, holdout_every=4, value=value, outputs=False)
+    handle.remove()
+    assert out is None and calls == [] and full_out.shape == calib.shape
+    for name, st in full.items():
+        for field in ("x_mean", "H_fit", "H_val"):
+            assert torch.equal(getattr(st, field), getattr(stopped[name], field)), (name, field)
+    assert torch.equal(full["self_attn.q_proj"].H_value, stopped["self_attn.q_proj"].H_value)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

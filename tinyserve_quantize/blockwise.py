@@ -132,14 +132,17 @@ def quantize_blocks(
                 if method != "awq" and gptq.value_hessian:
                     attn = runner.get_submodule(family.attention)
                     value = ValueSite(family.groups[0].linears[0], attn.q_proj, attn.k_proj, AttentionShape.of(attn))
+                # GPTQ's quantized calibration inputs come from the quantized block's pass below: this one can stop
+                # at the last site's input
+                requantize = method != "awq" and gptq.calib_inputs == "quantized"
                 outputs, stats = run_block(runner, inputs, kwargs, sites, search.holdout_every, search.token_stride,
-                                           value=value)
+                                           value=value, outputs=not requantize)
                 del runner
                 if method == "awq":
                     out = quantize_block(block, i, family, spec, search, stats, alternatives=gate is not None)
                 else:
                     out = gptq_block(block, i, family, spec, gptq, stats, search, awq=method.startswith("awq-"))
-                    if gptq.calib_inputs == "quantized":  # the next block sees what the quantized model will feed it
+                    if requantize:  # the next block sees what the quantized model will feed it
                         runner = forward_copy(block, search.compute_dtype)
                         outputs, _ = run_block(runner, inputs, kwargs, {}, search.holdout_every)
                         del runner

@@ -140,12 +140,15 @@ def run_block(
     token_stride: int = 1,
     chunk: int = 8,
     value: ValueSite | None = None,
-) -> tuple[torch.Tensor, dict[str, SiteStats]]:
+    outputs: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, SiteStats]]:
     """Run one decoder block on inputs [B, S, H] (in the block's dtype) and collect SiteStats for every site.
 
-    sites: name -> linear module whose *input* is recorded. token_stride > 1 uses every stride-th token for the Gram
-    matrices (x_mean always sees every fit token). Returns (outputs [B, S, H] fp32, stats).
-    value: the block's attention (value_stats.ValueSite): its site's stats get H_value.
+    sites: name -> linear module whose *input* is recorded, in the order the block reads them. token_stride > 1 uses
+    every stride-th token for the Gram matrices (x_mean always sees every fit token). Returns (outputs [B, S, H] fp32,
+    stats). value: the block's attention (value_stats.ValueSite): its site's stats get H_value.
+    outputs=False: the block stops once the last site's input is recorded (the down_proj GEMM and the residual are
+    skipped) and no outputs are returned, for callers that make the next block's inputs another way.
     """
     dtype = next(block.parameters()).dtype
     kw = {k: cast(v, dtype) for k, v in block_kwargs.items()}
@@ -169,6 +172,8 @@ def run_block(
             xs = x[::token_stride]
             a[split["now"]] = _add_gram_upper(a[split["now"]], xs)
             a["n_" + split["now"]] += xs.shape[0]
+            if name == last:
+                raise _Stop
 
         return hook
 
@@ -183,17 +188,21 @@ def run_block(
             a["value"] = gram if a["value"] is None else a["value"].add_(gram)
             a["n_value"] += out.shape[0] * out.shape[1] * (value.shape.heads // value.shape.kv_heads)
 
+    last = None if outputs or not sites else list(sites)[-1]
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in sites.items()]
     if value is not None:
         handles += [value.q.register_forward_hook(keep_q), value.k.register_forward_hook(value_hook)]
-    outputs = torch.empty(inputs.shape, dtype=torch.float32)
+    result = torch.empty(inputs.shape, dtype=torch.float32) if last is None else None
     try:
         for part, ids in (("fit", fit_ids), ("val", val_ids)):
             split["now"] = part
             for i in range(0, len(ids), chunk):
                 idx = ids[i : i + chunk]
-                out = block(inputs[idx].to(dtype), **kw)
-                outputs[idx] = (out[0] if isinstance(out, tuple) else out).float()
+                try:
+                    out = block(inputs[idx].to(dtype), **kw)
+                except _Stop:
+                    continue
+                result[idx] = (out[0] if isinstance(out, tuple) else out).float()
     finally:
         for h in handles:
             h.remove()
@@ -203,4 +212,4 @@ def run_block(
         H_val = _mirror_upper(a["val"]) / a["n_val"] if a["n_val"] else H_fit
         H_value = a["value"] / a["n_value"] if a["value"] is not None else None
         stats[name] = SiteStats(a["abs"] / max(a["n_abs"], 1), H_fit, H_val, a["n_fit"], a["n_val"], H_value)
-    return outputs, stats
+    return result, stats

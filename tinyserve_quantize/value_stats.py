@@ -67,7 +67,28 @@ def value_gram(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, position_embed
     # of forming xbar [h, S, K] and its Gram (3x fewer flops at Qwen2.5-0.5B's S = 512, K = 896).
     out = torch.empty(shape.kv_heads, K, K, device=x.device)
     for g in range(shape.kv_heads):
-        a = attn[:, g * group : (g + 1) * group].reshape(B, group * S, S)
-        m = (a.transpose(1, 2) @ a).to(x.dtype)  # [B, S, S]
+        m = causal_gram(attn[:, g * group : (g + 1) * group]).to(x.dtype)  # [B, S, S]
         out[g] = (x.reshape(B * S, K).t() @ (m @ x).reshape(B * S, K)).float()
     return out
+
+
+CAUSAL_BLOCKS = 8  # column blocks of causal_gram: 0.23x the full product's flops (many blocks: 1/6), 2.6x faster
+
+
+def causal_gram(a: torch.Tensor) -> torch.Tensor:
+    """a [B, h, S, S] causal attention weights (a[..., t, s] = 0 for s > t) -> sum over h of a_h^T a_h [B, S, S] fp32.
+
+    Entry (s1, s2) sums over rows t >= max(s1, s2) only, so the column block [j0, j1) of the blocks on and above the
+    diagonal takes rows t >= j0 alone: a[t >= j0, :j1]^T a[t >= j0, j0:j1]. The blocks below the diagonal are copied
+    from those above."""
+    B, h, S, _ = a.shape
+    width = -(-S // CAUSAL_BLOCKS)
+    m = torch.empty(B, S, S, dtype=a.dtype, device=a.device)
+    for j0 in range(0, S, width):
+        j1 = min(j0 + width, S)
+        rows = a[:, :, j0:, :j1]  # [B, h, S - j0, j1]
+        m[:, :j1, j0:j1] = (rows.transpose(-1, -2) @ rows[..., j0:j1]).sum(1)
+    for j0 in range(0, S, width):
+        j1 = min(j0 + width, S)
+        m[:, j1:, j0:j1] = m[:, j0:j1, j1:].transpose(1, 2)
+    return m
